@@ -51,6 +51,56 @@ def main(ctx, debug):
     ctx.obj = {"debug": debug}
 
 
+@main.command()
+@click.argument("model")
+@click.option("--drop", "-m", type=int, required=True,
+              help="Layers m dropped at the seam of each copy (SOLAR: 8 of 32).")
+@click.option("-o", "--output", "config_out", type=click.Path(dir_okay=False),
+              help="Write the mergekit config here (default: print it).")
+@click.option("--run", "run_out", type=click.Path(file_okay=False),
+              help="Also run the merge into this folder.")
+def dus(model, drop, config_out, run_out):
+    """Depth up-scale MODEL: a mergekit passthrough config with 2(n-m) layers."""
+    from pathlib import Path
+
+    from solar_merge.checkpoints import model_info
+    from solar_merge.upscale import describe, dus_yaml, upscale
+
+    info = model_info(model)
+    text = dus_yaml(info.source, drop, info, out_name=Path(config_out or "dus.yaml").name)
+    click.echo(describe(model, drop, info), err=True)
+    if config_out:
+        Path(config_out).write_text(text)
+        click.echo(f"wrote {config_out}", err=True)
+    elif not run_out:
+        click.echo(text)
+    if run_out:
+        click.echo(f"up-scaled model in {upscale(model, drop, run_out)}", err=True)
+
+
+_FORWARD = {"ignore_unknown_options": True, "allow_interspersed_args": False}
+
+
+@main.command(context_settings=_FORWARD, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def yaml(ctx, args):
+    """Run a mergekit YAML config with our methods and fixes (takes every mergekit-yaml option)."""
+    from solar_merge.merging import yaml_command
+
+    yaml_command().main(list(args), prog_name=ctx.command_path, standalone_mode=False)
+
+
+@main.command(context_settings=_FORWARD, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def multi(ctx, args):
+    """mergekit-multi with our methods registered, strict keys and absolute paths."""
+    from solar_merge.merging import multi_command
+
+    multi_command().main(list(args), prog_name=ctx.command_path, standalone_mode=False)
+
+
 # -- commands are added below, one function each; keep them thin --
 
 

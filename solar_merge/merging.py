@@ -1,0 +1,478 @@
+"""Run a mergekit config with our methods and with what stock mergekit 0.1.5 gets wrong fixed.
+
+Fixes, each for a pitfall in ../shared/NOTES.md:
+- unknown or misspelled keys are errors (mergekit ignores them silently);
+- model paths become absolute (a relative path makes mergekit's model card call the Hub);
+- configs with `layer_types` (Qwen2/3, Gemma 3) get the list re-sliced with the layers, so
+  config.json can be saved;
+- repeated layers are cloned before writing (no shared-storage warning and retry);
+- the output is written atomically with a completion marker, and checked for NaN/Inf.
+"""
+
+import copy
+import os
+from pathlib import Path
+
+import yaml
+
+from solar_merge.checkpoints import local_dir, model_info
+from solar_merge.errors import UserError, did_you_mean
+from solar_merge.outputs import atomic_output, config_hash, is_complete
+
+# mergekit 0.1.5's MergeConfiguration and its nested models, as allowed keys per level.
+TOP_KEYS = {"modules", "slices", "models", "merge_method", "base_model", "dtype",
+            "tokenizer_source", "tokenizer", "chat_template", "out_dtype", "parameters"}
+MODEL_KEYS = {"model", "parameters"}
+SLICE_KEYS = {"sources", "base_model", "residual_weight", "parameters"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
+MODULE_KEYS = {"slices", "models", "parameters"}
+TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
+DTYPES = {"float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16"}
+
+
+def load_config(config, *, label: str = "merge config") -> dict:
+    """A mergekit config from a dict, YAML text or a file path."""
+    if isinstance(config, Path) or (isinstance(config, str) and "\n" not in config
+                                    and config.endswith((".yaml", ".yml"))):
+        path = Path(config)
+        if not path.is_file():
+            raise UserError(f"{label} file {path} not found", fix="check the path")
+        label, config = str(path), path.read_text()
+    if isinstance(config, str):
+        try:
+            config = yaml.safe_load(config)
+        except yaml.YAMLError as e:
+            raise UserError(f"{label} is not valid YAML: {e}",
+                            fix="fix the YAML syntax at the line shown") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{label} must be a YAML mapping with `merge_method` and "
+                        f"`models` or `slices`, not {type(config).__name__}",
+                        fix="see merge_configs/ for examples")
+    return copy.deepcopy(config)
+
+
+def _method_specs() -> dict:
+    """name -> set of parameter names, for every method mergekit knows (ours included)."""
+    import solar_merge  # noqa: F401 - makes sure our methods register with mergekit
+    from mergekit.merge_methods import registered_methods
+
+    return {m.spec.name: {p.name for p in m.spec.parameters} for m in registered_methods()}
+
+
+class _Checker:
+    """Walks a config, collecting every problem, each named by its field path."""
+
+    def __init__(self, base_dir):
+        self.base_dir = Path(base_dir) if base_dir else Path.cwd()
+        self.problems: list[str] = []
+        self.infos: dict[str, object] = {}
+
+    def keys(self, where: str, value, allowed: set) -> bool:
+        if not isinstance(value, dict):
+            self.problems.append(f"{where}: expected a mapping, got {value!r}")
+            return False
+        for key in value:
+            if key not in allowed:
+                path = f"{where}.{key}" if where else str(key)
+                self.problems.append(f"{path}: unknown key{did_you_mean(str(key), allowed)}"
+                                     f"; allowed here: {', '.join(sorted(allowed))}")
+        return True
+
+    def model(self, where: str, ref):
+        """Make a local model path absolute; remember its info for shape checks."""
+        if isinstance(ref, dict):  # mergekit's expanded form {model: {path: ...}, lora: ...}
+            inner = ref.get("model", {})
+            if isinstance(inner, dict) and isinstance(inner.get("path"), str):
+                inner["path"] = self.model(where + ".model.path", inner["path"])
+            return ref
+        if not isinstance(ref, str) or not ref:
+            self.problems.append(f"{where}: expected a model path or Hub id, got {ref!r}")
+            return ref
+        path, plus, lora = ref.partition("+")
+        try:
+            folder = local_dir(path, self.base_dir)
+            resolved = str(folder) if folder else path
+            self.infos.setdefault(resolved, model_info(resolved, field=where))
+        except UserError as e:
+            message = e.message.split("\n  fix:")[0]
+            self.problems.append(message if message.startswith(where) else f"{where}: {message}")
+            return ref
+        return resolved + plus + lora
+
+    def parameters(self, where: str, params, allowed: set | None, method: str):
+        if params is None or allowed is None:
+            return
+        if not isinstance(params, dict):
+            self.problems.append(f"{where}: expected a mapping of parameter names to values")
+            return
+        for key in params:
+            if key not in allowed:
+                self.problems.append(
+                    f"{where}.{key}: `{method}` has no parameter `{key}`"
+                    f"{did_you_mean(str(key), allowed)}; its parameters: "
+                    f"{', '.join(sorted(allowed)) or 'none'}")
+
+
+def check_config(config, base_dir=None, *, label: str = "merge config") -> dict:
+    """Validate a mergekit config strictly, without running it. Returns it with absolute paths.
+
+    Raises UserError listing every problem: unknown keys, unknown method or parameters,
+    missing models, layer ranges outside a model, models whose shapes cannot be merged.
+    """
+    config = load_config(config, label=label)
+    config.pop("name", None)  # mergekit-multi documents carry a name
+    c = _Checker(base_dir)
+    c.keys("", config, TOP_KEYS)
+    specs = _method_specs()
+    method = config.get("merge_method")
+    allowed = None
+    if not isinstance(method, str):
+        c.problems.append("merge_method: missing; e.g. `merge_method: solar_average`")
+    elif method not in specs:
+        c.problems.append(f"merge_method: unknown method `{method}`"
+                          f"{did_you_mean(method, specs)}; known: {', '.join(sorted(specs))}")
+    else:
+        allowed = specs[method]
+    if isinstance(config.get("dtype"), str) and config["dtype"] not in DTYPES:
+        c.problems.append(f"dtype: unknown dtype `{config['dtype']}`"
+                          f"{did_you_mean(config['dtype'], DTYPES)}")
+    if config.get("base_model") is not None:
+        config["base_model"] = c.model("base_model", config["base_model"])
+    c.parameters("parameters", config.get("parameters"), allowed, method)
+    if isinstance(config.get("tokenizer"), dict):
+        c.keys("tokenizer", config["tokenizer"], TOKENIZER_KEYS)
+    groups = [k for k in ("models", "slices", "modules") if config.get(k)]
+    if len(groups) != 1:
+        c.problems.append("exactly one of `models`, `slices` or `modules` must be given"
+                          + (f" (found {', '.join(groups)})" if groups else ""))
+    _check_models(c, "models", config.get("models"), allowed, method)
+    _check_slices(c, "slices", config.get("slices"), allowed, method)
+    for name, module in (config.get("modules") or {}).items():
+        where = f"modules.{name}"
+        if c.keys(where, module, MODULE_KEYS):
+            _check_models(c, where + ".models", module.get("models"), allowed, method)
+            _check_slices(c, where + ".slices", module.get("slices"), allowed, method)
+            c.parameters(where + ".parameters", module.get("parameters"), allowed, method)
+    if not c.problems:
+        _check_shapes(c, config)
+    if c.problems:
+        raise UserError(f"{label} has {len(c.problems)} problem(s):\n  - "
+                        + "\n  - ".join(c.problems),
+                        fix="correct the fields named above (mergekit would have ignored "
+                            "unknown keys silently)")
+    return config
+
+
+def _check_models(c: _Checker, where, models, allowed, method):
+    if models is None:
+        return
+    if not isinstance(models, list):
+        c.problems.append(f"{where}: expected a list")
+        return
+    for i, entry in enumerate(models):
+        w = f"{where}[{i}]"
+        if c.keys(w, entry, MODEL_KEYS):
+            if "model" not in entry:
+                c.problems.append(f"{w}.model: missing")
+            else:
+                entry["model"] = c.model(w + ".model", entry["model"])
+            c.parameters(w + ".parameters", entry.get("parameters"), allowed, method)
+
+
+def _check_slices(c: _Checker, where, slices, allowed, method):
+    if slices is None:
+        return
+    if not isinstance(slices, list):
+        c.problems.append(f"{where}: expected a list")
+        return
+    for i, out_slice in enumerate(slices):
+        w = f"{where}[{i}]"
+        if not c.keys(w, out_slice, SLICE_KEYS):
+            continue
+        if out_slice.get("base_model") is not None:
+            out_slice["base_model"] = c.model(w + ".base_model", out_slice["base_model"])
+        c.parameters(w + ".parameters", out_slice.get("parameters"), allowed, method)
+        lengths = set()
+        for j, source in enumerate(out_slice.get("sources") or []):
+            ws = f"{w}.sources[{j}]"
+            if not c.keys(ws, source, SOURCE_KEYS):
+                continue
+            if "model" not in source:
+                c.problems.append(f"{ws}.model: missing")
+                continue
+            source["model"] = c.model(ws + ".model", source["model"])
+            c.parameters(ws + ".parameters", source.get("parameters"), allowed, method)
+            lr = source.get("layer_range")
+            if (not isinstance(lr, list) or len(lr) != 2
+                    or not all(isinstance(x, int) for x in lr)):
+                c.problems.append(f"{ws}.layer_range: expected [start, end) as two integers, "
+                                  f"got {lr!r}")
+                continue
+            info = c.infos.get(_model_path(source["model"]))
+            if info is not None and not 0 <= lr[0] < lr[1] <= info.n_layers:
+                c.problems.append(
+                    f"{ws}.layer_range: {lr} is outside the model's {info.n_layers} layers "
+                    f"(ranges are end-exclusive: use 0 <= start < end <= {info.n_layers})")
+            lengths.add(lr[1] - lr[0])
+        if not out_slice.get("sources"):
+            c.problems.append(f"{w}.sources: missing or empty")
+        elif len(lengths) > 1:
+            c.problems.append(f"{w}.sources: layer ranges of different lengths {sorted(lengths)}"
+                              " cannot be merged layer by layer")
+
+
+def _model_path(ref) -> str:
+    if isinstance(ref, dict):
+        return ref.get("model", {}).get("path", "")
+    return ref.partition("+")[0] if isinstance(ref, str) else ""
+
+
+def _check_shapes(c: _Checker, config: dict):
+    """Models merged tensor by tensor must agree on hidden, MLP and vocabulary sizes."""
+    groups = []
+    if config.get("models"):
+        refs = [m["model"] for m in config["models"]]
+        if config.get("base_model"):
+            refs.append(config["base_model"])
+        groups.append(("models", refs, True))
+    for i, s in enumerate(config.get("slices") or []):
+        groups.append((f"slices[{i}]", [src["model"] for src in s["sources"]], False))
+    vocab_aligned = bool(config.get("tokenizer") or config.get("tokenizer_source"))
+    for where, refs, whole_models in groups:
+        infos = [(r, c.infos.get(_model_path(r))) for r in refs]
+        infos = [(r, i) for r, i in infos if i is not None]
+        if len(infos) < 2:
+            continue
+        first_ref, first = infos[0]
+        for ref, info in infos[1:]:
+            a, b = first.shape_key(), info.shape_key()
+            if vocab_aligned:
+                a, b = a[:2], b[:2]
+            if a != b or (whole_models and first.n_layers != info.n_layers):
+                c.problems.append(
+                    f"{where}: `{Path(_model_path(ref)).name}` (hidden {info.hidden_size}, "
+                    f"mlp {info.intermediate_size}, vocab {info.vocab_size}, "
+                    f"{info.n_layers} layers) cannot be merged with "
+                    f"`{Path(_model_path(first_ref)).name}` (hidden {first.hidden_size}, "
+                    f"mlp {first.intermediate_size}, vocab {first.vocab_size}, "
+                    f"{first.n_layers} layers): merge models of the same architecture and size")
+
+
+def _repeats_layers(config: dict) -> bool:
+    seen = set()
+    for s in config.get("slices") or []:
+        for src in s["sources"]:
+            for layer in range(*src["layer_range"]):
+                key = (_model_path(src["model"]), layer)
+                if key in seen:
+                    return True
+                seen.add(key)
+    return False
+
+
+def _output_layer_types(config: dict) -> list | None:
+    """The `layer_types` list a sliced output must carry, or None if the inputs have none."""
+    if not config.get("slices"):
+        return None
+    from solar_merge.checkpoints import read_config
+
+    out = []
+    for s in config["slices"]:
+        src = s["sources"][0]
+        source_cfg = read_config(_model_path(src["model"]))
+        types = (source_cfg.get("text_config") or source_cfg).get("layer_types")
+        if types is None:
+            return None
+        out.extend(types[src["layer_range"][0]:src["layer_range"][1]])
+    return out
+
+
+def _patched_out_config(layer_types: list | None):
+    """mergekit 0.1.5 keeps the donor's layer_types, so transformers refuses to save config.json
+    when the layer count changes. Re-slice the list with the layers (a pinned-version fix)."""
+    import mergekit.merge
+
+    original = mergekit.merge._model_out_config
+
+    def fixed(*args, **kwargs):
+        cfg = original(*args, **kwargs)
+        if layer_types is not None:
+            target = getattr(cfg, "text_config", None) or cfg
+            target.layer_types = list(layer_types)
+            target.num_hidden_layers = len(layer_types)
+            if hasattr(target, "max_window_layers") and target.max_window_layers is not None:
+                target.max_window_layers = min(target.max_window_layers, len(layer_types))
+        return cfg
+
+    return original, fixed
+
+
+def check_finite(folder: Path) -> None:
+    """Stop on NaN/Inf in the merged weights, naming the tensor (inputs' NaNs show up here)."""
+    import torch
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise UserError(
+                        f"merged tensor `{name}` contains NaN or Inf",
+                        fix="check the input models for NaN/Inf weights (and the merge "
+                            "weights: e.g. normalize with weights summing to ~0)")
+
+
+def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
+          label: str = "merge config") -> Path:
+    """Run a mergekit config into `out_dir`; skip if it is already there with the same config.
+
+    `options` are mergekit's MergeOptions fields (e.g. {"out_shard_size": ..., "lazy_unpickle":
+    True}). Returns the finished folder.
+    """
+    if base_dir is None and isinstance(config, (str, Path)) and str(config).endswith(
+            (".yaml", ".yml")) and Path(config).is_file():
+        base_dir = Path(config).absolute().parent
+    resolved = check_config(config, base_dir, label=label)
+    options = dict(options or {})
+    if _repeats_layers(resolved):
+        options["clone_tensors"] = True
+    options.setdefault("copy_tokenizer", True)
+    digest = config_hash({"merge": resolved, "options": _hashed_options(options)})
+    out_dir = Path(out_dir).absolute()
+    if is_complete(out_dir, digest):
+        return out_dir
+
+    import mergekit.merge
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    import solar_merge  # noqa: F401 - our methods must be registered before planning
+
+    for ref in _all_models(resolved):
+        folder = local_dir(ref)
+        if folder is not None:
+            from solar_merge.checkpoints import require_safetensors
+
+            require_safetensors(folder, allow_pickle=bool(options.pop("allow_pickle", False)))
+    options.pop("allow_pickle", None)
+    source = yaml.safe_dump(resolved, sort_keys=False)
+    merge_config = MergeConfiguration.model_validate(resolved)
+    merge_options = MergeOptions(**options)
+    original, fixed = _patched_out_config(_output_layer_types(resolved))
+    with atomic_output(out_dir, digest) as work:
+        mergekit.merge._model_out_config = fixed
+        try:
+            mergekit.merge.run_merge(merge_config, str(work), options=merge_options,
+                                     config_source=source)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise UserError(f"merge into {out_dir} failed: {e}",
+                            fix="correct the config as the message says (--debug shows "
+                                "the traceback)") from e
+        finally:
+            mergekit.merge._model_out_config = original
+        check_finite(work)
+        readme = work / "README.md"
+        if readme.exists():  # mergekit titles the card after the folder it wrote to
+            readme.write_text(readme.read_text().replace(work.name, out_dir.name))
+    return out_dir
+
+
+def _hashed_options(options: dict) -> dict:
+    # Performance knobs do not change the result; keep them out of the hash.
+    ignore = {"num_threads", "quiet", "verbosity", "async_write", "write_threads",
+              "lazy_unpickle", "low_cpu_memory", "read_to_gpu", "multi_gpu", "cuda", "device",
+              "gpu_rich", "transformers_cache", "lora_merge_cache"}
+    return {k: v for k, v in sorted(options.items()) if k not in ignore}
+
+
+def _all_models(config: dict) -> list[str]:
+    refs = []
+    if config.get("base_model"):
+        refs.append(config["base_model"])
+    refs += [m["model"] for m in config.get("models") or []]
+    for s in config.get("slices") or []:
+        refs += [src["model"] for src in s["sources"]]
+    for module in (config.get("modules") or {}).values():
+        refs += [m["model"] for m in module.get("models") or []]
+        for s in module.get("slices") or []:
+            refs += [src["model"] for src in s["sources"]]
+    return sorted({_model_path(r) for r in refs})
+
+
+# -- click commands that take every mergekit-yaml option (built on demand: importing
+#    mergekit.options costs seconds, and only these two commands need it) --
+
+def yaml_command():
+    import click
+    from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+
+    @click.command("yaml", cls=PrettyPrintHelp)
+    @click.argument("config_file", type=click.Path(dir_okay=False))
+    @click.argument("out_path", type=click.Path(file_okay=False))
+    @click.option("--allow-pickle", is_flag=True,
+                  help="Allow loading pickle (.bin) checkpoints (they can run code).")
+    @add_merge_options
+    def command(merge_options: MergeOptions, config_file: str, out_path: str,
+                allow_pickle: bool):
+        """Run a mergekit YAML config, with solar_average/solar_slerp and our fixes."""
+        merge_options.apply_global_options()
+        options = merge_options.model_dump(exclude_defaults=True)
+        if allow_pickle:
+            options["allow_pickle"] = True
+        out = merge(config_file, out_path, options=options, label=config_file)
+        click.echo(f"merged into {out}")
+
+    return command
+
+
+def multi_command():
+    """mergekit-multi itself, with our methods registered, strict configs, absolute paths."""
+    import click
+    from mergekit.scripts.multimerge import main as multimerge
+
+    class Multi(click.Command):
+        def invoke(self, ctx):
+            params = ctx.params
+            # Relative intermediate folders make mergekit's card call the Hub: make absolute.
+            params["intermediate_dir"] = os.path.abspath(params["intermediate_dir"])
+            if params.get("out_path"):
+                params["out_path"] = os.path.abspath(params["out_path"])
+            _check_multi(params["config_file"])
+            return super().invoke(ctx)
+
+    return Multi(name="multi", params=multimerge.params, callback=multimerge.callback,
+                 help=multimerge.help)
+
+
+def _check_multi(config_file: str):
+    text = Path(config_file).read_text()
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise UserError(f"{config_file} is not valid YAML: {e}", fix="fix the YAML syntax") \
+            from None
+    names = {d.get("name") for d in docs if isinstance(d, dict)}
+    base_dir = Path(config_file).absolute().parent
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            continue
+        # Names of earlier documents stand for their outputs; skip those from file checks.
+        doc = copy.deepcopy(doc)
+        label = f"{config_file} document {i + 1}" + (f" ({doc['name']})" if doc.get("name")
+                                                      else "")
+        if _references(doc, names - {None}):
+            keys = set(doc) - TOP_KEYS - {"name"}
+            if keys:
+                raise UserError(f"{label}: unknown key(s) {', '.join(sorted(keys))}",
+                                fix="remove or correct them")
+            continue
+        check_config(doc, base_dir, label=label)
+
+
+def _references(value, names: set) -> bool:
+    if isinstance(value, dict):
+        return any(_references(v, names) for v in value.values())
+    if isinstance(value, list):
+        return any(_references(v, names) for v in value)
+    return isinstance(value, str) and value in names

@@ -1,0 +1,86 @@
+"""Depth up-scaling (SOLAR, arXiv 2312.15166) as a stock mergekit passthrough config.
+
+From an n-layer model keep layers [0, n-m) of copy A and [m, n) of copy B and stack them:
+s = 2(n-m) layers. Output layer i is source layer i for i < n-m, else i - (n-2m).
+"""
+
+from pathlib import Path
+
+import yaml
+
+from solar_merge.checkpoints import ModelInfo, human, model_info
+from solar_merge.errors import UserError
+
+
+def check_drop(n: int, m: int, *, allow_repeat: bool = False) -> None:
+    """1 <= m < n/2: m >= 1 so a seam is removed (m = 0 repeats all 2n layers, which the paper
+    shows is too wide a seam to recover from); m < n/2 so the result is deeper than the input
+    (s = 2(n-m) > n)."""
+    low = 0 if allow_repeat else 1
+    if not isinstance(m, int) or not low <= m or not 2 * m < n:
+        raise UserError(
+            f"--drop {m} is out of range for a {n}-layer model: allowed {low} <= m < n/2 = "
+            f"{n / 2:g} (m layers are dropped at the seam of each copy; s = 2(n-m) must exceed "
+            f"n, and m = 0 repeats all {2 * n} layers, which SOLAR shows does not recover)",
+            fix=f"pick m in [1, {(n - 1) // 2}]; SOLAR uses m = n/4 (8 of 32 layers)")
+
+
+def layer_map(n: int, m: int) -> list[tuple[int, str, int]]:
+    """[(output layer, copy, source layer)] for a DUS of an n-layer model dropping m."""
+    keep = n - m
+    return ([(i, "A", i) for i in range(keep)]
+            + [(keep + j, "B", m + j) for j in range(keep)])
+
+
+def dus_config(model: str, drop: int, *, n_layers: int, dtype: str | None = None,
+               allow_repeat: bool = False) -> dict:
+    """The mergekit passthrough config for a DUS of `model` (n_layers layers) dropping `drop`."""
+    check_drop(n_layers, drop, allow_repeat=allow_repeat)
+    config = {
+        "slices": [
+            {"sources": [{"model": model, "layer_range": [0, n_layers - drop]}]},
+            {"sources": [{"model": model, "layer_range": [drop, n_layers]}]},
+        ],
+        "merge_method": "passthrough",
+    }
+    if dtype:
+        config["dtype"] = dtype
+    return config
+
+
+def dus_yaml(model: str, drop: int, info: ModelInfo, *, out_name: str = "dus.yaml") -> str:
+    """The config as YAML, opening with the command that runs it (stock mergekit works)."""
+    n = info.n_layers
+    s = 2 * (n - drop)
+    head = (f"# mergekit-yaml {out_name} OUT --copy-tokenizer   (or: solar-merge yaml {out_name} OUT)\n"
+            f"# Depth up-scaling (SOLAR, arXiv 2312.15166) of {model}: n={n}, m={drop} -> s={s}"
+            " layers.\n"
+            f"# Copy A keeps layers [0, {n - drop}), copy B keeps [{drop}, {n}); ranges are"
+            " end-exclusive.\n")
+    body = dus_config(model, drop, n_layers=n, dtype=info.dtype)
+    return head + yaml.safe_dump(body, sort_keys=False, default_flow_style=None)
+
+
+def describe(model: str, drop: int, info: ModelInfo) -> str:
+    """The layer map and parameter counts, for people."""
+    n, s = info.n_layers, 2 * (info.n_layers - drop)
+    rows = layer_map(n, drop)
+    lines = [f"{model}: {n} layers -> {s} layers (drop m={drop} at the seam of each copy)",
+             f"  output [0, {n - drop}) <- copy A layers [0, {n - drop})",
+             f"  output [{n - drop}, {s}) <- copy B layers [{drop}, {n})",
+             f"  seam: output {n - drop - 1} (A{rows[n - drop - 1][2]}) -> output {n - drop} "
+             f"(B{rows[n - drop][2]})",
+             f"  parameters: {human(info.params)} -> {human(info.params_with_layers(s))}"]
+    return "\n".join(lines)
+
+
+def upscale(model: str, drop: int, out_dir, *, base_dir=None, options: dict | None = None,
+            allow_repeat: bool = False) -> Path:
+    """Run the DUS through solar-merge's mergekit runner (atomic, resumable, fixed)."""
+    from solar_merge.merging import merge
+
+    info = model_info(model, base_dir)
+    config = dus_config(info.source, drop, n_layers=info.n_layers, dtype=info.dtype,
+                        allow_repeat=allow_repeat)
+    return merge(config, out_dir, base_dir=base_dir, options=options,
+                 label=f"DUS of {model}")

@@ -1,0 +1,83 @@
+"""Bad merge input: exit code 2, a message naming the field and the fix, nothing left behind."""
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from solar_merge.cli import main
+from solar_merge.merging import check_config
+from solar_merge.outputs import is_complete
+
+
+def run_yaml(tmp_path, config):
+    path = tmp_path / "config.yaml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["yaml", str(path), str(out)])
+    return result, out
+
+
+def avg(a, b, **extra):
+    return {"merge_method": "solar_average", "dtype": "float32",
+            "models": [{"model": str(a), "parameters": {"weight": 0.5}},
+                       {"model": str(b), "parameters": {"weight": 0.5}}], **extra}
+
+
+CASES = {
+    "missing model": (lambda a, b, t: avg(a, t / "nope"), ["models[1].model", "not found"]),
+    "layer range outside": (
+        lambda a, b, t: {"merge_method": "passthrough",
+                         "slices": [{"sources": [{"model": str(a), "layer_range": [0, 9]}]}]},
+        ["slices[0].sources[0].layer_range", "outside the model's 4 layers"]),
+    "unknown method": (lambda a, b, t: {**avg(a, b), "merge_method": "solar_averge"},
+                       ["merge_method", "did you mean `solar_average`"]),
+    "different shapes": (lambda a, b, t: avg(a, t / "six"), ["cannot be merged"]),
+    "misspelled parameter": (
+        lambda a, b, t: {**avg(a, b), "models": [{"model": str(a), "parameters": {"wieght": 1}},
+                                                 {"model": str(b)}]},
+        ["models[0].parameters.wieght", "did you mean `weight`"]),
+    "misspelled top key": (lambda a, b, t: {**avg(a, b), "normalise": False},
+                           ["normalise: unknown key"]),
+    "malformed yaml": (lambda a, b, t: "models: [\n  - model: x", ["not valid YAML"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_merge_input(case, tiny_model_factory, tmp_path):
+    a, b = tiny_model_factory(seed=0), tiny_model_factory(seed=1)
+    (tmp_path / "six").symlink_to(tiny_model_factory(layers=6))
+    make, expected = CASES[case]
+    result, out = run_yaml(tmp_path, make(a, b, tmp_path))
+    assert result.exit_code == 2, result.output
+    for text in expected:
+        assert text in result.output
+    assert "fix:" in result.output and "Traceback" not in result.output
+    assert not out.exists() and not is_complete(out)
+
+
+def test_zero_weight_sum_fails_cleanly(tiny_model_factory, tmp_path):
+    a, b = tiny_model_factory(seed=0), tiny_model_factory(seed=1)
+    config = avg(a, b)
+    config["models"][1]["parameters"]["weight"] = -0.5
+    result, out = run_yaml(tmp_path, config)
+    assert result.exit_code == 2
+    assert "sum to 0" in result.output and "model." in result.output  # names the tensor
+    assert not out.exists()
+    assert not any(p.name.endswith(".partial") and (p / "solar_merge_complete.json").exists()
+                   for p in tmp_path.iterdir())
+
+
+def test_cli_merge_ok_and_paths_absolute(tiny_model_factory, tmp_path):
+    a, b = tiny_model_factory(seed=0), tiny_model_factory(seed=1)
+    result, out = run_yaml(tmp_path, avg(a, b))
+    assert result.exit_code == 0, result.output
+    assert is_complete(out)
+    recorded = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    assert all(m["model"].startswith("/") for m in recorded["models"])
+
+
+def test_check_config_resolves_relative_paths(tiny_model, tmp_path):
+    (tmp_path / "m").symlink_to(tiny_model)
+    config = check_config({"merge_method": "passthrough",
+                           "models": [{"model": "m"}]}, base_dir=tmp_path)
+    assert config["models"][0]["model"] == str(tmp_path / "m")

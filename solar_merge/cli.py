@@ -32,7 +32,7 @@ def _as_user_error(e: Exception) -> UserError | None:
     """Errors raised by libraries on bad input, phrased for the user."""
     import errno
 
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return UserError(f"the disk is full while writing {e.filename or 'output'}",
                          fix="free space or choose another output folder, then re-run "
                              "(finished stages are kept)")

@@ -17,7 +17,7 @@ import yaml
 
 from solar_merge.checkpoints import local_dir, model_info
 from solar_merge.errors import UserError, did_you_mean
-from solar_merge.outputs import atomic_output, config_hash, is_complete
+from solar_merge.outputs import atomic_output, config_hash, crash_point, is_complete
 
 # mergekit 0.1.5's MergeConfiguration and its nested models, as allowed keys per level.
 TOP_KEYS = {"modules", "slices", "models", "merge_method", "base_model", "dtype",
@@ -371,6 +371,7 @@ def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
                                 "the traceback)") from e
         finally:
             mergekit.merge._model_out_config = original
+        crash_point("merged")
         check_finite(work)
         readme = work / "README.md"
         if readme.exists():  # mergekit titles the card after the folder it wrote to

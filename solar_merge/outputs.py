@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,6 +40,12 @@ def is_complete(out_dir, expected_hash: str | None = None) -> bool:
 def partial_dir(out_dir) -> Path:
     out_dir = Path(out_dir).absolute()
     return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def crash_point(name: str) -> None:
+    """Fault-injection for the kill tests: SIGKILL ourselves at a named point when asked."""
+    if os.environ.get("SOLAR_MERGE_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _lock(out_dir: Path):
@@ -77,7 +84,9 @@ def atomic_output(out_dir, resolved_hash: str, *, keep_partial: bool = False):
         if work.exists() and not keep_partial:
             shutil.rmtree(work)
         work.mkdir(exist_ok=True)
+        crash_point("work-created")
         yield work
+        crash_point("before-marker")
         (work / MARKER).write_text(json.dumps({"config_hash": resolved_hash}) + "\n")
         if out_dir.exists():
             # An older result (other config): move it aside first so that no moment
@@ -86,6 +95,7 @@ def atomic_output(out_dir, resolved_hash: str, *, keep_partial: bool = False):
             if stale.exists():
                 shutil.rmtree(stale)
             out_dir.rename(stale)
+            crash_point("between-renames")
             work.rename(out_dir)
             shutil.rmtree(stale)
         else:

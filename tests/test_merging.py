@@ -81,3 +81,54 @@ def test_check_config_resolves_relative_paths(tiny_model, tmp_path):
     config = check_config({"merge_method": "passthrough",
                            "models": [{"model": "m"}]}, base_dir=tmp_path)
     assert config["models"][0]["model"] == str(tmp_path / "m")
+
+
+def test_nan_input_stops_the_merge_naming_the_tensor(tiny_model_factory, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    a = tiny_model_factory(seed=0)
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_factory(seed=1), bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    weights["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    result, out = run_yaml(tmp_path, avg(a, bad))
+    assert result.exit_code == 2
+    assert "model.layers.2.mlp.down_proj.weight" in result.output and "NaN" in result.output
+    assert not out.exists()
+
+
+def test_pickle_only_checkpoint_is_refused(tiny_model_factory, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_factory(seed=1), pickled)
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    result, out = run_yaml(tmp_path, avg(tiny_model_factory(seed=0), pickled))
+    assert result.exit_code == 2 and "pickle" in result.output and "--allow-pickle" in result.output
+    assert not out.exists()
+
+
+def test_multi_runs_with_our_methods(tiny_model_factory, tmp_path):
+    a, b = tiny_model_factory(seed=0), tiny_model_factory(seed=1)
+    docs = [{"name": "avg", **avg(a, b)},
+            {"merge_method": "solar_slerp", "dtype": "float32", "parameters": {"t": 0.5},
+             "models": [{"model": "avg"}, {"model": str(a)}]}]
+    path = tmp_path / "multi.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    result = CliRunner().invoke(main, ["multi", str(path), "-I", str(tmp_path / "inter"),
+                                       "--out-path", str(tmp_path / "final")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "final" / "config.json").exists()
+    assert (tmp_path / "inter" / "avg" / "model.safetensors").exists()
+    docs[0]["models"][0]["parameters"] = {"wieght": 1}
+    path.write_text(yaml.safe_dump_all(docs))
+    result = CliRunner().invoke(main, ["multi", str(path), "-I", str(tmp_path / "i2"),
+                                       "--out-path", str(tmp_path / "final2")])
+    assert result.exit_code == 2 and "did you mean `weight`" in result.output

@@ -460,10 +460,10 @@ def _check_multi(config_file: str):
             continue
         # Names of earlier documents stand for their outputs; skip those from file checks.
         doc = copy.deepcopy(doc)
-        label = f"{config_file} document {i + 1}" + (f" ({doc['name']})" if doc.get("name")
-                                                      else "")
+        name = doc.pop("name", None)
+        label = f"{config_file} document {i + 1}" + (f" ({name})" if name else "")
         if _references(doc, names - {None}):
-            keys = set(doc) - TOP_KEYS - {"name"}
+            keys = set(doc) - TOP_KEYS
             if keys:
                 raise UserError(f"{label}: unknown key(s) {', '.join(sorted(keys))}",
                                 fix="remove or correct them")

@@ -78,6 +78,42 @@ def dus(model, drop, config_out, run_out):
         click.echo(f"up-scaled model in {upscale(model, drop, run_out)}", err=True)
 
 
+@main.command()
+@click.argument("model")
+@click.option("--every", type=int, required=True,
+              help="Insert one zero-output block after every N layers (LLaMA Pro: 4).")
+@click.option("-o", "--output", "config_out", type=click.Path(dir_okay=False),
+              help="Write the mergekit config here (default: print it).")
+@click.option("--run", "run_out", type=click.Path(file_okay=False),
+              help="Also run the merge into this folder.")
+def expand(model, every, config_out, run_out):
+    """LLaMA Pro block expansion of MODEL: new blocks that compute the identity until trained."""
+    from pathlib import Path
+
+    import yaml as pyyaml
+
+    from solar_merge.checkpoints import model_info
+    from solar_merge.upscale import expand as run_expand
+    from solar_merge.upscale import expand_config, new_block_layers
+
+    info = model_info(model)
+    n = info.n_layers
+    config = expand_config(info.source, every, n_layers=n, dtype=info.dtype)
+    s = n + n // every
+    text = (f"# mergekit-yaml {Path(config_out or 'expand.yaml').name} OUT --copy-tokenizer "
+            f"--clone-tensors\n# LLaMA Pro block expansion of {model}: {n} -> {s} layers; new "
+            f"blocks (o_proj, down_proj zeroed) at {new_block_layers(n, every)}\n"
+            + pyyaml.safe_dump(config, sort_keys=False, default_flow_style=None))
+    click.echo(f"{model}: {n} -> {s} layers; train the new blocks "
+               f"{new_block_layers(n, every)} (e.g. cpt trainable_layers)", err=True)
+    if config_out:
+        Path(config_out).write_text(text)
+    elif not run_out:
+        click.echo(text)
+    if run_out:
+        click.echo(f"expanded model in {run_expand(model, every, run_out)}", err=True)
+
+
 _FORWARD = {"ignore_unknown_options": True, "allow_interspersed_args": False}
 
 

@@ -84,3 +84,49 @@ def upscale(model: str, drop: int, out_dir, *, base_dir=None, options: dict | No
                         allow_repeat=allow_repeat)
     return merge(config, out_dir, base_dir=base_dir, options=options,
                  label=f"DUS of {model}")
+
+
+# -- LLaMA Pro block expansion (Wu et al., 2024, arXiv 2401.02415) --
+# After every `every` layers, insert a copy of the group's last block whose output projections
+# (attention o_proj, MLP down_proj) are scaled to zero: the new block adds nothing to the
+# residual stream, so the expanded model computes exactly what the base did until trained.
+
+ZERO_OUTPUTS = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0},
+                {"value": 1.0}]
+
+
+def check_every(n: int, every: int) -> None:
+    if not isinstance(every, int) or not 1 <= every <= n or n % every:
+        divisors = [d for d in range(1, n + 1) if n % d == 0]
+        raise UserError(f"--every {every} must divide the model's {n} layers into equal groups",
+                        fix=f"use one of {divisors} (LLaMA Pro: every 4 of 32 -> 40 layers)")
+
+
+def expand_config(model: str, every: int, *, n_layers: int, dtype: str | None = None) -> dict:
+    """A stock mergekit passthrough config: n + n/every layers, new blocks zero-output."""
+    check_every(n_layers, every)
+    slices = []
+    for start in range(0, n_layers, every):
+        end = start + every
+        slices.append({"sources": [{"model": model, "layer_range": [start, end]}]})
+        slices.append({"sources": [{"model": model, "layer_range": [end - 1, end],
+                                    "parameters": {"scale": ZERO_OUTPUTS}}]})
+    config = {"slices": slices, "merge_method": "passthrough"}
+    if dtype:
+        config["dtype"] = dtype
+    return config
+
+
+def new_block_layers(n_layers: int, every: int) -> list[int]:
+    """Output indices of the inserted blocks (the ones to train, LLaMA Pro style)."""
+    return [(g + 1) * (every + 1) - 1 for g in range(n_layers // every)]
+
+
+def expand(model: str, every: int, out_dir, *, base_dir=None, options: dict | None = None
+           ) -> Path:
+    from solar_merge.merging import merge
+
+    info = model_info(model, base_dir)
+    config = expand_config(info.source, every, n_layers=info.n_layers, dtype=info.dtype)
+    return merge(config, out_dir, base_dir=base_dir, options=options,
+                 label=f"block expansion of {model}")

@@ -134,3 +134,26 @@ def test_cli_prints_map_and_params(tiny_model):
     assert "4 layers -> 6 layers" in result.output
     info = model_info(str(tiny_model))
     assert info.params_with_layers(6) - info.params == 2 * info.per_layer_params
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_block_expansion_computes_what_the_base_did(tiny_model_factory, tmp_path, arch):
+    from solar_merge.upscale import expand, new_block_layers
+
+    src = tiny_model_factory(arch=arch, layers=4, tied=False)
+    out = expand(str(src), 2, tmp_path / "pro")
+    base = AutoModelForCausalLM.from_pretrained(src).eval()
+    grown = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert grown.config.num_hidden_layers == 6 and new_block_layers(4, 2) == [2, 5]
+    ids = torch.randint(0, 384, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)
+    new = grown.model.layers[2]
+    assert torch.count_nonzero(new.self_attn.o_proj.weight) == 0
+    assert torch.count_nonzero(new.mlp.down_proj.weight) == 0
+    assert torch.equal(new.self_attn.q_proj.weight, base.model.layers[1].self_attn.q_proj.weight)
+
+
+def test_expand_every_must_divide(tiny_model):
+    result = CliRunner().invoke(main, ["expand", str(tiny_model), "--every", "3"])
+    assert result.exit_code == 2 and "must divide" in result.output

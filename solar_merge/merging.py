@@ -324,7 +324,7 @@ def check_finite(folder: Path) -> None:
 
 
 def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
-          label: str = "merge config") -> Path:
+          label: str = "merge config", kind: str = "merge") -> Path:
     """Run a mergekit config into `out_dir`; skip if it is already there with the same config.
 
     `options` are mergekit's MergeOptions fields (e.g. {"out_shard_size": ..., "lazy_unpickle":
@@ -373,9 +373,12 @@ def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
             mergekit.merge._model_out_config = original
         crash_point("merged")
         check_finite(work)
-        readme = work / "README.md"
-        if readme.exists():  # mergekit titles the card after the folder it wrote to
-            readme.write_text(readme.read_text().replace(work.name, out_dir.name))
+        from solar_merge.hub import write_card
+
+        inputs = _all_models(resolved)
+        write_card(work, kind=kind, source_yaml=source, source_name="mergekit_config.yml",
+                   base_models=inputs, merge_method=resolved["merge_method"],
+                   lineage=[{"stage": out_dir.name, "kind": kind, "inputs": inputs}])
     return out_dir
 
 

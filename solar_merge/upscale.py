@@ -83,7 +83,7 @@ def upscale(model: str, drop: int, out_dir, *, base_dir=None, options: dict | No
     config = dus_config(info.source, drop, n_layers=info.n_layers, dtype=info.dtype,
                         allow_repeat=allow_repeat)
     return merge(config, out_dir, base_dir=base_dir, options=options,
-                 label=f"DUS of {model}")
+                 label=f"DUS of {model}", kind="dus")
 
 
 # -- LLaMA Pro block expansion (Wu et al., 2024, arXiv 2401.02415) --
@@ -129,4 +129,4 @@ def expand(model: str, every: int, out_dir, *, base_dir=None, options: dict | No
     info = model_info(model, base_dir)
     config = expand_config(info.source, every, n_layers=info.n_layers, dtype=info.dtype)
     return merge(config, out_dir, base_dir=base_dir, options=options,
-                 label=f"block expansion of {model}")
+                 label=f"block expansion of {model}", kind="expand")

@@ -53,7 +53,8 @@ def write_card(out_dir, *, kind: str, source_yaml: str, source_name: str,
                datasets: list[str] | None = None,
                eval_table: dict[str, dict[str, float]] | None = None,
                license: str | None = None, merge_method: str | None = None,
-               description: str | None = None, extra_tags=()) -> Path:
+               description: str | None = None,
+               extra_tags: list[str] | tuple[str, ...] = ()) -> Path:
     """Write `out_dir/README.md` (a Hub model card) and `out_dir/source_name`; return the card.
 
     eval_table: row (model or stage) -> column (metric) -> value.

@@ -140,5 +140,100 @@ def multi(ctx, args):
 # -- commands are added below, one function each; keep them thin --
 
 
+@main.command("run")
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Output root (default: the recipe's `out:`, else runs/<name>).")
+def run_command(recipe, overrides, out_dir):
+    """Run RECIPE (a file, an output folder, a URL or a Hub repo id) stage by stage.
+    KEY=VALUE overrides address the recipe, e.g. stages.cpt.train.args.max_steps=5.
+    Re-running skips finished stages whose config is unchanged."""
+    from solar_merge.recipe import run
+
+    result = run(recipe, out_dir, list(overrides))
+    for name, values in result.metrics.items():
+        click.echo(f"{name}: {values}", err=True)
+    click.echo(f"ran {len(result.ran)} stage(s), skipped {len(result.skipped)} finished; "
+               f"outputs in {result.out}" + (f"; final model {result.final}"
+                                              if result.final else ""), err=True)
+
+
+@main.command("validate")
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Output root to plan for (as `run --out`).")
+def validate_command(recipe, overrides, out_dir):
+    """Check RECIPE without running anything (no weights downloaded) and print the plan:
+    stage graph, layer and parameter counts, memory estimates."""
+    from solar_merge.recipe import format_plan, plan
+
+    click.echo(format_plan(plan(recipe, out_dir, list(overrides))))
+
+
+@main.command("train")
+@click.argument("stage_config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
+              help="Output folder (default: the config's `output:`, else out/<config name>).")
+def train_command(stage_config, overrides, out_dir):
+    """Run one training stage (cpt, sft, dpo, stepwise_dpo); KEY=VALUE overrides the YAML,
+    e.g. args.learning_rate=1e-4 seq_len=256. Re-running resumes or skips a finished stage."""
+    from pathlib import Path
+
+    from solar_merge.stages import load_stage_config, train
+
+    path = Path(stage_config)
+    config = load_stage_config(path)
+    if not out_dir and not any(o.startswith("output=") for o in overrides) \
+            and not config.get("output"):
+        out_dir = Path("out") / path.stem
+    done = train(config, out_dir, overrides=list(overrides), base_dir=path.parent)
+    click.echo(f"trained model in {done}", err=True)
+
+
+@main.command("push")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded; no network.")
+def push_command(folder, repo_id, private, dry_run):
+    """Upload an output FOLDER (weights, card, recipe) to the Hub model repo REPO_ID."""
+    from solar_merge import hub
+    from solar_merge.checkpoints import human
+
+    files = hub.push(folder, repo_id, private=private, dry_run=dry_run)
+    for path, size in files:
+        click.echo(f"{size:>12}  {path}")
+    total = human(sum(size for _, size in files), "B")
+    verb = "would upload" if dry_run else "uploaded"
+    click.echo(f"{verb} {len(files)} files ({total}) to https://huggingface.co/{repo_id}",
+               err=True)
+
+
+@main.group("recipe")
+def recipe_group():
+    """Recipes that travel: get the YAML back out of an output folder or a Hub repo."""
+
+
+@recipe_group.command("extract")
+@click.argument("source")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the recipe here (default: print it).")
+def recipe_extract(source, output):
+    """Write out the recipe that produced SOURCE (a folder, a Hub repo id or a URL)."""
+    from pathlib import Path
+
+    from solar_merge import hub
+
+    text, label = hub.load_recipe_text(source)
+    if output:
+        Path(output).write_text(text)
+        click.echo(f"wrote the recipe of {label} to {output}", err=True)
+    else:
+        click.echo(text, nl=not text.endswith("\n"))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -58,7 +58,7 @@ class _Strict(BaseModel):
 
 class UpscaleSpec(_Strict):
     model: str
-    method: Literal["dus", "expand"] = "dus"
+    method: Literal["dus", "expand", "repeat"] = "dus"  # repeat: all 2n layers, a baseline
     drop: int | None = Field(default=None, ge=0, description="DUS: layers m dropped per copy")
     every: int | None = Field(default=None, ge=1, description="expand: a new block every N")
     options: dict[str, Any] = Field(default_factory=dict)  # mergekit MergeOptions fields
@@ -69,6 +69,8 @@ class UpscaleSpec(_Strict):
             raise ValueError("method dus needs `drop` (and no `every`)")
         if self.method == "expand" and (self.every is None or self.drop is not None):
             raise ValueError("method expand needs `every` (and no `drop`)")
+        if self.method == "repeat" and (self.every is not None or self.drop is not None):
+            raise ValueError("method repeat takes neither `drop` nor `every`")
         return self
 
 
@@ -523,7 +525,9 @@ class _Planner:
         from solar_merge.upscale import check_drop, check_every
 
         try:
-            if c["method"] == "dus":
+            if c["method"] == "repeat":
+                s = 2 * n
+            elif c["method"] == "dus":
                 check_drop(n, c["drop"])
                 s = 2 * (n - c["drop"])
             else:
@@ -777,6 +781,9 @@ def _run_upscale(st: StagePlan):
     c = st.config
     if c["method"] == "dus":
         return upscale.upscale(c["model"], c["drop"], st.out_dir, options=c["options"])
+    if c["method"] == "repeat":
+        return upscale.upscale(c["model"], 0, st.out_dir, options=c["options"],
+                               allow_repeat=True)
     return upscale.expand(c["model"], c["every"], st.out_dir, options=c["options"])
 
 

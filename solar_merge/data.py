@@ -1,0 +1,251 @@
+"""Datasets for the training stages: load records, normalise QA formats, build the math sets.
+
+No torch here. Records are plain dicts; the stages turn lists of them into `datasets.Dataset`.
+
+Formats (`to_prompt_completion`):
+- `alpaca`   {instruction, input?, output}            -> user: instruction [+ "\\n\\n" + input]
+- `openorca` {system_prompt?, question, response}     -> system (if non-empty), user: question
+- `messages` {messages: [{role, content}, ...]}       -> prompt: every message before the last
+                                                         assistant turn, completion: that turn
+- `prompt_completion` {prompt, completion}            -> returned as is (strings stay strings,
+                                                         message lists stay message lists)
+alpaca/openorca/messages come back in TRL's *conversational* prompt-completion form:
+{"prompt": [{"role": "user", "content": ...}], "completion": [{"role": "assistant", ...}]},
+so the tokenizer's chat template renders them and the loss can be put on the completion only.
+
+Text files (`.txt`) give one {"text": paragraph} record per blank-line-separated paragraph.
+`max_samples` keeps the first N records in file order (deterministic, no shuffling).
+"""
+
+import json
+from pathlib import Path
+
+from solar_merge.errors import UserError, did_you_mean
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+FORMATS = ("auto", "text", "alpaca", "openorca", "messages", "prompt_completion", "preference",
+           "math_alignment", "math_instruct")
+MATH_KEYS = ("question", "answer", "rephrased_question", "rephrased_answer")
+
+
+# -- loading -------------------------------------------------------------------------------
+
+def load_records(path_or_name, *, split: str = "train", max_samples: int | None = None
+                 ) -> list[dict]:
+    """Records of a local file (.jsonl/.json/.parquet/.txt), a folder of such files (sorted),
+    or a Hub dataset name (needs network or the local datasets cache)."""
+    if max_samples is not None and max_samples < 1:
+        raise UserError(f"max_samples of {path_or_name} is {max_samples}",
+                        fix="give a positive number, or leave max_samples out for all records")
+    path = Path(str(path_or_name)).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_SUFFIXES and p.is_file())
+        if not files:
+            raise UserError(f"dataset folder {path} holds no {'/'.join(FILE_SUFFIXES)} files",
+                            fix="put data files in it, or point to a file")
+        records: list[dict] = []
+        for f in files:
+            left = None if max_samples is None else max_samples - len(records)
+            if left is not None and left <= 0:
+                break
+            records += _load_file(f, left)
+        return records
+    if path.is_file():
+        return _load_file(path, max_samples)
+    if path.suffix in FILE_SUFFIXES or str(path_or_name).startswith((".", "/", "~")):
+        raise UserError(f"dataset file {path} not found",
+                        fix="check the path (relative paths resolve against the config's folder)")
+    return _load_hub(str(path_or_name), split, max_samples)
+
+
+def _load_file(path: Path, max_samples: int | None) -> list[dict]:
+    suffix = path.suffix
+    try:
+        if suffix == ".txt":
+            text = path.read_text(encoding="utf-8")
+            paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")]
+            records = [{"text": p} for p in paragraphs if p]
+        elif suffix == ".jsonl":
+            records = []
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if max_samples is not None and len(records) >= max_samples:
+                        break
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except ValueError as e:
+                            raise UserError(f"{path}, line {n}: not valid JSON ({e})",
+                                            fix="one JSON object per line") from None
+        elif suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
+                lists = [v for v in data.values() if isinstance(v, list)]
+                data = lists[0] if len(lists) == 1 else None
+            if not isinstance(data, list):
+                raise UserError(f"{path} is not a JSON list of records",
+                                fix="write a list of objects (or use .jsonl)")
+            records = data
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            records = pq.read_table(path).to_pylist()
+        else:
+            raise UserError(f"{path}: unsupported data file type `{suffix}`",
+                            fix=f"use one of {', '.join(FILE_SUFFIXES)}")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason})", fix="re-encode as UTF-8") from None
+    except ValueError as e:
+        raise UserError(f"{path} cannot be read ({e})", fix="check the file") from None
+    if any(not isinstance(r, dict) for r in records[:100]):
+        raise UserError(f"{path}: records must be JSON objects", fix="one object per record")
+    return records if max_samples is None else records[:max_samples]
+
+
+def _load_hub(name: str, split: str, max_samples: int | None) -> list[dict]:
+    try:
+        import datasets
+
+        sl = split if max_samples is None else f"{split}[:{max_samples}]"
+        ds = datasets.load_dataset(name, split=sl)
+    except Exception as e:  # noqa: BLE001 - offline, unknown name, bad split: the user's to fix
+        raise UserError(f"dataset `{name}`: not a local file and cannot be loaded from the Hub "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+                        fix="give an existing local .jsonl/.json/.parquet/.txt path, or a Hub "
+                            "dataset name while online") from None
+    return ds.to_list()
+
+
+# -- formats -------------------------------------------------------------------------------
+
+def detect_format(record: dict) -> str:
+    keys = set(record)
+    if "messages" in keys:
+        return "messages"
+    if {"prompt", "chosen", "rejected"} <= keys:
+        return "preference"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"question", "response"} <= keys:
+        return "openorca"
+    if set(MATH_KEYS) <= keys:
+        return "math_instruct"
+    if "text" in keys:
+        return "text"
+    raise UserError(f"cannot tell the format of a record with keys {sorted(keys)}",
+                    fix="use Alpaca (instruction/input/output), OpenOrca (system_prompt/question/"
+                        "response), chat (messages), prompt/completion, prompt/chosen/rejected "
+                        "or text records, or set `format:` on the dataset")
+
+
+def _need(record: dict, keys, fmt: str) -> None:
+    missing = [k for k in keys if k not in record]
+    if missing:
+        hint = did_you_mean(missing[0], record)
+        raise UserError(f"{fmt} record is missing {', '.join(f'`{k}`' for k in missing)}{hint} "
+                        f"(it has {sorted(record)})",
+                        fix=f"give every {fmt} record the keys {', '.join(keys)}, or set the "
+                            "dataset's `format:`")
+
+
+def _str(value, key: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"field `{key}` must be a string, got {type(value).__name__}",
+                        fix="check the dataset")
+    return value
+
+
+def to_prompt_completion(record: dict, fmt: str = "auto") -> dict:
+    """One QA record -> {"prompt": [...messages], "completion": [...messages]} (see module doc)."""
+    if fmt == "auto":
+        fmt = detect_format(record)
+    if fmt == "alpaca":
+        _need(record, ("instruction", "output"), fmt)
+        user = _str(record["instruction"], "instruction")
+        extra = record.get("input") or ""
+        if _str(extra, "input").strip():
+            user = f"{user}\n\n{extra}"
+        return {"prompt": [{"role": "user", "content": user}],
+                "completion": [{"role": "assistant", "content": _str(record["output"], "output")}]}
+    if fmt in ("openorca", "math_instruct"):
+        if fmt == "math_instruct":
+            record = math_instruct_qa([record])[0]
+        _need(record, ("question", "response"), "openorca")
+        prompt = []
+        system = record.get("system_prompt") or ""
+        if _str(system, "system_prompt").strip():
+            prompt.append({"role": "system", "content": system})
+        prompt.append({"role": "user", "content": _str(record["question"], "question")})
+        return {"prompt": prompt,
+                "completion": [{"role": "assistant",
+                                "content": _str(record["response"], "response")}]}
+    if fmt == "messages":
+        _need(record, ("messages",), fmt)
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise UserError("`messages` must be a list of {role, content} objects",
+                            fix="check the chat records")
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise UserError("a `messages` record has no assistant turn to train on",
+                            fix="every chat record needs at least one assistant message")
+        return {"prompt": [{"role": m["role"], "content": m["content"]} for m in messages[:last]],
+                "completion": [{"role": "assistant", "content": messages[last]["content"]}]}
+    if fmt == "prompt_completion":
+        _need(record, ("prompt", "completion"), fmt)
+        return {"prompt": record["prompt"], "completion": record["completion"]}
+    raise UserError(f"format `{fmt}` is not a QA format{did_you_mean(fmt, FORMATS)}",
+                    fix="use auto, alpaca, openorca, messages or prompt_completion for sft")
+
+
+def to_text(record: dict, fmt: str = "auto", field: str = "text") -> dict:
+    """A plain-text record {"text": ...} for continued pretraining."""
+    if fmt not in ("auto", "text"):
+        raise UserError(f"cpt takes plain text, not `{fmt}` records",
+                        fix="use format: text (a `text` field, or .txt files)")
+    _need(record, (field,), "text")
+    return {"text": _str(record[field], field)}
+
+
+def to_preference(record: dict, fmt: str = "auto") -> dict:
+    """A preference record {prompt, chosen, rejected} (strings or message lists)."""
+    if fmt == "auto":
+        fmt = "math_alignment" if set(MATH_KEYS) <= set(record) else "preference"
+    if fmt == "math_alignment":
+        return math_alignment_pairs([record])[0]
+    if fmt != "preference":
+        raise UserError(f"dpo takes preference records, not `{fmt}`",
+                        fix="use format: preference (prompt/chosen/rejected) or math_alignment")
+    _need(record, ("prompt", "chosen", "rejected"), "preference")
+    return {k: record[k] for k in ("prompt", "chosen", "rejected")}
+
+
+# -- the paper's math sets -----------------------------------------------------------------
+
+def math_alignment_pairs(records) -> list[dict]:
+    """SOLAR's synthetic math alignment set: the rephrased answer is preferred.
+
+    {question, answer, rephrased_question, rephrased_answer} ->
+    {prompt: rephrased_question, chosen: rephrased_answer, rejected: answer}
+    """
+    out = []
+    for r in records:
+        _need(r, MATH_KEYS, "math")
+        out.append({"prompt": _str(r["rephrased_question"], "rephrased_question"),
+                    "chosen": _str(r["rephrased_answer"], "rephrased_answer"),
+                    "rejected": _str(r["answer"], "answer")})
+    return out
+
+
+def math_instruct_qa(records) -> list[dict]:
+    """SOLAR's math instruct set in OpenOrca QA style: {question: rephrased_question,
+    response: rephrased_answer} (no system prompt)."""
+    out = []
+    for r in records:
+        _need(r, ("rephrased_question", "rephrased_answer"), "math")
+        out.append({"question": _str(r["rephrased_question"], "rephrased_question"),
+                    "response": _str(r["rephrased_answer"], "rephrased_answer")})
+    return out

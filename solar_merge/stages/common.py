@@ -1,0 +1,374 @@
+"""What every stage shares: resolved config -> TRL config, data checks, model loading, layer
+freezing, the resumable run in an atomic output folder, the final save, loss log and plot.
+
+The training itself is TRL's (`SFTTrainer`, `DPOTrainer`); nothing here loops over batches.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from solar_merge.errors import UserError, did_you_mean
+from solar_merge.outputs import atomic_output, crash_point, is_complete
+
+HASH_FILE = "resolved_hash"
+LOSS_LOG = "loss.jsonl"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+# Test/extension hooks: each is called as hook(trainer, info) right before trainer.train();
+# info = {"stage", "work", "model", "ref_model", "step"}. Tests use it to inject an interrupt
+# or to inspect the trainer (masks, reference weights).
+TRAINER_HOOKS: list = []
+
+
+# -- the run -------------------------------------------------------------------------------
+
+def run(resolved: dict, out_dir: Path) -> Path:
+    """Run the stage of `resolved` into `out_dir` (skip if finished, resume if interrupted)."""
+    from solar_merge.stages import stage_hash
+
+    h = stage_hash(resolved)
+    if is_complete(out_dir, h):
+        _say(f"{resolved['stage']}: {out_dir} is already complete for this config, skipping")
+        return out_dir
+    preflight(resolved)
+    if resolved["stage"] == "cpt":
+        from solar_merge.stages.cpt import run_stage
+    elif resolved["stage"] == "sft":
+        from solar_merge.stages.sft import run_stage
+    else:
+        from solar_merge.stages.dpo import run_stage
+    with atomic_output(out_dir, h, keep_partial=True) as work:
+        prepare_work(work, h)
+        run_stage(resolved, work)
+        finish(work, resolved)
+    return out_dir
+
+
+def preflight(resolved: dict) -> None:
+    """What resolve() could not check (paths may be created by earlier recipe steps):
+    local models exist and hold safetensors, data files exist."""
+    from solar_merge.checkpoints import require_safetensors
+
+    for field in ("model", "ref_model"):
+        value = resolved.get(field)
+        if value and Path(value).is_absolute():
+            folder = Path(value)
+            if not folder.is_dir():
+                raise UserError(f"{field}: {folder} not found",
+                                fix="train or merge that model first, or fix the path")
+            if not (folder / "config.json").is_file():
+                raise UserError(f"{field}: {folder} has no config.json",
+                                fix="point to a folder saved with save_pretrained()")
+            require_safetensors(folder)
+    for i, spec in enumerate(resolved["datasets"]):
+        if Path(spec["path"]).is_absolute() and not Path(spec["path"]).exists():
+            raise UserError(f"datasets[{i}]: {spec['path']} not found",
+                            fix="give an existing file or folder (relative paths resolve "
+                                "against the stage config's folder), or a Hub dataset name")
+
+
+def prepare_work(work: Path, h: str) -> None:
+    """A partial folder left by another config is emptied: never resume someone else's run."""
+    stamp = work / HASH_FILE
+    if stamp.is_file() and stamp.read_text().strip() != h or (
+            not stamp.is_file() and any(work.iterdir())):
+        _say(f"{work} was left by a run with another config: starting over")
+        for p in work.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    stamp.write_text(h + "\n")
+
+
+def _say(msg: str) -> None:
+    import click
+
+    click.echo(msg, err=True)
+
+
+# -- TRL config ----------------------------------------------------------------------------
+
+def trl_args(resolved: dict, work: Path, cls_name: str):
+    """(trl config, model_init_kwargs) from the stage's `args`, validated by TRL itself."""
+    import dataclasses
+
+    import torch
+    import trl
+
+    cls = getattr(trl, cls_name)
+    kwargs = dict(resolved["args"])
+    init_kwargs = kwargs.pop("model_init_kwargs", None) or {}
+    if isinstance(init_kwargs, str):
+        init_kwargs = json.loads(init_kwargs)
+    if "use_cpu" not in kwargs and not torch.cuda.is_available():
+        kwargs["use_cpu"] = True
+    try:
+        args = cls(output_dir=str(work), **kwargs)
+    except TypeError as e:
+        m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if not m:
+            raise
+        valid = [f.name for f in dataclasses.fields(cls) if f.init]
+        raise UserError(f"args.{m.group(1)} is not a trl.{cls_name} argument"
+                        f"{did_you_mean(m.group(1), valid)}",
+                        fix=f"use a field of trl.{cls_name}") from None
+    except ValueError as e:
+        raise UserError(f"args: trl.{cls_name} refused them: {e}",
+                        fix="fix the value in the stage config's `args:`") from None
+    return args, init_kwargs
+
+
+# -- data ----------------------------------------------------------------------------------
+
+def load_stage_records(resolved: dict, convert) -> list[dict]:
+    """All records of the stage's datasets, converted with convert(record, fmt); clear errors
+    (naming the dataset and record) for missing columns and empty data."""
+    from solar_merge.data import load_records
+
+    out: list[dict] = []
+    for i, spec in enumerate(resolved["datasets"]):
+        where = f"datasets[{i}] ({spec['path']})"
+        try:
+            records = load_records(spec["path"], split=spec.get("split", "train"),
+                                   max_samples=spec.get("max_samples"))
+        except UserError as e:
+            raise UserError(f"{where}: {e.message}") from None
+        if not records:
+            raise UserError(f"{where} is empty: no records to train on",
+                            fix="fill the dataset, or remove it from `datasets:`")
+        for n, record in enumerate(records):
+            try:
+                out.append(convert(record, spec.get("format", "auto")))
+            except UserError as e:
+                raise UserError(f"{where}, record {n}: {e.message}") from None
+    return out
+
+
+def is_chat(value) -> bool:
+    return isinstance(value, list) and (not value or isinstance(value[0], dict))
+
+
+def unify_chat(records: list[dict], keys, tokenizer, args, stage: str) -> list[dict]:
+    """Make every record either plain strings or conversations (a Dataset has one schema).
+
+    String fields are wrapped as one user turn (prompt) / one assistant turn (answers) when any
+    record is a conversation or the tokenizer has a chat template. Conversations need a chat
+    template: a missing one is an error here, before any training."""
+    has_template = bool(getattr(tokenizer, "chat_template", None)) or bool(
+        getattr(args, "chat_template_path", None))
+    any_chat = any(is_chat(r[k]) for r in records for k in keys)
+    if any_chat and not has_template:
+        raise UserError(f"{stage}: the data holds chat messages (alpaca/openorca/messages "
+                        "records are rendered through a chat template), but the tokenizer of "
+                        "the model has no chat template",
+                        fix="use a tokenizer with a chat template, set args.chat_template_path "
+                            "(a tokenizer folder or a .jinja file), or give plain prompt/"
+                            "completion strings")
+    if not (any_chat or has_template):
+        return records
+    out = []
+    for r in records:
+        r = dict(r)
+        for k in keys:
+            if isinstance(r[k], str):
+                role = "user" if k == "prompt" else "assistant"
+                r[k] = [{"role": role, "content": r[k]}]
+            elif not is_chat(r[k]):
+                raise UserError(f"{stage}: field `{k}` must be a string or a list of messages, "
+                                f"got {type(r[k]).__name__}", fix="check the dataset")
+        out.append(r)
+    return out
+
+
+def to_dataset(records: list[dict]):
+    import datasets
+
+    return datasets.Dataset.from_list(records)
+
+
+# -- models --------------------------------------------------------------------------------
+
+def load_tokenizer(model: str, field: str = "model"):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # noqa: BLE001 - missing/broken tokenizer files are the user's to fix
+        raise UserError(f"{field}: cannot load a tokenizer from {model} ({type(e).__name__}: "
+                        f"{str(e)[:200]})",
+                        fix="save the tokenizer next to the model (--copy-tokenizer for "
+                            "mergekit outputs)") from None
+
+
+def load_model(model: str, init_kwargs: dict | None = None, field: str = "model"):
+    """The model in fp32 unless model_init_kwargs.dtype says otherwise (mixed precision via
+    args.bf16 keeps fp32 master weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(init_kwargs or {})
+    kwargs.setdefault("dtype", torch.float32)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{field}: cannot load {model} ({type(e).__name__}: {str(e)[:200]})",
+                        fix="point to a Hugging Face causal LM folder") from None
+
+
+def check_same_vocab(model: str, tokenizer, ref: str, ref_tokenizer=None) -> None:
+    """A reference model must score the same token ids as the policy."""
+    from transformers import AutoConfig
+
+    a = AutoConfig.from_pretrained(model).get_text_config().vocab_size
+    b = AutoConfig.from_pretrained(ref).get_text_config().vocab_size
+    same_tok = ref_tokenizer is None or ref_tokenizer.get_vocab() == tokenizer.get_vocab()
+    if a != b or not same_tok:
+        what = (f"vocab_size {b} vs {a}" if a != b else "a different tokenizer vocabulary")
+        raise UserError(f"ref_model {ref} has {what} of the model {model}: DPO compares their "
+                        "log-probabilities token by token",
+                        fix="use a reference model with the same tokenizer (usually the SFT "
+                            "model that `model` starts from)")
+
+
+def ref_tokenizer_if_any(ref: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ref)
+    except Exception:  # noqa: BLE001 - a reference without tokenizer files uses the model's
+        return None
+
+
+def checksum(model) -> str:
+    """sha256 of a model's parameters (sorted by name; tied weights counted once)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def freeze_except_layers(model, layers) -> int:
+    """requires_grad only for parameters of the listed decoder layers; returns their count."""
+    if not layers:
+        return sum(p.numel() for p in model.parameters())
+    n_layers = model.config.get_text_config().num_hidden_layers
+    bad = [i for i in layers if i >= n_layers]
+    if bad:
+        raise UserError(f"trainable_layers: layer {bad[0]} does not exist, the model has "
+                        f"{n_layers} layers (0..{n_layers - 1})",
+                        fix="choose layer indices below num_hidden_layers")
+    wanted = set(layers)
+    count = 0
+    for name, p in model.named_parameters():
+        m = _LAYER.search(name)
+        p.requires_grad_(bool(m) and int(m.group(1)) in wanted)
+        count += p.numel() if p.requires_grad else 0
+    if count == 0:
+        raise UserError("trainable_layers matched no parameters (no `layers.<i>.` names)",
+                        fix="this model's parameter names are unusual; remove trainable_layers")
+    return count
+
+
+# -- training and saving -------------------------------------------------------------------
+
+def last_checkpoint(work: Path) -> str | None:
+    """The newest complete `checkpoint-<step>` in `work` (one with trainer_state.json)."""
+    best = None
+    for p in work.glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and (p / "trainer_state.json").is_file() and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), p)
+    return str(best[1]) if best else None
+
+
+def loss_logger(work: Path):
+    from transformers import TrainerCallback
+
+    class LossLog(TrainerCallback):
+        """Appends every `logs` dict (with its step) to loss.jsonl; survives resume."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero:
+                row = {"step": state.global_step, "epoch": state.epoch, **logs}
+                with open(work / LOSS_LOG, "a") as f:
+                    f.write(json.dumps(row, default=float) + "\n")
+
+        def on_save(self, args, state, control, **kwargs):
+            # kill tests: SOLAR_MERGE_KILL_AT=after-checkpoint-<step> dies right after the save
+            crash_point(f"after-checkpoint-{state.global_step}")
+
+    return LossLog()
+
+
+def fit(trainer, work: Path, info: dict) -> None:
+    """trainer.train(), resuming from the last checkpoint in `work` if there is one."""
+    trainer.add_callback(loss_logger(work))
+    for hook in TRAINER_HOOKS:
+        hook(trainer, info)
+    ckpt = last_checkpoint(work)
+    if ckpt:
+        _say(f"{info['stage']}: resuming from {ckpt}")
+    trainer.train(resume_from_checkpoint=ckpt)
+
+
+def save_final(trainer, tokenizer, work: Path) -> None:
+    """A clean HF checkpoint in `work`: safetensors, config, tokenizer + chat template."""
+    trainer.save_model(str(work))
+    # args.chat_template_path may have replaced the tokenizer inside the trainer
+    (getattr(trainer, "processing_class", None) or tokenizer).save_pretrained(str(work))
+    for p in work.glob("checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; not part of the model
+    # TRL's auto card names the partial folder and "None" as the base model: drop it (the
+    # hub module writes real cards from stage_config.yaml).
+    (work / "README.md").unlink(missing_ok=True)
+
+
+def finish(work: Path, resolved: dict) -> None:
+    (work / "stage_config.yaml").write_text(
+        f"# solar-merge train stage_config.yaml -o OUT   (resolved {resolved['stage']} stage)\n"
+        + yaml.safe_dump(resolved, sort_keys=False))
+    plot_loss(work / LOSS_LOG, work / "loss.png", title=resolved["stage"])
+    (work / HASH_FILE).unlink(missing_ok=True)
+
+
+def read_loss(log: Path) -> list[tuple[int, float]]:
+    """(step, loss) pairs, deduplicated by step (the last entry wins, e.g. after a resume)."""
+    by_step: dict[int, float] = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if "loss" in row:
+                by_step[int(row["step"])] = float(row["loss"])
+    return sorted(by_step.items())
+
+
+def plot_loss(log: Path, png: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = read_loss(log)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if points:
+        steps, losses = zip(*points)
+        ax.plot(steps, losses, marker="." if len(points) < 50 else None)
+    else:
+        ax.text(0.5, 0.5, "no loss logged (raise max_steps or lower logging_steps)",
+                ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{title} loss" if title else "loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)

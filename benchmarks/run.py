@@ -1,0 +1,673 @@
+#!/usr/bin/env python
+"""solar-merge benchmarks (issue 7): ours vs stock mergekit / TRL, side by side in one run.
+
+    python benchmarks/run.py [--quick] [--real-scale] [--repeats N] [--only SECTION ...]
+
+Writes benchmarks/results.md (tables) and benchmarks/results.json (every sample). See
+benchmarks/README.md for what each row means. Sections: dus, merge, kernel, train, demo, real.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import fixtures  # noqa: E402
+
+RESULTS_JSON = HERE / "results.json"
+RESULTS_MD = HERE / "results.md"
+SCRATCH = HERE / "scratch"
+TIME = "/usr/bin/time" if Path("/usr/bin/time").exists() else None
+BIN = Path(sys.executable).parent
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def tool(name):
+    p = BIN / name
+    return str(p) if p.exists() else shutil.which(name) or name
+
+
+# -- measuring whole processes ---------------------------------------------------------------
+
+def run_measured(cmd, *, cwd=None, env=None, log_name="cmd"):
+    """Run cmd as a fresh process; return {wall_s, peak_rss_mb}. `sync` runs first (outside the
+    timing) so that no run pays for the previous run's dirty pages; nothing is synced inside."""
+    subprocess.run(["sync"], check=False)
+    logfile = SCRATCH / f"{log_name}.log"
+    if TIME:
+        full = [TIME, "-v"] + [str(c) for c in cmd]
+    else:  # fresh python per run: RUSAGE_CHILDREN of that python is the command's peak RSS
+        full = [sys.executable, "-c",
+                "import resource,subprocess,sys;r=subprocess.run(sys.argv[1:]).returncode;"
+                "print('Maximum resident set size (kbytes): %d'%resource.getrusage("
+                "resource.RUSAGE_CHILDREN).ru_maxrss,file=sys.stderr);sys.exit(r)"
+                ] + [str(c) for c in cmd]
+    t0 = time.perf_counter()
+    with open(logfile, "w") as f:
+        proc = subprocess.run(full, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    text = logfile.read_text(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}); tail of "
+                           f"{logfile}:\n{text[-3000:]}")
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return {"wall_s": wall, "peak_rss_mb": int(m.group(1)) / 1024 if m else None}
+
+
+def folder_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def rm(path):
+    p = Path(path)
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink()
+    for extra in p.parent.glob(f".{p.name}.*"):  # solar-merge's .partial / .lock / .stale
+        rm(extra) if extra.is_dir() else extra.unlink(missing_ok=True)
+
+
+def free_gb(path=HERE) -> float:
+    return shutil.disk_usage(path).free / 1e9
+
+
+def need_disk(gb, what):
+    free = free_gb()
+    if free < gb:
+        raise RuntimeError(f"{what}: needs ~{gb:.1f} GB free on {HERE}, only {free:.1f} GB")
+    log(f"{what}: {free:.1f} GB free (need ~{gb:.1f})")
+
+
+def med(samples, key):
+    vals = [s[key] for s in samples if s.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(samples):
+    return {"wall_s": med(samples, "wall_s"), "peak_rss_mb": med(samples, "peak_rss_mb"),
+            "n": len(samples), "samples": samples}
+
+
+# -- machine ---------------------------------------------------------------------------------
+
+def machine():
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(p):
+        try:
+            return version(p)
+        except PackageNotFoundError:
+            return None
+
+    mem = Path("/proc/meminfo").read_text()
+    ram_kb = int(re.search(r"MemTotal:\s+(\d+)", mem).group(1))
+    cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host_cores": os.cpu_count(), "cpu": cpu.group(1).strip() if cpu else platform.machine(),
+            "ram_gib": round(ram_kb / 2**20, 1), "disk_free_gb": round(free_gb(), 1),
+            "python": platform.python_version(), "os": platform.platform(),
+            "git_commit": commit,
+            **{p: v(p) for p in ("torch", "mergekit", "transformers", "trl", "safetensors",
+                                 "solar-merge")},
+            "rss_tool": "/usr/bin/time -v" if TIME else "getrusage(RUSAGE_CHILDREN)",
+            "loadavg_at_start": [round(x, 1) for x in os.getloadavg()]}
+
+
+# -- 1 & 2: DUS ------------------------------------------------------------------------------
+
+def dus_pair(model: Path, drop: int, repeats: int, tag: str, extra_opts=(), ours_via="dus"):
+    """Ours (`solar-merge dus --run`, or `solar-merge yaml` when options are given) vs stock
+    `mergekit-yaml --clone-tensors --copy-tokenizer` on the config `solar-merge dus -o` writes;
+    then the floor: `cp -r` of the output folder (same bytes, same disk, no sync)."""
+    work = SCRATCH / tag
+    rm(work)
+    work.mkdir(parents=True)
+    cfg = work / "dus.yaml"
+    subprocess.run([tool("solar-merge"), "dus", str(model), "--drop", str(drop), "-o", str(cfg)],
+                   check=True, capture_output=True)
+    input_bytes = folder_bytes(model)
+    out = work / "out"
+    ours_cmd = ([tool("solar-merge"), "dus", model, "--drop", drop, "--run", out]
+                if ours_via == "dus" else
+                [tool("solar-merge"), "yaml", cfg, out, *extra_opts])
+    stock_cmd = [tool("mergekit-yaml"), cfg, out, "--clone-tensors", "--copy-tokenizer",
+                 *extra_opts]
+    rows = {"ours": [], "stock": [], "floor_cp": []}
+    out_bytes = None
+    for r in range(repeats):
+        for side, cmd in (("ours", ours_cmd), ("stock", stock_cmd)):
+            need_disk(input_bytes * 1.6 / 1e9 + 1, f"{tag} {side} #{r + 1}")
+            rm(out)
+            log(f"{tag}: {side} #{r + 1}: {' '.join(map(str, cmd))}")
+            s = run_measured(cmd, log_name=f"{tag}-{side}-{r}")
+            s["out_bytes"] = folder_bytes(out)
+            out_bytes = s["out_bytes"]
+            log(f"  {s['wall_s']:.1f} s, {s['peak_rss_mb']:.0f} MB RSS, "
+                f"{s['out_bytes'] / 1e9:.2f} GB out")
+            rows[side].append(s)
+            if side == "stock":
+                # floor: copy the same output bytes on the same disk
+                need_disk(out_bytes / 1e9 + 1, f"{tag} floor")
+                dst = work / "floor_copy"
+                rm(dst)
+                f = run_measured(["cp", "-r", out, dst], log_name=f"{tag}-floor-{r}")
+                f["out_bytes"] = folder_bytes(dst)
+                log(f"  floor cp: {f['wall_s']:.1f} s")
+                rows["floor_cp"].append(f)
+                rm(dst)
+            rm(out)
+    rm(work)
+    res = {k: summarize(v) for k, v in rows.items()}
+    res["input_bytes"] = input_bytes
+    res["out_bytes"] = out_bytes
+    res["commands"] = {"ours": " ".join(map(str, ours_cmd)),
+                       "stock": " ".join(map(str, stock_cmd)),
+                       "floor": f"cp -r OUT COPY (no sync inside; `sync` before every timed run)"}
+    o, s, f = res["ours"]["wall_s"], res["stock"]["wall_s"], res["floor_cp"]["wall_s"]
+    res["ratio_ours_stock_wall"] = o / s
+    res["ratio_ours_stock_rss"] = res["ours"]["peak_rss_mb"] / res["stock"]["peak_rss_mb"]
+    res["ratio_ours_floor"] = o / f
+    res["ratio_stock_floor"] = s / f
+    return res
+
+
+def section_dus(model, repeats):
+    return dus_pair(model, 8, repeats, "dus-smollm2")
+
+
+def section_real(repeats, tuned: bool):
+    need_disk(16, "mistral-7b-shape fixture") if not (
+        fixtures.CACHE / "mistral-7b-shape" / "config.json").exists() else None
+    log("building/reusing the Mistral-7B-shaped checkpoint")
+    t0 = time.perf_counter()
+    model = fixtures.mistral_7b_shape()
+    build_s = time.perf_counter() - t0
+    res = {"model": str(model), "build_or_reuse_s": build_s}
+    res["default"] = dus_pair(model, 8, repeats, "dus-mistral")
+    if tuned:
+        opts = ["--out-shard-size", "1B", "-j", "2", "--async-write", "--write-threads", "2"]
+        res["tuned"] = dus_pair(model, 8, repeats, "dus-mistral-tuned", opts, ours_via="yaml")
+        res["tuned"]["options"] = " ".join(opts)
+    return res
+
+
+# -- 3: merge methods ------------------------------------------------------------------------
+
+PAIRS = (("solar_average", "linear"), ("solar_slerp", "slerp"))
+
+
+def merge_config(method, a, b):
+    if method in ("solar_average", "linear"):
+        return {"models": [{"model": str(a), "parameters": {"weight": 0.5}},
+                           {"model": str(b), "parameters": {"weight": 0.5}}],
+                "merge_method": method, "dtype": "float32"}
+    return {"models": [{"model": str(a)}, {"model": str(b)}], "base_model": str(a),
+            "merge_method": method, "parameters": {"t": 0.5}, "dtype": "float32"}
+
+
+def section_merge(a, b, repeats):
+    import yaml
+
+    work = SCRATCH / "merge"
+    rm(work)
+    work.mkdir(parents=True)
+    samples = {m: [] for pair in PAIRS for m in pair}
+    for r in range(repeats):
+        for method in samples:  # interleaved, so drift hits all four alike
+            cfg = work / f"{method}.yaml"
+            cfg.write_text(yaml.safe_dump(merge_config(method, a, b), sort_keys=False))
+            out = work / f"out-{method}"
+            rm(out)
+            need_disk(2, f"merge {method}")
+            log(f"merge: {method} #{r + 1}")
+            s = run_measured([tool("solar-merge"), "yaml", cfg, out],
+                             log_name=f"merge-{method}-{r}")
+            s["out_bytes"] = folder_bytes(out)
+            log(f"  {s['wall_s']:.1f} s, {s['peak_rss_mb']:.0f} MB")
+            samples[method].append(s)
+            rm(out)
+    rm(work)
+    res = {m: summarize(v) for m, v in samples.items()}
+    res["command"] = "solar-merge yaml CFG OUT (all four, dtype float32, weights 0.5/0.5, t=0.5)"
+    for ours, theirs in PAIRS:
+        res[f"ratio_{ours}_{theirs}_wall"] = res[ours]["wall_s"] / res[theirs]["wall_s"]
+        res[f"ratio_{ours}_{theirs}_rss"] = res[ours]["peak_rss_mb"] / res[theirs]["peak_rss_mb"]
+    return res
+
+
+def section_kernel(a, b, repeats):
+    """In-process, kernel only: merge_tensors over every tensor of the two models."""
+    import torch
+    from safetensors.torch import load_file
+
+    import solar_merge  # noqa: F401 - registers our methods
+    from mergekit.merge_methods import merge_tensors
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    sa, sb = {}, {}
+    for f in sorted(Path(a).glob("*.safetensors")):
+        sa.update(load_file(str(f)))
+    for f in sorted(Path(b).glob("*.safetensors")):
+        sb.update(load_file(str(f)))
+    names = sorted(k for k in sa if sa[k].is_floating_point())
+    calls = {
+        "solar_average": lambda x, y, n: merge_tensors([x, y], "solar_average",
+                                                       parameters={"weight": [0.5, 0.5]}, name=n),
+        "linear": lambda x, y, n: merge_tensors([x, y], "linear",
+                                                parameters={"weight": [0.5, 0.5]}, name=n),
+        "solar_slerp": lambda x, y, n: merge_tensors([x, y], "solar_slerp",
+                                                     parameters={"t": 0.5}, base_index=0, name=n),
+        "slerp": lambda x, y, n: merge_tensors([x, y], "slerp", parameters={"t": 0.5},
+                                               base_index=0, name=n),
+    }
+    for fn in calls.values():  # warm-up (first-call dispatch, allocator)
+        fn(sa[names[0]], sb[names[0]], names[0])
+    samples = {m: [] for m in calls}
+    reps = max(repeats, 3)
+    order = list(calls)
+    for r in range(reps):
+        # Interleaved tensor by tensor (order rotated each repeat), so that load from other
+        # processes on the machine hits ours and theirs alike.
+        total = dict.fromkeys(calls, 0.0)
+        for n in names:
+            for m in order:
+                t0 = time.perf_counter()
+                calls[m](sa[n], sb[n], n)
+                total[m] += time.perf_counter() - t0
+        order = order[1:] + order[:1]
+        for m in calls:
+            samples[m].append({"wall_s": total[m]})
+    res = {m: summarize(v) for m, v in samples.items()}
+    res["tensors"] = len(names)
+    res["params"] = sum(sa[n].numel() for n in names)
+    res["torch_threads"] = torch.get_num_threads()
+    for ours, theirs in PAIRS:
+        res[f"ratio_{ours}_{theirs}_wall"] = res[ours]["wall_s"] / res[theirs]["wall_s"]
+    return res
+
+
+# -- 4: training -----------------------------------------------------------------------------
+
+TRAIN_CHILD = r'''
+import json, sys, time
+from pathlib import Path
+side, model, corpus, out, steps, result = sys.argv[1:7]
+steps = int(steps)
+from transformers import TrainerCallback
+
+class Timer(TrainerCallback):
+    def __init__(self):
+        self.begin, self.end = {}, {}
+    def on_step_begin(self, args, state, control, **kw):
+        self.begin[state.global_step + 1] = time.perf_counter()
+    def on_step_end(self, args, state, control, **kw):
+        self.end[state.global_step] = time.perf_counter()
+
+timer = Timer()
+t_start = time.perf_counter()
+if side == "ours":
+    from solar_merge.stages import common, train
+    common.TRAINER_HOOKS.append(lambda trainer, info: trainer.add_callback(timer))
+    cfg = {"stage": "cpt", "model": model, "datasets": [{"path": corpus}], "seq_len": 128,
+           "args": {"per_device_train_batch_size": 4, "max_steps": steps,
+                    "learning_rate": 5e-5, "logging_steps": 1}}
+    train(cfg, out)
+else:
+    import torch, datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+    text = Path(corpus).read_text(encoding="utf-8").replace("\r\n", "\n")
+    records = [{"text": p.strip()} for p in text.split("\n\n") if p.strip()]
+    tok = AutoTokenizer.from_pretrained(model)
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    args = SFTConfig(output_dir=out, per_device_train_batch_size=4, max_steps=steps,
+                     learning_rate=5e-5, logging_steps=1, packing=True,
+                     packing_strategy="wrapped", max_length=128, dataset_text_field="text",
+                     completion_only_loss=False, report_to="none", save_strategy="steps",
+                     save_steps=200, save_total_limit=2, seed=42, bf16=False, use_cpu=True)
+    trainer = SFTTrainer(model=m, args=args, train_dataset=datasets.Dataset.from_list(records),
+                         processing_class=tok)
+    trainer.add_callback(timer)
+    trainer.train()
+    trainer.save_model(out)
+    tok.save_pretrained(out)
+total = time.perf_counter() - t_start
+tokens_per_step = 4 * 128
+loop_all = timer.end[steps] - timer.begin[1]
+loop_warm = timer.end[steps] - timer.begin[2]  # steps 2..N: first step excluded (warm-up)
+Path(result).write_text(json.dumps({
+    "in_process_total_s": total, "loop_s": loop_all, "loop_warm_s": loop_warm,
+    "tokens_per_s": tokens_per_step * steps / loop_all,
+    "tokens_per_s_warm": tokens_per_step * (steps - 1) / loop_warm}))
+'''
+
+
+def corpus_file() -> Path:
+    from pydoc_data.topics import topics
+
+    p = fixtures.CACHE / "pydoc_topics.txt"
+    if not p.exists():
+        p.write_text("\n\n".join(topics[k] for k in sorted(topics)), encoding="utf-8")
+    return p
+
+
+def section_train(model, repeats, steps=10):
+    child = SCRATCH / "train_child.py"
+    child.parent.mkdir(parents=True, exist_ok=True)
+    child.write_text(TRAIN_CHILD)
+    corpus = corpus_file()
+    try:
+        from solar_merge.stages import train  # noqa: F401
+        sides = ("ours", "direct")
+    except ImportError as e:
+        log(f"train: solar_merge.stages.train not available ({e}); direct side only")
+        sides = ("direct",)
+    samples = {s: [] for s in sides}
+    for r in range(repeats):
+        for side in sides:
+            out = SCRATCH / f"train-{side}"
+            rm(out)
+            result = SCRATCH / f"train-{side}.json"
+            log(f"train: {side} #{r + 1}")
+            s = run_measured([sys.executable, child, side, model, corpus, out, steps, result],
+                             log_name=f"train-{side}-{r}")
+            s.update(json.loads(result.read_text()))
+            log(f"  {s['tokens_per_s']:.0f} tok/s ({s['tokens_per_s_warm']:.0f} warm), "
+                f"{s['wall_s']:.1f} s process, {s['peak_rss_mb']:.0f} MB")
+            samples[side].append(s)
+            rm(out)
+    res = {}
+    for side, v in samples.items():
+        res[side] = summarize(v)
+        for k in ("tokens_per_s", "tokens_per_s_warm", "loop_s", "in_process_total_s"):
+            res[side][k] = med(v, k)
+    res["setup"] = (f"cpt, SmolLM2-135M fp32, CPU, packing 'wrapped', seq_len 128, batch 4, "
+                    f"{steps} steps, lr 5e-5, pydoc topics text")
+    if "ours" in res:
+        res["ratio_tokens_per_s"] = res["ours"]["tokens_per_s"] / res["direct"]["tokens_per_s"]
+        res["ratio_tokens_per_s_warm"] = (res["ours"]["tokens_per_s_warm"]
+                                          / res["direct"]["tokens_per_s_warm"])
+        res["ratio_process_wall"] = res["ours"]["wall_s"] / res["direct"]["wall_s"]
+    else:
+        res["ours"] = "not available yet"
+    return res
+
+
+# -- 5: demo ---------------------------------------------------------------------------------
+
+def section_demo(repeats, quick_only):
+    h = subprocess.run([tool("solar-merge"), "demo", "--help"], capture_output=True, text=True)
+    if h.returncode != 0:
+        return {"status": "not available yet", "help_output": (h.stdout + h.stderr)[-500:]}
+    res = {"help": h.stdout}
+    out_flag = next((f for f in ("-o", "--output", "--out") if re.search(
+        rf"(^|\s){re.escape(f)}[\s,]", h.stdout)), None)
+    variants = [("demo --quick", ["--quick"])] + ([] if quick_only else [("demo", [])])
+    for label, flags in variants:
+        samples = []
+        for r in range(repeats if "--quick" in flags else 1):
+            work = Path(tempfile.mkdtemp(prefix="demo-", dir=SCRATCH))
+            cmd = [tool("solar-merge"), "demo", *flags]
+            if out_flag:
+                cmd += [out_flag, str(work / "out")]
+            log(f"{label} #{r + 1}: {' '.join(cmd)} (cwd {work})")
+            try:
+                samples.append(run_measured(cmd, cwd=work, log_name=f"demo-{len(flags)}-{r}"))
+            except RuntimeError as e:
+                res[label] = {"status": f"failed: {str(e)[-800:]}"}
+                shutil.rmtree(work, ignore_errors=True)
+                break
+            log(f"  {samples[-1]['wall_s']:.1f} s")
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            res[label] = summarize(samples)
+            res[label]["command"] = " ".join(cmd[:len(cmd) - (2 if out_flag else 0)])
+    return res
+
+
+# -- report ----------------------------------------------------------------------------------
+
+def f1(x, unit=""):
+    return "—" if x is None else f"{x:.1f}{unit}"
+
+
+def f2(x):
+    return "—" if x is None else f"{x:.2f}"
+
+
+def verdict(ratio, target, higher_is_better=False):
+    if ratio is None:
+        return ""
+    ok = ratio >= target if higher_is_better else ratio <= target
+    return "meets" if ok else "**misses**"
+
+
+def render(results) -> str:
+    m = results["machine"]
+    L = [f"# solar-merge benchmarks", "",
+         f"Run {m['date']} on {m['host_cores']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM; "
+         f"Python {m['python']}, torch {m['torch']}, mergekit {m['mergekit']}, transformers "
+         f"{m['transformers']}, trl {m['trl']}, safetensors {m['safetensors']}, solar-merge "
+         f"{m['solar-merge']} (git {m['git_commit']}). Peak RSS via {m['rss_tool']}.",
+         f"Command: `{results['command']}`. Medians of the runs shown in `n`; ratios are "
+         "ours / theirs from the same run. `sync` before every timed process (not timed); "
+         "no sync inside any timed command (merges and `cp` alike).", ""]
+    d = results.get("dus")
+    rs = results.get("real", {})
+    if d or rs:
+        L += ["## Depth up-scaling (whole processes)", "",
+              "| case | n | ours s | stock s | cp floor s | ours/stock time | ours/floor | "
+              "stock/floor | ours RSS MB | stock RSS MB | ours/stock RSS | output GB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        cases = []
+        if d:
+            cases.append(("SmolLM2-135M fp32, 30→44 layers (m=8)", d))
+        if rs.get("default"):
+            cases.append(("Mistral-7B-shape bf16, 32→48 layers (m=8), default options",
+                          rs["default"]))
+        if rs.get("tuned"):
+            cases.append((f"Mistral-7B-shape, `{rs['tuned']['options']}`", rs["tuned"]))
+        for label, r in cases:
+            L.append(f"| {label} | {r['ours']['n']} | {f1(r['ours']['wall_s'])} | "
+                     f"{f1(r['stock']['wall_s'])} | {f1(r['floor_cp']['wall_s'])} | "
+                     f"{f2(r['ratio_ours_stock_wall'])} | {f2(r['ratio_ours_floor'])} | "
+                     f"{f2(r['ratio_stock_floor'])} | {r['ours']['peak_rss_mb']:.0f} | "
+                     f"{r['stock']['peak_rss_mb']:.0f} | {f2(r['ratio_ours_stock_rss'])} | "
+                     f"{r['out_bytes'] / 1e9:.2f} |")
+        L += ["", "Commands: ours `solar-merge dus MODEL --drop 8 --run OUT` (tuned: "
+              "`solar-merge yaml dus.yaml OUT OPTIONS`); stock `mergekit-yaml dus.yaml OUT "
+              "--clone-tensors --copy-tokenizer [OPTIONS]` on the config from "
+              "`solar-merge dus MODEL --drop 8 -o dus.yaml`; floor `cp -r OUT COPY`.", ""]
+    mg, kn = results.get("merge"), results.get("kernel")
+    if mg or kn:
+        L += ["## Merge methods: ours vs mergekit built-ins (target ours ≤ 1.05× theirs)", "",
+              "| pair | process: ours s | theirs s | ratio | | RSS ours MB | theirs MB | ratio "
+              "| kernel-only: ours s | theirs s | ratio | |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for ours, theirs in PAIRS:
+            row = f"| {ours} vs {theirs} |"
+            if mg:
+                rw = mg[f"ratio_{ours}_{theirs}_wall"]
+                row += (f" {f2(mg[ours]['wall_s'])} | {f2(mg[theirs]['wall_s'])} | {f2(rw)} | "
+                        f"{verdict(rw, 1.05)} | {mg[ours]['peak_rss_mb']:.0f} | "
+                        f"{mg[theirs]['peak_rss_mb']:.0f} | "
+                        f"{f2(mg[f'ratio_{ours}_{theirs}_rss'])} |")
+            else:
+                row += " — | — | — | | — | — | — |"
+            if kn:
+                rk = kn[f"ratio_{ours}_{theirs}_wall"]
+                row += (f" {kn[ours]['wall_s']:.3f} | {kn[theirs]['wall_s']:.3f} | {f2(rk)} | "
+                        f"{verdict(rk, 1.05)} |")
+            else:
+                row += " — | — | — | |"
+            L.append(row)
+        L += ["", "Process: `solar-merge yaml CFG OUT` for all four (same front end), two "
+              "SmolLM2-135M fp32 models (the embedded one and a noisy copy), dtype float32. "
+              f"Kernel-only: `mergekit.merge_methods.merge_tensors` over all "
+              f"{kn['tensors'] if kn else '?'} tensors "
+              f"({kn['params'] / 1e6:.0f}M params) of the same two models in one process, "
+              f"{kn['torch_threads'] if kn else '?'} torch threads." if kn else "", ""]
+    t = results.get("train")
+    if t:
+        L += ["## Training: cpt stage through our wrapper vs TRL directly (target ≥ 0.95)", "",
+              f"Setup: {t['setup']}.", ""]
+        if isinstance(t.get("ours"), dict):
+            o, dd = t["ours"], t["direct"]
+            L += ["| | n | tokens/s (all steps) | tokens/s (steps 2–N) | loop s | process s | "
+                  "peak RSS MB |", "|---|---|---|---|---|---|---|",
+                  f"| ours `solar_merge.stages.train` | {o['n']} | {o['tokens_per_s']:.0f} | "
+                  f"{o['tokens_per_s_warm']:.0f} | {o['loop_s']:.1f} | {o['wall_s']:.1f} | "
+                  f"{o['peak_rss_mb']:.0f} |",
+                  f"| TRL `SFTTrainer` directly | {dd['n']} | {dd['tokens_per_s']:.0f} | "
+                  f"{dd['tokens_per_s_warm']:.0f} | {dd['loop_s']:.1f} | {dd['wall_s']:.1f} | "
+                  f"{dd['peak_rss_mb']:.0f} |",
+                  f"| **ratio ours/direct** | | **{t['ratio_tokens_per_s']:.3f}** "
+                  f"{verdict(t['ratio_tokens_per_s'], 0.95, True)} | "
+                  f"{t['ratio_tokens_per_s_warm']:.3f} | | {t['ratio_process_wall']:.2f} | |", ""]
+        else:
+            dd = t["direct"]
+            L += [f"Ours: {t['ours']}. Direct TRL: {dd['tokens_per_s']:.0f} tokens/s.", ""]
+    errors = {k: v for k, v in results.items() if k.endswith("_error")}
+    if errors:
+        L += ["## Sections that failed", ""]
+        L += [f"- `{k[:-6]}`: {str(v).strip().splitlines()[-1][:300]}" for k, v in errors.items()]
+        L.append("")
+    dm = results.get("demo")
+    if dm:
+        L += ["## Demo (whole process)", ""]
+        if dm.get("status"):
+            L += [f"`solar-merge demo`: {dm['status']}.", ""]
+        else:
+            L += ["| command | n | wall s | peak RSS MB |", "|---|---|---|---|"]
+            for label in ("demo --quick", "demo"):
+                r = dm.get(label)
+                if r is None:
+                    continue
+                if "status" in r:
+                    L.append(f"| `solar-merge {label}` | | {r['status'][:200]} | |")
+                else:
+                    L.append(f"| `solar-merge {label}` | {r['n']} | {r['wall_s']:.1f} | "
+                             f"{r['peak_rss_mb']:.0f} |")
+            L.append("")
+    runs = results.get("sections_run") or {}
+    if runs:
+        L += ["## When each section ran", "",
+              "| section | started (UTC) | command | seconds | repeats | load avg 1 min before/after |",
+              "|---|---|---|---|---|---|"]
+        for name, r in runs.items():
+            L.append(f"| {name} | {r.get('at')} | `{r.get('command', '')}` | "
+                     f"{r.get('seconds', 0):.0f} | {r.get('repeats')} | "
+                     f"{r.get('loadavg_1m_before_after')} |")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="1 repeat, 3 training steps, demo --quick only")
+    ap.add_argument("--real-scale", action="store_true",
+                    help="also the Mistral-7B-shaped DUS (~15 GB fixture, ~22 GB outputs)")
+    ap.add_argument("--no-tuned", action="store_true",
+                    help="real scale: skip the run with mergekit performance options")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="runs per measurement (default 3; real scale 1)")
+    ap.add_argument("--only", nargs="+", choices=["dus", "merge", "kernel", "train", "demo",
+                                                  "real"],
+                    help="run only these sections; others are kept from results.json")
+    ap.add_argument("--render", action="store_true",
+                    help="only re-write results.md from results.json")
+    a = ap.parse_args()
+    if a.render:
+        RESULTS_MD.write_text(render(json.loads(RESULTS_JSON.read_text())))
+        print(RESULTS_MD.read_text())
+        return
+    repeats = a.repeats or (1 if a.quick else 3)
+    real_repeats = a.repeats or 1
+    sections = a.only or ["dus", "merge", "kernel", "train", "demo"] + (
+        ["real"] if a.real_scale else [])
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    results = {}
+    if not a.only:
+        RESULTS_JSON.unlink(missing_ok=True)  # a full run starts from scratch
+    results["machine"] = machine()
+    results["command"] = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    results.setdefault("sections_run", {})
+
+    touched = {"machine", "command"}
+
+    def save():
+        # Merge into what is on disk, so that runs of other sections (even concurrent ones)
+        # keep their results.
+        merged = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+        runs = {**merged.get("sections_run", {}), **results["sections_run"]}
+        for k in touched:
+            if k in results:
+                merged[k] = results[k]
+            else:
+                merged.pop(k, None)
+        merged["sections_run"] = runs
+        RESULTS_JSON.write_text(json.dumps(merged, indent=2, default=str))
+        RESULTS_MD.write_text(render(merged))
+
+    small = None
+    if {"dus", "merge", "kernel", "train"} & set(sections):
+        log("fixtures: SmolLM2 fp32 and a perturbed copy")
+        small = fixtures.smollm2()
+        other = fixtures.perturbed(small)
+        results["fixtures"] = {"smollm2": str(small), "perturbed": str(other)}
+        touched.add("fixtures")
+    steps = 3 if a.quick else 10
+    plan = {"dus": lambda: section_dus(small, repeats),
+            "kernel": lambda: section_kernel(small, other, repeats),
+            "train": lambda: section_train(small, repeats, steps),
+            "merge": lambda: section_merge(small, other, repeats),
+            "demo": lambda: section_demo(repeats, a.quick),
+            "real": lambda: section_real(real_repeats, not a.no_tuned)}
+    for name in plan:
+        if name not in sections:
+            continue
+        log(f"== {name}")
+        touched.update({name, name + "_error"})
+        load_before = os.getloadavg()
+        t0 = time.perf_counter()
+        try:
+            results[name] = plan[name]()
+        except Exception as e:  # noqa: BLE001 - record it, go on with the other sections
+            log(f"{name} failed: {e}")
+            results[name + "_error"] = str(e)[-2000:]
+        else:
+            results.pop(name + "_error", None)
+        results["sections_run"][name] = {"at": results["machine"]["date"],
+                                         "command": results["command"],
+                                         "seconds": time.perf_counter() - t0,
+                                         "loadavg_1m_before_after": [round(load_before[0], 1),
+                                                                     round(os.getloadavg()[0], 1)],
+                                         "repeats": real_repeats if name == "real" else repeats}
+        save()
+    save()
+    print(RESULTS_MD.read_text())
+
+
+if __name__ == "__main__":
+    main()

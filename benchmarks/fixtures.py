@@ -17,7 +17,6 @@ CACHE = Path(__file__).resolve().parent / "cache"
 
 def mistral_7b_shape(folder: Path | None = None, shard_bytes: int = 5 * 10**9) -> Path:
     import torch
-    from safetensors.torch import save_file
     from transformers import MistralConfig
 
     folder = Path(folder or CACHE / "mistral-7b-shape")

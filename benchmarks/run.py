@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import fixtures  # noqa: E402
+import fixtures
 
 RESULTS_JSON = HERE / "results.json"
 RESULTS_MD = HERE / "results.md"
@@ -52,13 +52,13 @@ def run_measured(cmd, *, cwd=None, env=None, log_name="cmd"):
         full = [TIME, "-v"] + [str(c) for c in cmd]
     else:  # fresh python per run: RUSAGE_CHILDREN of that python is the command's peak RSS
         full = [sys.executable, "-c",
-                "import resource,subprocess,sys;r=subprocess.run(sys.argv[1:]).returncode;"
+                ("import resource,subprocess,sys;r=subprocess.run(sys.argv[1:]).returncode;"
                 "print('Maximum resident set size (kbytes): %d'%resource.getrusage("
-                "resource.RUSAGE_CHILDREN).ru_maxrss,file=sys.stderr);sys.exit(r)"
+                "resource.RUSAGE_CHILDREN).ru_maxrss,file=sys.stderr);sys.exit(r)")
                 ] + [str(c) for c in cmd]
     t0 = time.perf_counter()
     with open(logfile, "w") as f:
-        proc = subprocess.run(full, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(full, check=False, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     text = logfile.read_text(errors="replace")
     if proc.returncode != 0:
@@ -118,7 +118,7 @@ def machine():
     ram_kb = int(re.search(r"MemTotal:\s+(\d+)", mem).group(1))
     cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=HERE,
                                 capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = None
@@ -182,7 +182,7 @@ def dus_pair(model: Path, drop: int, repeats: int, tag: str, extra_opts=(), ours
     res["out_bytes"] = out_bytes
     res["commands"] = {"ours": " ".join(map(str, ours_cmd)),
                        "stock": " ".join(map(str, stock_cmd)),
-                       "floor": f"cp -r OUT COPY (no sync inside; `sync` before every timed run)"}
+                       "floor": "cp -r OUT COPY (no sync inside; `sync` before every timed run)"}
     o, s, f = res["ours"]["wall_s"], res["stock"]["wall_s"], res["floor_cp"]["wall_s"]
     res["ratio_ours_stock_wall"] = o / s
     res["ratio_ours_stock_rss"] = res["ours"]["peak_rss_mb"] / res["stock"]["peak_rss_mb"]
@@ -233,7 +233,7 @@ def section_merge(a, b, repeats):
     work.mkdir(parents=True)
     samples = {m: [] for pair in PAIRS for m in pair}
     for r in range(repeats):
-        for method in samples:  # interleaved, so drift hits all four alike
+        for method in list(samples):  # interleaved, so drift hits all four alike
             cfg = work / f"{method}.yaml"
             cfg.write_text(yaml.safe_dump(merge_config(method, a, b), sort_keys=False))
             out = work / f"out-{method}"
@@ -258,10 +258,10 @@ def section_merge(a, b, repeats):
 def section_kernel(a, b, repeats):
     """In-process, kernel only: merge_tensors over every tensor of the two models."""
     import torch
+    from mergekit.merge_methods import merge_tensors
     from safetensors.torch import load_file
 
     import solar_merge  # noqa: F401 - registers our methods
-    from mergekit.merge_methods import merge_tensors
 
     torch.set_num_threads(os.cpu_count() or 1)
     sa, sb = {}, {}
@@ -416,7 +416,8 @@ def section_train(model, repeats, steps=10):
 # -- 5: demo ---------------------------------------------------------------------------------
 
 def section_demo(repeats, quick_only):
-    h = subprocess.run([tool("solar-merge"), "demo", "--help"], capture_output=True, text=True)
+    h = subprocess.run([tool("solar-merge"), "demo", "--help"], check=False,
+                       capture_output=True, text=True)
     if h.returncode != 0:
         return {"status": "not available yet", "help_output": (h.stdout + h.stderr)[-500:]}
     res = {"help": h.stdout}
@@ -464,20 +465,20 @@ def verdict(ratio, target, higher_is_better=False):
 
 def render(results) -> str:
     m = results["machine"]
-    L = [f"# solar-merge benchmarks", "",
-         f"Run {m['date']} on {m['host_cores']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM; "
+    L = ["# solar-merge benchmarks", "",
+         (f"Run {m['date']} on {m['host_cores']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM; "
          f"Python {m['python']}, torch {m['torch']}, mergekit {m['mergekit']}, transformers "
          f"{m['transformers']}, trl {m['trl']}, safetensors {m['safetensors']}, solar-merge "
-         f"{m['solar-merge']} (git {m['git_commit']}). Peak RSS via {m['rss_tool']}.",
-         f"Command: `{results['command']}`. Medians of the runs shown in `n`; ratios are "
+         f"{m['solar-merge']} (git {m['git_commit']}). Peak RSS via {m['rss_tool']}."),
+         (f"Command: `{results['command']}`. Medians of the runs shown in `n`; ratios are "
          "ours / theirs from the same run. `sync` before every timed process (not timed); "
-         "no sync inside any timed command (merges and `cp` alike).", ""]
+         "no sync inside any timed command (merges and `cp` alike)."), ""]
     d = results.get("dus")
     rs = results.get("real", {})
     if d or rs:
         L += ["## Depth up-scaling (whole processes)", "",
-              "| case | n | ours s | stock s | cp floor s | ours/stock time | ours/floor | "
-              "stock/floor | ours RSS MB | stock RSS MB | ours/stock RSS | output GB |",
+              ("| case | n | ours s | stock s | cp floor s | ours/stock time | ours/floor | "
+              "stock/floor | ours RSS MB | stock RSS MB | ours/stock RSS | output GB |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         cases = []
         if d:
@@ -494,15 +495,15 @@ def render(results) -> str:
                      f"{f2(r['ratio_stock_floor'])} | {r['ours']['peak_rss_mb']:.0f} | "
                      f"{r['stock']['peak_rss_mb']:.0f} | {f2(r['ratio_ours_stock_rss'])} | "
                      f"{r['out_bytes'] / 1e9:.2f} |")
-        L += ["", "Commands: ours `solar-merge dus MODEL --drop 8 --run OUT` (tuned: "
+        L += ["", ("Commands: ours `solar-merge dus MODEL --drop 8 --run OUT` (tuned: "
               "`solar-merge yaml dus.yaml OUT OPTIONS`); stock `mergekit-yaml dus.yaml OUT "
               "--clone-tensors --copy-tokenizer [OPTIONS]` on the config from "
-              "`solar-merge dus MODEL --drop 8 -o dus.yaml`; floor `cp -r OUT COPY`.", ""]
+              "`solar-merge dus MODEL --drop 8 -o dus.yaml`; floor `cp -r OUT COPY`."), ""]
     mg, kn = results.get("merge"), results.get("kernel")
     if mg or kn:
         L += ["## Merge methods: ours vs mergekit built-ins (target ours ≤ 1.05× theirs)", "",
-              "| pair | process: ours s | theirs s | ratio | | RSS ours MB | theirs MB | ratio "
-              "| kernel-only: ours s | theirs s | ratio | |",
+              ("| pair | process: ours s | theirs s | ratio | | RSS ours MB | theirs MB | ratio "
+              "| kernel-only: ours s | theirs s | ratio | |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for ours, theirs in PAIRS:
             row = f"| {ours} vs {theirs} |"
@@ -533,17 +534,17 @@ def render(results) -> str:
               f"Setup: {t['setup']}.", ""]
         if isinstance(t.get("ours"), dict):
             o, dd = t["ours"], t["direct"]
-            L += ["| | n | tokens/s (all steps) | tokens/s (steps 2–N) | loop s | process s | "
-                  "peak RSS MB |", "|---|---|---|---|---|---|---|",
-                  f"| ours `solar_merge.stages.train` | {o['n']} | {o['tokens_per_s']:.0f} | "
+            L += [("| | n | tokens/s (all steps) | tokens/s (steps 2–N) | loop s | process s | "
+                  "peak RSS MB |"), "|---|---|---|---|---|---|---|",
+                  (f"| ours `solar_merge.stages.train` | {o['n']} | {o['tokens_per_s']:.0f} | "
                   f"{o['tokens_per_s_warm']:.0f} | {o['loop_s']:.1f} | {o['wall_s']:.1f} | "
-                  f"{o['peak_rss_mb']:.0f} |",
-                  f"| TRL `SFTTrainer` directly | {dd['n']} | {dd['tokens_per_s']:.0f} | "
+                  f"{o['peak_rss_mb']:.0f} |"),
+                  (f"| TRL `SFTTrainer` directly | {dd['n']} | {dd['tokens_per_s']:.0f} | "
                   f"{dd['tokens_per_s_warm']:.0f} | {dd['loop_s']:.1f} | {dd['wall_s']:.1f} | "
-                  f"{dd['peak_rss_mb']:.0f} |",
-                  f"| **ratio ours/direct** | | **{t['ratio_tokens_per_s']:.3f}** "
+                  f"{dd['peak_rss_mb']:.0f} |"),
+                  (f"| **ratio ours/direct** | | **{t['ratio_tokens_per_s']:.3f}** "
                   f"{verdict(t['ratio_tokens_per_s'], 0.95, True)} | "
-                  f"{t['ratio_tokens_per_s_warm']:.3f} | | {t['ratio_process_wall']:.2f} | |", ""]
+                  f"{t['ratio_tokens_per_s_warm']:.3f} | | {t['ratio_process_wall']:.2f} | |"), ""]
         else:
             dd = t["direct"]
             L += [f"Ours: {t['ours']}. Direct TRL: {dd['tokens_per_s']:.0f} tokens/s.", ""]
@@ -644,7 +645,7 @@ def main():
             "merge": lambda: section_merge(small, other, repeats),
             "demo": lambda: section_demo(repeats, a.quick),
             "real": lambda: section_real(real_repeats, not a.no_tuned)}
-    for name in plan:
+    for name in list(plan):
         if name not in sections:
             continue
         log(f"== {name}")

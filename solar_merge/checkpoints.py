@@ -70,7 +70,7 @@ def read_config(model: str, base_dir=None, *, field: str = "model") -> dict:
             from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(model, "config.json"))
-        except Exception as e:  # offline, gated, or missing: all are the user's to fix
+        except Exception as e:  # noqa: BLE001 - offline, gated, missing: the user's to fix
             raise UserError(f"{field}: cannot read config.json of Hub model `{model}` "
                             f"({type(e).__name__})",
                             fix="check the id and that you are online (or use a local copy)"
@@ -111,6 +111,21 @@ def require_safetensors(folder: Path, *, allow_pickle: bool = False) -> None:
                             "trust the source")
     raise UserError(f"{folder} has no *.safetensors weights",
                     fix="point to a folder saved with save_pretrained()")
+
+
+def remote_code_error(model, e: Exception) -> UserError | None:
+    """A clear refusal when transformers/mergekit would need the model's own Python code."""
+    text = str(e)
+    if "trust_remote_code" not in text and "custom code" not in text:
+        return None
+    if model is None:  # name the model from transformers' message when the caller cannot
+        found = re.search(r"repository (\S+) (?:contains|references)", text)
+        model = found.group(1) if found else "a model"
+    return UserError(f"{model} needs custom Python code shipped with the model (config.json "
+                     "`auto_map`) to load; solar-merge never runs such code by default",
+                     fix="use a model whose architecture transformers supports natively; if "
+                         "you trust the code, opt in explicitly (merges: --trust-remote-code, "
+                         "training: args.model_init_kwargs.trust_remote_code: true)")
 
 
 def _text_config(config: dict) -> dict:

@@ -25,7 +25,7 @@ class _Group(click.Group):
             raise
         except (click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
-        except Exception as e:  # noqa: BLE001 - last line of defence, see below
+        except Exception as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             error = _as_user_error(e)

@@ -618,11 +618,13 @@ RECIPE = Path(__file__).resolve().parents[1] / "training" / "smollm2_demo.yaml"
 
 # --quick: the same pipeline with fewer steps and smaller evaluations (about 5 minutes).
 QUICK_OVERRIDES = [
-    "stages.cpt.train.args.max_steps=6",
-    "stages.sft_python.train.datasets.1.max_samples=8",
-    "stages.eval_text.eval.models=[smollm2-135m-instruct, repeat, dus, cpt, sft_avg, final]",
+    "stages.cpt.train.args.max_steps=4",
+    "stages.sft_python.train.datasets.0.max_samples=8",
+    "stages.sft_python.train.datasets.1.max_samples=4",
+    "stages.sft_math.train.datasets.0.max_samples=8",
+    "stages.eval_text.eval.models=[smollm2-135m-instruct, repeat, dus, cpt, final]",
     "stages.eval_text.eval.perplexity.max_chunks=2",
-    "stages.eval_chat.eval.models=[smollm2-135m-instruct, sft_math, sft_avg, final]",
+    "stages.eval_chat.eval.models=[smollm2-135m-instruct, sft_avg, final]",
     "stages.eval_chat.eval.answer_loss.limit=8",
     "stages.eval_chat.eval.math_exact_match.limit=8",
     "stages.eval_chat.eval.math_exact_match.max_new_tokens=48",
@@ -654,10 +656,13 @@ def run_demo(out_dir=None, *, quick: bool = False, overrides=()) -> Path:
     command = "solar-merge demo" + (" --quick" if quick else "")
     overrides = [*(QUICK_OVERRIDES if quick else []), *overrides]
     result = recipe.run(str(recipe_file), overrides=overrides)
-    table = {}
-    for stage in ("eval_text", "eval_chat"):
-        for model_name, values in result.metrics.get(stage, {}).items():
-            table.setdefault(model_name, {}).update(values)
-    table = {("base (SmolLM2-135M-Instruct)" if k == EMBEDDED_NAME else k): v
-             for k, v in table.items()}
+    merged = {}
+    for metrics in result.metrics.values():
+        for model_name, values in metrics.items():
+            merged.setdefault(model_name, {}).update(values)
+    import yaml  # rows in pipeline order: the base model, then the recipe's stages
+
+    order = [EMBEDDED_NAME, *yaml.safe_load(recipe_file.read_text())["stages"]]
+    table = {("base (SmolLM2-135M-Instruct)" if k == EMBEDDED_NAME else k): merged[k]
+             for k in sorted(merged, key=lambda k: order.index(k) if k in order else len(order))}
     return report(table, out, cpt_curve=out / "cpt" / "loss.jsonl", command=command)

@@ -129,7 +129,11 @@ def load_model(model_dir):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                      use_safetensors=True,
                                                      trust_remote_code=False)
-    except OSError as e:
+    except (OSError, ValueError) as e:
+        from solar_merge.checkpoints import remote_code_error
+
+        if remote_code_error(model_dir, e):
+            raise remote_code_error(model_dir, e) from None
         raise UserError(f"cannot load the model in {model_dir}: {str(e).splitlines()[0]}",
                         fix="evaluation needs safetensors weights and a tokenizer in the "
                             "folder") from None

@@ -37,7 +37,8 @@ def load_config(config, *, label: str = "merge config") -> dict:
                                     and config.endswith((".yaml", ".yml"))):
         path = Path(config)
         if not path.is_file():
-            raise UserError(f"{label} file {path} not found", fix="check the path")
+            what = "merge config" if label == str(config) else label
+            raise UserError(f"{what} file {path} not found", fix="check the path")
         label, config = str(path), path.read_text()
     if isinstance(config, str):
         try:
@@ -159,8 +160,10 @@ def check_config(config, base_dir=None, *, label: str = "merge config") -> dict:
     if c.problems:
         raise UserError(f"{label} has {len(c.problems)} problem(s):\n  - "
                         + "\n  - ".join(c.problems),
-                        fix="correct the fields named above (mergekit would have ignored "
-                            "unknown keys silently)")
+                        fix="correct the fields named above" + (
+                            " (mergekit would have ignored unknown keys silently)"
+                            if any("unknown key" in p or "has no parameter" in p
+                                   for p in c.problems) else ""))
     return config
 
 
@@ -289,7 +292,7 @@ def _output_layer_types(config: dict) -> list | None:
 
 
 @contextmanager
-def _mergekit_fixes(layer_types: list | None):
+def _mergekit_fixes(layer_types: list | None, inputs=()):
     """Two targeted patches of mergekit 0.1.5 (pinned), undone on exit:
 
     - it keeps the donor's `layer_types`, so transformers refuses to save config.json when the
@@ -315,6 +318,12 @@ def _mergekit_fixes(layer_types: list | None):
 
     def checked_save_tensor(self, name, tensor, *args, **kwargs):
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            source = _non_finite_input(inputs, name)
+            if source is not None:
+                raise UserError(f"input model {source} has NaN or Inf in tensor `{name}`, so "
+                                "the merged tensor would too",
+                                fix="fix or replace that model (re-save or re-train it); "
+                                    "merging cannot repair non-finite weights")
             raise UserError(
                 f"merged tensor `{name}` contains NaN or Inf",
                 fix="check the input models for NaN/Inf weights (and the merge weights: "
@@ -328,6 +337,21 @@ def _mergekit_fixes(layer_types: list | None):
     finally:
         mergekit.merge._model_out_config = out_config
         TensorWriter.save_tensor = save_tensor
+
+
+def _non_finite_input(inputs, name: str) -> str | None:
+    """The local input model whose tensor `name` holds NaN/Inf (only read on failure)."""
+    import torch
+    from safetensors import safe_open
+
+    for ref in inputs:
+        for file in sorted(Path(ref).glob("*.safetensors")) if Path(ref).is_dir() else ():
+            with safe_open(str(file), framework="pt") as f:
+                if name in set(f.keys()):
+                    tensor = f.get_tensor(name)
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        return ref
+    return None
 
 
 def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
@@ -366,10 +390,14 @@ def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
     merge_options = MergeOptions(**options)
     with atomic_output(out_dir, digest) as work:
         try:
-            with _mergekit_fixes(_output_layer_types(resolved)):
+            with _mergekit_fixes(_output_layer_types(resolved), _all_models(resolved)):
                 mergekit.merge.run_merge(merge_config, str(work), options=merge_options,
                                          config_source=source)
         except (ValueError, TypeError, RuntimeError) as e:
+            from solar_merge.checkpoints import remote_code_error
+
+            if remote_code_error(None, e):
+                raise remote_code_error(None, e) from e
             raise UserError(f"merge into {out_dir} failed: {e}",
                             fix="correct the config as the message says (--debug shows "
                                 "the traceback)") from e

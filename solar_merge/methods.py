@@ -3,9 +3,9 @@
 Imported only once mergekit is (see __init__.py); registration happens there.
 """
 
-import torch
-from typing_extensions import Annotated
+from typing import Annotated
 
+import torch
 from mergekit.merge_methods import (
     BasePolicy,
     BatchParameter,

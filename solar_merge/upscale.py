@@ -68,8 +68,8 @@ def describe(model: str, drop: int, info: ModelInfo) -> str:
     lines = [f"{model}: {n} layers -> {s} layers (drop m={drop} at the seam of each copy)",
              f"  output [0, {n - drop}) <- copy A layers [0, {n - drop})",
              f"  output [{n - drop}, {s}) <- copy B layers [{drop}, {n})",
-             f"  seam: output {n - drop - 1} (A{rows[n - drop - 1][2]}) -> output {n - drop} "
-             f"(B{rows[n - drop][2]})",
+             (f"  seam: output {n - drop - 1} (A{rows[n - drop - 1][2]}) -> output {n - drop} "
+             f"(B{rows[n - drop][2]})"),
              f"  parameters: {human(info.params)} -> {human(info.params_with_layers(s))}"]
     return "\n".join(lines)
 

@@ -13,6 +13,7 @@ CHAT_TEMPLATE = (
 def make_tokenizer(out: Path):
     """A byte-level BPE tokenizer (vocab 384) trained on Python's own reference text."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -39,10 +40,10 @@ def make_model(out: Path, arch: str = "llama", layers: int = 4, tied: bool = Tru
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=256, tie_word_embeddings=tied,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
+                  "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "max_position_embeddings": 256, "tie_word_embeddings": tied,
+                  "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     config = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch](**common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

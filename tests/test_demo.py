@@ -335,3 +335,19 @@ def test_report(tmp_path):
     demo.report(results, tmp_path / "rep2", cpt_curve=[(1, 3.0), (2, 2.5)])
     demo.report({"only": {"perplexity": 3.0}}, tmp_path / "rep3")
     assert (tmp_path / "rep3" / "report.png").is_file()
+
+
+def test_shipped_demo_recipe_plans_in_the_demo_layout(tiny_model, tmp_path):
+    """training/smollm2_demo.yaml, laid out as `solar-merge demo` lays it out, validates."""
+    from solar_merge import recipe
+    from solar_merge.demo import EMBEDDED_NAME, QUICK_OVERRIDES, RECIPE, demo_data
+
+    demo_data(tmp_path / "data", quick=True)
+    (tmp_path / EMBEDDED_NAME).symlink_to(tiny_model, target_is_directory=True)
+    (tmp_path / "recipe.yaml").write_text(RECIPE.read_text())
+    assert RECIPE.read_text().startswith("# solar-merge demo")
+    # The tiny model has 4 layers: drop 1 instead of SmolLM2's 8 of 30.
+    plan = recipe.plan(str(tmp_path / "recipe.yaml"),
+                       overrides=[*QUICK_OVERRIDES, "stages.dus.upscale.drop=1"])
+    names = plan.order
+    assert names.index("dus") < names.index("cpt") < names.index("final") < names.index("eval_chat")

@@ -18,10 +18,9 @@ CLI = [sys.executable, "-m", "solar_merge.cli"]
 
 def test_failure_leaves_nothing_complete(tmp_path):
     out = tmp_path / "x"
-    with pytest.raises(RuntimeError):
-        with atomic_output(out, "h1") as work:
-            (work / "weights").write_text("half")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_output(out, "h1") as work:
+        (work / "weights").write_text("half")
+        raise RuntimeError("crash")
     assert not out.exists() and not is_complete(partial_dir(out))
     with atomic_output(out, "h1") as work:  # the lock was released
         (work / "weights").write_text("full")
@@ -39,10 +38,9 @@ def test_replacing_an_older_result(tmp_path):
 
 def test_second_writer_is_refused_with_a_clear_message(tmp_path):
     out = tmp_path / "x"
-    with atomic_output(out, "h"):
-        with pytest.raises(UserError, match="being written by another solar-merge run"):
-            with atomic_output(out, "h"):
-                pass
+    with (atomic_output(out, "h"), pytest.raises(UserError, match="being written by another"),
+          atomic_output(out, "h")):
+        pass
 
 
 def test_config_hash_ignores_key_order():

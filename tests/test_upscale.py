@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,9 +124,10 @@ def test_cli_config_runs_with_stock_mergekit_yaml(tiny_model, tmp_path):
 
 
 def test_shipped_dus_yaml_is_solars():
-    cfg = yaml.safe_load(open("merge_configs/dus.yaml"))
+    text = Path("merge_configs/dus.yaml").read_text()
+    cfg = yaml.safe_load(text)
     assert cfg == dus_config("mistralai/Mistral-7B-v0.1", 8, n_layers=32, dtype="bfloat16")
-    assert open("merge_configs/dus.yaml").readline().startswith("# mergekit-yaml")
+    assert text.startswith("# mergekit-yaml")
 
 
 def test_cli_prints_map_and_params(tiny_model):

@@ -193,9 +193,13 @@ def to_dataset(records: list[dict]):
 def load_tokenizer(model: str, field: str = "model"):
     from transformers import AutoTokenizer
 
+    from solar_merge.checkpoints import remote_code_error
+
     try:
-        return AutoTokenizer.from_pretrained(model)
+        return AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - missing/broken tokenizer files are the user's to fix
+        if remote_code_error(model, e):
+            raise remote_code_error(model, e) from None
         raise UserError(f"{field}: cannot load a tokenizer from {model} ({type(e).__name__}: "
                         f"{str(e)[:200]})",
                         fix="save the tokenizer next to the model (--copy-tokenizer for "
@@ -210,9 +214,15 @@ def load_model(model: str, init_kwargs: dict | None = None, field: str = "model"
 
     kwargs = dict(init_kwargs or {})
     kwargs.setdefault("dtype", torch.float32)
+    kwargs.setdefault("trust_remote_code", False)  # opt in via args.model_init_kwargs
+    kwargs.setdefault("use_safetensors", True)  # never unpickle Hub .bin weights by default
     try:
         return AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except (OSError, ValueError) as e:
+        from solar_merge.checkpoints import remote_code_error
+
+        if remote_code_error(model, e):
+            raise remote_code_error(model, e) from None
         raise UserError(f"{field}: cannot load {model} ({type(e).__name__}: {str(e)[:200]})",
                         fix="point to a Hugging Face causal LM folder") from None
 
@@ -221,8 +231,8 @@ def check_same_vocab(model: str, tokenizer, ref: str, ref_tokenizer=None) -> Non
     """A reference model must score the same token ids as the policy."""
     from transformers import AutoConfig
 
-    a = AutoConfig.from_pretrained(model).get_text_config().vocab_size
-    b = AutoConfig.from_pretrained(ref).get_text_config().vocab_size
+    a = AutoConfig.from_pretrained(model, trust_remote_code=False).get_text_config().vocab_size
+    b = AutoConfig.from_pretrained(ref, trust_remote_code=False).get_text_config().vocab_size
     same_tok = ref_tokenizer is None or ref_tokenizer.get_vocab() == tokenizer.get_vocab()
     if a != b or not same_tok:
         what = (f"vocab_size {b} vs {a}" if a != b else "a different tokenizer vocabulary")
@@ -236,7 +246,7 @@ def ref_tokenizer_if_any(ref: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(ref)
+        return AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
     except Exception:  # noqa: BLE001 - a reference without tokenizer files uses the model's
         return None
 

@@ -68,29 +68,38 @@ def main(ctx, debug):
     ctx.obj = {"debug": debug}
 
 
-@main.command()
-@click.argument("model")
-@click.option("--drop", "-m", type=int, required=True,
-              help="Layers m dropped at the seam of each copy (SOLAR: 8 of 32).")
-@click.option("-o", "--output", "config_out", type=click.Path(dir_okay=False),
-              help="Write the mergekit config here (default: print it).")
-@click.option("--run", "run_out", type=click.Path(file_okay=False),
-              help="Also run the merge into this folder.")
-def dus(model, drop, config_out, run_out):
-    """Depth up-scale MODEL: a mergekit passthrough config with 2(n-m) layers."""
+_CONFIG_OUT = click.option("-o", "--output", "config_out", type=click.Path(dir_okay=False),
+                           help="Write the mergekit config here (default: print it).")
+_RUN_OUT = click.option("--run", "run_out", type=click.Path(file_okay=False),
+                        help="Also run the merge into this folder.")
+
+
+def _emit_config(text: str, config_out, run_out) -> None:
+    """Write the config to -o, else print it unless the merge is run right away."""
     from pathlib import Path
 
-    from solar_merge.checkpoints import model_info
-    from solar_merge.upscale import describe, dus_yaml, upscale
-
-    info = model_info(model)
-    text = dus_yaml(info.source, drop, info, out_name=Path(config_out or "dus.yaml").name)
-    click.echo(describe(model, drop, info), err=True)
     if config_out:
         Path(config_out).write_text(text)
         click.echo(f"wrote {config_out}", err=True)
     elif not run_out:
         click.echo(text)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--drop", "-m", type=int, required=True,
+              help="Layers m dropped at the seam of each copy (SOLAR: 8 of 32).")
+@_CONFIG_OUT
+@_RUN_OUT
+def dus(model, drop, config_out, run_out):
+    """Depth up-scale MODEL: a mergekit passthrough config with 2(n-m) layers."""
+    from solar_merge.checkpoints import model_info
+    from solar_merge.upscale import describe, dus_yaml, upscale
+
+    info = model_info(model)
+    click.echo(describe(model, drop, info), err=True)
+    _emit_config(dus_yaml(info.source, drop, info, out_name=config_out or "dus.yaml"),
+                 config_out, run_out)
     if run_out:
         click.echo(f"up-scaled model in {upscale(model, drop, run_out)}", err=True)
 
@@ -99,54 +108,22 @@ def dus(model, drop, config_out, run_out):
 @click.argument("model")
 @click.option("--every", type=int, required=True,
               help="Insert one zero-output block after every N layers (LLaMA Pro: 4).")
-@click.option("-o", "--output", "config_out", type=click.Path(dir_okay=False),
-              help="Write the mergekit config here (default: print it).")
-@click.option("--run", "run_out", type=click.Path(file_okay=False),
-              help="Also run the merge into this folder.")
+@_CONFIG_OUT
+@_RUN_OUT
 def expand(model, every, config_out, run_out):
     """LLaMA Pro block expansion of MODEL: new blocks that compute the identity until trained."""
-    from pathlib import Path
-
-    import yaml as pyyaml
-
     from solar_merge.checkpoints import model_info
     from solar_merge.upscale import expand as run_expand
-    from solar_merge.upscale import expand_config, new_block_layers
+    from solar_merge.upscale import expand_yaml, new_block_layers
 
     info = model_info(model)
     n = info.n_layers
-    config = expand_config(info.source, every, n_layers=n, dtype=info.dtype)
-    s = n + n // every
-    text = (f"# mergekit-yaml {Path(config_out or 'expand.yaml').name} OUT --copy-tokenizer "
-            f"--clone-tensors\n# LLaMA Pro block expansion of {model}: {n} -> {s} layers; new "
-            f"blocks (o_proj, down_proj zeroed) at {new_block_layers(n, every)}\n"
-            + pyyaml.safe_dump(config, sort_keys=False, default_flow_style=None))
-    click.echo(f"{model}: {n} -> {s} layers; train the new blocks "
+    text = expand_yaml(info.source, every, info, out_name=config_out or "expand.yaml")
+    click.echo(f"{model}: {n} -> {n + n // every} layers; train the new blocks "
                f"{new_block_layers(n, every)} (e.g. cpt trainable_layers)", err=True)
-    if config_out:
-        Path(config_out).write_text(text)
-    elif not run_out:
-        click.echo(text)
+    _emit_config(text, config_out, run_out)
     if run_out:
         click.echo(f"expanded model in {run_expand(model, every, run_out)}", err=True)
-
-
-@main.command()
-@click.option("--quick", is_flag=True, help="Fewer steps, smaller evaluations (~5 min).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False),
-              help="Output folder (default: runs/demo or runs/demo-quick).")
-@click.argument("overrides", nargs=-1)
-def demo(quick, out_dir, overrides):
-    """The main job: SOLAR's whole pipeline on the embedded SmolLM2-135M, offline.
-
-    DUS 30 -> 44 layers (and the naive 60-layer repeat), continued pretraining, two SFT
-    candidates merged by solar_average and solar_slerp, DPO and stepwise DPO, a final merge,
-    held-out evaluation of every stage, and a report (report.md, report.png). OVERRIDES are
-    recipe `key=value` settings, e.g. stages.cpt.train.args.max_steps=40.
-    """
-    from solar_merge.demo import run_demo
-
-    click.echo(f"report: {run_demo(out_dir, quick=quick, overrides=overrides)}")
 
 
 _FORWARD = {"ignore_unknown_options": True, "allow_interspersed_args": False}

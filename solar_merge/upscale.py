@@ -50,6 +50,7 @@ def dus_config(model: str, drop: int, *, n_layers: int, dtype: str | None = None
 
 def dus_yaml(model: str, drop: int, info: ModelInfo, *, out_name: str = "dus.yaml") -> str:
     """The config as YAML, opening with the command that runs it (stock mergekit works)."""
+    out_name = Path(out_name).name
     n = info.n_layers
     s = 2 * (n - drop)
     head = (f"# mergekit-yaml {out_name} OUT --copy-tokenizer   (or: solar-merge yaml {out_name} OUT)\n"
@@ -115,6 +116,17 @@ def expand_config(model: str, every: int, *, n_layers: int, dtype: str | None = 
     if dtype:
         config["dtype"] = dtype
     return config
+
+
+def expand_yaml(model: str, every: int, info: ModelInfo, *, out_name: str = "expand.yaml"
+                ) -> str:
+    """The expansion config as YAML, opening with the command that runs it."""
+    n = info.n_layers
+    config = expand_config(model, every, n_layers=n, dtype=info.dtype)
+    head = (f"# mergekit-yaml {Path(out_name).name} OUT --copy-tokenizer --clone-tensors\n"
+            f"# LLaMA Pro block expansion of {model}: {n} -> {n + n // every} layers; new "
+            f"blocks (o_proj, down_proj zeroed) at {new_block_layers(n, every)}\n")
+    return head + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
 
 
 def new_block_layers(n_layers: int, every: int) -> list[int]:

@@ -382,3 +382,17 @@ def plot_loss(log: Path, png: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
+
+
+def train_sft(resolved: dict, work, args, init_kwargs: dict, records, tokenizer,
+              stage: str) -> None:
+    """The part cpt and sft share: load, freeze, SFTTrainer, train (resumable), save."""
+    from trl import SFTTrainer
+
+    model = load_model(resolved["model"], init_kwargs)
+    freeze_except_layers(model, resolved.get("trainable_layers"))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(records),
+                         processing_class=tokenizer)
+    fit(trainer, work, {"stage": stage, "work": work, "model": resolved["model"],
+                        "ref_model": None, "step": None})
+    save_final(trainer, tokenizer, work)

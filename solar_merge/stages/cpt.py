@@ -10,8 +10,6 @@ from solar_merge.stages import common
 
 
 def run_stage(resolved: dict, work: Path) -> None:
-    from trl import SFTTrainer
-
     from solar_merge.data import to_text
 
     field = resolved["args"].get("dataset_text_field", "text")
@@ -19,10 +17,4 @@ def run_stage(resolved: dict, work: Path) -> None:
     records = common.load_stage_records(
         resolved, lambda r, fmt: {field: to_text(r, fmt, field)["text"]})
     tokenizer = common.load_tokenizer(resolved["model"])
-    model = common.load_model(resolved["model"], init_kwargs)
-    common.freeze_except_layers(model, resolved.get("trainable_layers"))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=common.to_dataset(records),
-                         processing_class=tokenizer)
-    common.fit(trainer, work, {"stage": "cpt", "work": work, "model": resolved["model"],
-                               "ref_model": None, "step": None})
-    common.save_final(trainer, tokenizer, work)
+    common.train_sft(resolved, work, args, init_kwargs, records, tokenizer, "cpt")

@@ -7,18 +7,10 @@ from solar_merge.stages import common
 
 
 def run_stage(resolved: dict, work: Path) -> None:
-    from trl import SFTTrainer
-
     from solar_merge.data import to_prompt_completion
 
     args, init_kwargs = common.trl_args(resolved, work, "SFTConfig")
     records = common.load_stage_records(resolved, to_prompt_completion)
     tokenizer = common.load_tokenizer(resolved["model"])
     records = common.unify_chat(records, ("prompt", "completion"), tokenizer, args, "sft")
-    model = common.load_model(resolved["model"], init_kwargs)
-    common.freeze_except_layers(model, resolved.get("trainable_layers"))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=common.to_dataset(records),
-                         processing_class=tokenizer)
-    common.fit(trainer, work, {"stage": "sft", "work": work, "model": resolved["model"],
-                               "ref_model": None, "step": None})
-    common.save_final(trainer, tokenizer, work)
+    common.train_sft(resolved, work, args, init_kwargs, records, tokenizer, "sft")

@@ -167,13 +167,15 @@ def check_config(config, base_dir=None, *, label: str = "merge config") -> dict:
     return config
 
 
-def _check_models(c: _Checker, where, models, allowed, method):
-    if models is None:
-        return
-    if not isinstance(models, list):
+def _listed(c: _Checker, where, value) -> list:
+    """`value` if it is a list; [] (with a problem noted unless it is absent) otherwise."""
+    if value is not None and not isinstance(value, list):
         c.problems.append(f"{where}: expected a list")
-        return
-    for i, entry in enumerate(models):
+    return value if isinstance(value, list) else []
+
+
+def _check_models(c: _Checker, where, models, allowed, method):
+    for i, entry in enumerate(_listed(c, where, models)):
         w = f"{where}[{i}]"
         if c.keys(w, entry, MODEL_KEYS):
             if "model" not in entry:
@@ -184,12 +186,7 @@ def _check_models(c: _Checker, where, models, allowed, method):
 
 
 def _check_slices(c: _Checker, where, slices, allowed, method):
-    if slices is None:
-        return
-    if not isinstance(slices, list):
-        c.problems.append(f"{where}: expected a list")
-        return
-    for i, out_slice in enumerate(slices):
+    for i, out_slice in enumerate(_listed(c, where, slices)):
         w = f"{where}[{i}]"
         if not c.keys(w, out_slice, SLICE_KEYS):
             continue

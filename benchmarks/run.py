@@ -135,8 +135,8 @@ def machine():
 
 # -- 1 & 2: DUS ------------------------------------------------------------------------------
 
-def dus_pair(model: Path, drop: int, repeats: int, tag: str, extra_opts=(), ours_via="dus"):
-    """Ours (`solar-merge dus --run`, or `solar-merge yaml` when options are given) vs stock
+def dus_pair(model: Path, drop: int, repeats: int, tag: str, extra_opts=()):
+    """Ours (`solar-merge dus --run OUT [mergekit options]`) vs stock
     `mergekit-yaml --clone-tensors --copy-tokenizer` on the config `solar-merge dus -o` writes;
     then the floor: `cp -r` of the output folder (same bytes, same disk, no sync)."""
     work = SCRATCH / tag
@@ -147,9 +147,7 @@ def dus_pair(model: Path, drop: int, repeats: int, tag: str, extra_opts=(), ours
                    check=True, capture_output=True)
     input_bytes = folder_bytes(model)
     out = work / "out"
-    ours_cmd = ([tool("solar-merge"), "dus", model, "--drop", drop, "--run", out]
-                if ours_via == "dus" else
-                [tool("solar-merge"), "yaml", cfg, out, *extra_opts])
+    ours_cmd = [tool("solar-merge"), "dus", model, "--drop", drop, "--run", out, *extra_opts]
     stock_cmd = [tool("mergekit-yaml"), cfg, out, "--clone-tensors", "--copy-tokenizer",
                  *extra_opts]
     rows = {"ours": [], "stock": [], "floor_cp": []}
@@ -206,7 +204,7 @@ def section_real(repeats, tuned: bool):
     res["default"] = dus_pair(model, 8, repeats, "dus-mistral")
     if tuned:
         opts = ["--out-shard-size", "1B", "-j", "2", "--async-write", "--write-threads", "2"]
-        res["tuned"] = dus_pair(model, 8, repeats, "dus-mistral-tuned", opts, ours_via="yaml")
+        res["tuned"] = dus_pair(model, 8, repeats, "dus-mistral-tuned", opts)
         res["tuned"]["options"] = " ".join(opts)
     return res
 
@@ -495,8 +493,8 @@ def render(results) -> str:
                      f"{f2(r['ratio_stock_floor'])} | {r['ours']['peak_rss_mb']:.0f} | "
                      f"{r['stock']['peak_rss_mb']:.0f} | {f2(r['ratio_ours_stock_rss'])} | "
                      f"{r['out_bytes'] / 1e9:.2f} |")
-        L += ["", ("Commands: ours `solar-merge dus MODEL --drop 8 --run OUT` (tuned: "
-              "`solar-merge yaml dus.yaml OUT OPTIONS`); stock `mergekit-yaml dus.yaml OUT "
+        L += ["", ("Commands: ours `solar-merge dus MODEL --drop 8 --run OUT [OPTIONS]`; "
+              "stock `mergekit-yaml dus.yaml OUT "
               "--clone-tensors --copy-tokenizer [OPTIONS]` on the config from "
               "`solar-merge dus MODEL --drop 8 -o dus.yaml`; floor `cp -r OUT COPY`."), ""]
     mg, kn = results.get("merge"), results.get("kernel")

@@ -71,7 +71,26 @@ def main(ctx, debug):
 _CONFIG_OUT = click.option("-o", "--output", "config_out", type=click.Path(dir_okay=False),
                            help="Write the mergekit config here (default: print it).")
 _RUN_OUT = click.option("--run", "run_out", type=click.Path(file_okay=False),
-                        help="Also run the merge into this folder.")
+                        help="Also run the merge into this folder; any mergekit-yaml option "
+                             "may follow (e.g. -j 2 --async-write --out-shard-size 1B).")
+# `dus`/`expand` pass options they do not know to mergekit's own parser (only with --run).
+_MERGEKIT_OPTIONS = click.argument("mergekit_args", nargs=-1, type=click.UNPROCESSED)
+_TAKES_MERGEKIT_OPTIONS = {"ignore_unknown_options": True}
+
+
+def _merge_options(ctx, mergekit_args, run_out) -> dict:
+    if not mergekit_args:
+        return {}
+    if not run_out:
+        raise UserError(f"{' '.join(mergekit_args)}: mergekit options only apply to a merge",
+                        fix="add --run OUT, or pass them to `solar-merge yaml CONFIG OUT`")
+    from solar_merge.merging import parse_merge_options
+
+    try:
+        return parse_merge_options(mergekit_args, prog=ctx.command_path)
+    except click.UsageError as e:
+        raise UserError(f"{ctx.command_path}: {e.format_message()}",
+                        fix="`solar-merge yaml --help` lists mergekit's options") from None
 
 
 def _emit_config(text: str, config_out, run_out) -> None:
@@ -85,37 +104,44 @@ def _emit_config(text: str, config_out, run_out) -> None:
         click.echo(text)
 
 
-@main.command()
+@main.command(context_settings=_TAKES_MERGEKIT_OPTIONS)
 @click.argument("model")
 @click.option("--drop", "-m", type=int, required=True,
               help="Layers m dropped at the seam of each copy (SOLAR: 8 of 32).")
 @_CONFIG_OUT
 @_RUN_OUT
-def dus(model, drop, config_out, run_out):
+@_MERGEKIT_OPTIONS
+@click.pass_context
+def dus(ctx, model, drop, config_out, run_out, mergekit_args):
     """Depth up-scale MODEL: a mergekit passthrough config with 2(n-m) layers."""
     from solar_merge.checkpoints import model_info
     from solar_merge.upscale import describe, dus_yaml, upscale
 
+    options = _merge_options(ctx, mergekit_args, run_out)
     info = model_info(model)
     click.echo(describe(model, drop, info), err=True)
     _emit_config(dus_yaml(info.source, drop, info, out_name=config_out or "dus.yaml"),
                  config_out, run_out)
     if run_out:
-        click.echo(f"up-scaled model in {upscale(model, drop, run_out)}", err=True)
+        click.echo(f"up-scaled model in {upscale(model, drop, run_out, options=options)}",
+                   err=True)
 
 
-@main.command()
+@main.command(context_settings=_TAKES_MERGEKIT_OPTIONS)
 @click.argument("model")
 @click.option("--every", type=int, required=True,
               help="Insert one zero-output block after every N layers (LLaMA Pro: 4).")
 @_CONFIG_OUT
 @_RUN_OUT
-def expand(model, every, config_out, run_out):
+@_MERGEKIT_OPTIONS
+@click.pass_context
+def expand(ctx, model, every, config_out, run_out, mergekit_args):
     """LLaMA Pro block expansion of MODEL: new blocks that compute the identity until trained."""
     from solar_merge.checkpoints import model_info
     from solar_merge.upscale import expand as run_expand
     from solar_merge.upscale import expand_yaml, new_block_layers
 
+    options = _merge_options(ctx, mergekit_args, run_out)
     info = model_info(model)
     n = info.n_layers
     text = expand_yaml(info.source, every, info, out_name=config_out or "expand.yaml")
@@ -123,7 +149,8 @@ def expand(model, every, config_out, run_out):
                f"{new_block_layers(n, every)} (e.g. cpt trainable_layers)", err=True)
     _emit_config(text, config_out, run_out)
     if run_out:
-        click.echo(f"expanded model in {run_expand(model, every, run_out)}", err=True)
+        click.echo(f"expanded model in {run_expand(model, every, run_out, options=options)}",
+                   err=True)
 
 
 _FORWARD = {"ignore_unknown_options": True, "allow_interspersed_args": False}

@@ -100,6 +100,23 @@ def test_nan_input_stops_the_merge_naming_the_tensor(tiny_model_factory, tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finite_check_finds_one_bad_element_anywhere(dtype, bad):
+    # The merge-time check is one min/max reduction (not isfinite); it must miss nothing.
+    import torch
+
+    from solar_merge.merging import _all_finite
+
+    for n in (1, 31, 4099):
+        assert _all_finite(torch.randn(n).to(getattr(torch, dtype)))
+        for position in (0, n // 2, n - 1):
+            t = torch.randn(n).to(getattr(torch, dtype))
+            t[position] = bad
+            assert not _all_finite(t), (n, position)
+    assert _all_finite(torch.empty(0, dtype=getattr(torch, dtype)))
+
+
 def test_pickle_only_checkpoint_is_refused(tiny_model_factory, tmp_path):
     import shutil
 

@@ -123,6 +123,35 @@ def test_cli_config_runs_with_stock_mergekit_yaml(tiny_model, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 6
 
 
+def test_run_takes_mergekit_performance_options(tiny_model, tmp_path):
+    runner = CliRunner()
+    plain, tuned = tmp_path / "plain", tmp_path / "tuned"
+    assert runner.invoke(main, ["dus", str(tiny_model), "-m", "1", "--run", str(plain)]
+                         ).exit_code == 0
+    result = runner.invoke(main, ["dus", str(tiny_model), "-m", "1", "--run", str(tuned),
+                                  "-j", "2", "--async-write", "--out-shard-size", "100K"])
+    assert result.exit_code == 0, result.output
+    shards = sorted(tuned.glob("model-*.safetensors"))
+    assert len(shards) > 1  # the shard size reached mergekit
+    merged = {}
+    for shard in shards:
+        merged.update(load_file(str(shard)))
+    expected = load_file(str(plain / "model.safetensors"))
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-j", "2"], "only apply to a merge"),                   # no --run
+    (["--run", "OUT", "--no-such-flag"], "No such option"),   # mergekit's parser names it
+])
+def test_mergekit_options_misuse(tiny_model, tmp_path, args, message):
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
+    result = CliRunner().invoke(main, ["dus", str(tiny_model), "-m", "1", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_shipped_dus_yaml_is_solars():
     text = Path("merge_configs/dus.yaml").read_text()
     cfg = yaml.safe_load(text)

@@ -85,7 +85,12 @@ def atomic_output(out_dir, resolved_hash: str, *, keep_partial: bool = False):
             shutil.rmtree(work)
         work.mkdir(exist_ok=True)
         crash_point("work-created")
-        yield work
+        try:
+            yield work
+        except BaseException:
+            if not keep_partial:  # nothing in it to resume from: leave no trace
+                shutil.rmtree(work, ignore_errors=True)
+            raise
         crash_point("before-marker")
         (work / MARKER).write_text(json.dumps({"config_hash": resolved_hash}) + "\n")
         if out_dir.exists():

@@ -21,7 +21,11 @@ def test_failure_leaves_nothing_complete(tmp_path):
     with pytest.raises(RuntimeError), atomic_output(out, "h1") as work:
         (work / "weights").write_text("half")
         raise RuntimeError("crash")
-    assert not out.exists() and not is_complete(partial_dir(out))
+    assert not out.exists() and not partial_dir(out).exists()  # nothing to resume: cleared
+    with pytest.raises(RuntimeError), atomic_output(out, "h1", keep_partial=True) as work:
+        (work / "checkpoint-1").mkdir()
+        raise RuntimeError("crash")
+    assert (partial_dir(out) / "checkpoint-1").is_dir() and not is_complete(partial_dir(out))
     with atomic_output(out, "h1") as work:  # the lock was released
         (work / "weights").write_text("full")
     assert is_complete(out, "h1") and not is_complete(out, "other")

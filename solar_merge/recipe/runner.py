@@ -1,0 +1,169 @@
+"""Running: stages in dependency order, each skipped when its output is complete and stamped
+with the same hash, else cleared of any other config's leftovers and run."""
+
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from solar_merge.errors import UserError
+from solar_merge.outputs import MARKER, atomic_output, is_complete, partial_dir
+from solar_merge.recipe.planner import Plan, StagePlan, plan
+
+STAMP = "recipe_stage.json"  # inside a finished stage folder: {"stage", "recipe_hash"}
+STATE = ".recipe_state.json"  # in the output root: stage -> hash of the config last started
+
+
+# -- running ---------------------------------------------------------------------------------
+
+Runner = Callable[[StagePlan], Any]
+
+
+def _run_upscale(st: StagePlan):
+    from solar_merge import upscale
+
+    c = st.config
+    if c["method"] == "dus":
+        return upscale.upscale(c["model"], c["drop"], st.out_dir, options=c["options"])
+    if c["method"] == "repeat":
+        return upscale.upscale(c["model"], 0, st.out_dir, options=c["options"],
+                               allow_repeat=True)
+    return upscale.expand(c["model"], c["every"], st.out_dir, options=c["options"])
+
+
+def _run_train(st: StagePlan):
+    from solar_merge.stages import train
+
+    return train(st.config, st.out_dir, base_dir=st.base_dir)
+
+
+def _run_merge(st: StagePlan):
+    from solar_merge.merging import merge
+
+    return merge(st.config["merge"], st.out_dir,
+                 options=st.config["options"], label=f"stages.{st.name}.merge")
+
+
+def _run_eval(st: StagePlan):
+    from solar_merge.evaluate import evaluate
+
+    results = {name: evaluate(path, st.config["spec"])
+               for name, path in st.config["models"].items()}
+    with atomic_output(st.out_dir, st.hash) as work:
+        (work / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+RUNNERS: dict[str, Runner] = {"upscale": _run_upscale, "train": _run_train,
+                              "merge": _run_merge, "eval": _run_eval}
+
+
+def stage_done(st: StagePlan) -> bool:
+    """Complete and stamped with this very config hash."""
+    if not is_complete(st.out_dir):
+        return False
+    try:
+        return json.loads((st.out_dir / STAMP).read_text())["recipe_hash"] == st.hash
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _state(out: Path) -> dict:
+    try:
+        return json.loads((out / STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _prepare(st: StagePlan, out: Path) -> None:
+    """Before (re-)running a stage: if its last start was for another config, nothing left of
+    that run may be taken for this one (the tools' own markers do not see upstream changes)."""
+    state = _state(out)
+    if state.get(st.name) != st.hash:
+        work = partial_dir(st.out_dir)
+        if work.exists():
+            shutil.rmtree(work)
+        (st.out_dir / MARKER).unlink(missing_ok=True)
+        (st.out_dir / STAMP).unlink(missing_ok=True)
+        state[st.name] = st.hash
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (STATE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        tmp.replace(out / STATE)
+
+
+@dataclass
+class RunResult:
+    out: Path
+    final: Path | None
+    ran: list[str]
+    skipped: list[str]
+    metrics: dict[str, dict]
+
+
+def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = None,
+        progress: bool = True, base_dir=None, card: bool = True) -> RunResult:
+    """Run a recipe: stages in dependency order, finished ones skipped (see the module doc).
+
+    `runners` replaces the function run for a kind (tests inject fakes). Returns which
+    stages ran and which were skipped, and every eval stage's metrics."""
+    p = source if isinstance(source, Plan) else plan(source, out, overrides, base_dir=base_dir)
+    runners = {**RUNNERS, **(runners or {})}
+    from tqdm.auto import tqdm
+
+    ran, skipped, metrics = [], [], {}
+    bar = tqdm(p.order, desc=p.name, unit="stage", disable=not progress, dynamic_ncols=True)
+    for name in bar:
+        st = p.stages[name]
+        bar.set_description(f"{p.name}: {name} ({st.kind})")
+        if stage_done(st):
+            skipped.append(name)
+        else:
+            _prepare(st, p.out)
+            runners[st.kind](st)
+            if not is_complete(st.out_dir):
+                raise UserError(f"stage {name} finished without a complete output in "
+                                f"{st.out_dir}", fix="re-run; report a bug if it persists")
+            (st.out_dir / STAMP).write_text(json.dumps({"stage": name,
+                                                        "recipe_hash": st.hash}) + "\n")
+            ran.append(name)
+        if st.kind == "eval":
+            metrics[name] = json.loads((st.out_dir / "metrics.json").read_text())
+    bar.close()
+    final = p.stages[p.final].out_dir if p.final else None
+    if card and final is not None:
+        _write_final_card(p, final, metrics)
+    return RunResult(p.out, final, ran, skipped, metrics)
+
+
+def _write_final_card(p: Plan, final: Path, metrics: dict) -> None:
+    source = (f"# solar-merge run recipe.yaml   (recipe `{p.name}`, overrides applied)\n"
+              + p.recipe_yaml)
+    if (final / "recipe.yaml").is_file() and (final / "recipe.yaml").read_text() == source:
+        return
+    try:
+        from solar_merge import hub
+    except ImportError:  # pragma: no cover
+        (final / "recipe.yaml").write_text(source)
+        return
+    lineage, bases, datasets = [], [], []
+    for name in p.order:
+        st = p.stages[name]
+        if st.kind == "eval":
+            continue
+        lineage.append({"stage": name, "kind": st.kind, "inputs": st.inputs})
+        bases += [i for i in st.inputs if i not in p.stages and i not in bases]
+        if st.kind == "train":
+            datasets += [d["path"] for d in st.config.get("datasets") or []
+                         if d["path"] not in datasets]
+    table = {}
+    for results in metrics.values():
+        for model, values in results.items():
+            table.setdefault(model, {}).update(values)
+    hub.write_card(final, kind="recipe", source_yaml=source, source_name="recipe.yaml",
+                   base_models=bases, lineage=lineage, datasets=datasets,
+                   eval_table=table or None, license=p.loaded.recipe.license if p.loaded
+                   else None, description=p.loaded.recipe.description if p.loaded else None)

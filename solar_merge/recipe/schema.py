@@ -1,0 +1,135 @@
+"""The recipe file: a strict pydantic schema, and loading from a file, an output folder, a URL
+or a Hub repo, with `dotted.key=value` overrides applied first."""
+
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from solar_merge.errors import UserError, did_you_mean
+
+KINDS = ("upscale", "train", "merge", "eval")
+
+
+# -- schema ----------------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UpscaleSpec(_Strict):
+    model: str
+    method: Literal["dus", "expand", "repeat"] = "dus"  # repeat: all 2n layers, a baseline
+    drop: int | None = Field(default=None, ge=0, description="DUS: layers m dropped per copy")
+    every: int | None = Field(default=None, ge=1, description="expand: a new block every N")
+    options: dict[str, Any] = Field(default_factory=dict)  # mergekit MergeOptions fields
+
+    @model_validator(mode="after")
+    def _method_fields(self):
+        if self.method == "dus" and (self.drop is None or self.every is not None):
+            raise ValueError("method dus needs `drop` (and no `every`)")
+        if self.method == "expand" and (self.every is None or self.drop is not None):
+            raise ValueError("method expand needs `every` (and no `drop`)")
+        if self.method == "repeat" and (self.every is not None or self.drop is not None):
+            raise ValueError("method repeat takes neither `drop` nor `every`")
+        return self
+
+
+class Stage(_Strict):
+    upscale: UpscaleSpec | None = None
+    train: dict[str, Any] | None = None  # a stage config (solar_merge.stages), minus `output`
+    merge: dict[str, Any] | None = None  # a mergekit config, or {file: ...} (+ overrides)
+    eval: dict[str, Any] | None = None   # {models: [...], <solar_merge.evaluate spec>}
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) is not None)
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        given = [k for k in KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a stage has exactly one of {', '.join(KINDS)}"
+                             + (f" (found {', '.join(given)})" if given else ""))
+        return self
+
+
+class Recipe(_Strict):
+    name: str = "recipe"
+    description: str | None = None
+    license: str | None = None
+    out: str | None = None
+    final: str | None = None
+    stages: dict[str, Stage] = Field(min_length=1)
+
+
+def _schema_error(e: ValidationError, label: str) -> UserError:
+    lines = []
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"]]
+        path = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            model = Recipe if len(loc) == 1 else Stage if len(loc) == 3 else UpscaleSpec
+            lines.append(f"{path}: unknown key{did_you_mean(loc[-1], model.model_fields)}; "
+                         f"allowed here: {', '.join(model.model_fields)}")
+        elif err["type"] == "missing":
+            lines.append(f"{path}: missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: {msg}" if path else msg)
+    return UserError(f"{label}: " + "\n  ".join(lines),
+                     fix="correct the keys named above (see training/solar_10.7b.yaml)")
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    data: dict          # the recipe mapping, overrides applied
+    recipe: Recipe
+    base_dir: Path      # relative paths resolve against it
+    label: str
+
+
+def load(source, overrides=(), *, base_dir=None) -> Loaded:
+    """A recipe from a file, an output folder, a URL or a Hub repo (hub.load_recipe_text),
+    or a mapping; `overrides` are `dotted.key=value` strings (values parsed as YAML)."""
+    if isinstance(source, dict):
+        data, label = copy.deepcopy(source), "recipe"
+        base = Path(base_dir or os.getcwd())
+    else:
+        path = Path(os.path.expanduser(str(source)))
+        if path.is_file():
+            text, label = path.read_text(), str(source)
+            base = path.absolute().parent
+        else:
+            try:
+                from solar_merge.hub import load_recipe_text
+            except ImportError:  # pragma: no cover - hub.py is optional for local files
+                raise UserError(f"recipe {source} not found", fix="check the path") from None
+            text, label = load_recipe_text(str(source))
+            base = Path(os.getcwd())  # a recipe from a folder, URL or Hub repo: paths are ours
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"{label} is not valid YAML: {e}",
+                            fix="fix the YAML syntax at the line shown") from None
+        if base_dir is not None:
+            base = Path(base_dir)
+    if not isinstance(data, dict):
+        raise UserError(f"{label} must be a mapping with `stages:`",
+                        fix="see training/solar_10.7b.yaml for an example")
+    if overrides:
+        from solar_merge.stages import apply_overrides
+
+        data = apply_overrides(data, overrides)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise _schema_error(e, label) from None
+    return Loaded(data, recipe, base.absolute(), label)

@@ -153,6 +153,24 @@ def expand(ctx, model, every, config_out, run_out, mergekit_args):
                    err=True)
 
 
+@main.command()
+@click.option("--quick", is_flag=True, help="Fewer steps, smaller evaluations (~5 min).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Output folder (default: runs/demo or runs/demo-quick).")
+@click.argument("overrides", nargs=-1)
+def demo(quick, out_dir, overrides):
+    """The main job: SOLAR's whole pipeline on the embedded SmolLM2-135M, offline.
+
+    DUS 30 -> 44 layers (and the naive 60-layer repeat), continued pretraining, two SFT
+    candidates merged by solar_average and solar_slerp, DPO and stepwise DPO, a final merge,
+    held-out evaluation of every stage, and a report (report.md, report.png). OVERRIDES are
+    recipe `key=value` settings, e.g. stages.cpt.train.args.max_steps=40.
+    """
+    from solar_merge.demo import run_demo
+
+    click.echo(f"report: {run_demo(out_dir, quick=quick, overrides=overrides)}")
+
+
 _FORWARD = {"ignore_unknown_options": True, "allow_interspersed_args": False}
 
 

@@ -67,7 +67,9 @@ class Spy:
 
     def runner(self, st):
         self.calls.append(st.name)
-        with atomic_output(st.out_dir, "tool-" + st.hash[:4]) as work:
+        # like the real tools: training keeps its partial folder (checkpoints) to resume
+        with atomic_output(st.out_dir, "tool-" + st.hash[:4],
+                           keep_partial=st.kind == "train") as work:
             (work / "config.json").write_text(json.dumps(st.config, default=str))
             if st.name == self.fail:
                 (work / "checkpoint-1").mkdir()

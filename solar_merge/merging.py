@@ -312,7 +312,12 @@ def _mergekit_fixes(layer_types: list | None, inputs=()):
                 target.max_window_layers = min(target.max_window_layers, len(layer_types))
         return cfg
 
-    def checked_save_tensor(self, name, tensor, *args, **kwargs):
+    def checked_save_tensor(self, name, tensor, clone: bool = False):
+        # Copy first (as mergekit would), then check the copy: checking first would read a
+        # lazily loaded (memory-mapped) tensor from disk once for the check, once to copy.
+        tensor = tensor.contiguous()
+        if clone:
+            tensor = tensor.clone()
         if not _all_finite(tensor):
             source = _non_finite_input(inputs, name)
             if source is not None:
@@ -324,7 +329,7 @@ def _mergekit_fixes(layer_types: list | None, inputs=()):
                 f"merged tensor `{name}` contains NaN or Inf",
                 fix="check the input models for NaN/Inf weights (and the merge weights: "
                     "e.g. normalize with weights summing to ~0)")
-        return save_tensor(self, name, tensor, *args, **kwargs)
+        return save_tensor(self, name, tensor)
 
     mergekit.merge._model_out_config = fixed_out_config
     TensorWriter.save_tensor = checked_save_tensor

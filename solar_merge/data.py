@@ -122,7 +122,7 @@ def detect_format(record: dict) -> str:
     keys = set(record)
     if "messages" in keys:
         return "messages"
-    if {"prompt", "chosen", "rejected"} <= keys:
+    if {"chosen", "rejected"} <= keys:  # the prompt may be implicit (inside both answers)
         return "preference"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
@@ -211,16 +211,23 @@ def to_text(record: dict, fmt: str = "auto", field: str = "text") -> dict:
 
 
 def to_preference(record: dict, fmt: str = "auto") -> dict:
-    """A preference record {prompt, chosen, rejected} (strings or message lists)."""
+    """A preference record {prompt?, chosen, rejected} (strings or message lists).
+
+    The prompt may be implicit, as in `trl-lib/ultrafeedback_binarized` (only chosen/rejected
+    conversations that share their first turns), or given twice, as in
+    `HuggingFaceH4/ultrafeedback_binarized` (a `prompt` string and conversations that already
+    start with it). The dpo stage resolves both with TRL's own `maybe_extract_prompt`, so the
+    prompt is trained on once; this function only checks and keeps the fields."""
     if fmt == "auto":
         fmt = "math_alignment" if set(MATH_KEYS) <= set(record) else "preference"
     if fmt == "math_alignment":
         return math_alignment_pairs([record])[0]
     if fmt != "preference":
         raise UserError(f"dpo takes preference records, not `{fmt}`",
-                        fix="use format: preference (prompt/chosen/rejected) or math_alignment")
-    _need(record, ("prompt", "chosen", "rejected"), "preference")
-    return {k: record[k] for k in ("prompt", "chosen", "rejected")}
+                        fix="use format: preference (prompt/chosen/rejected, or chosen/rejected "
+                            "conversations with the prompt inside) or math_alignment")
+    _need(record, ("chosen", "rejected"), "preference")
+    return {k: record[k] for k in ("prompt", "chosen", "rejected") if k in record}
 
 
 # -- the paper's math sets -----------------------------------------------------------------

@@ -43,6 +43,23 @@ def hooks(monkeypatch):
     return calls
 
 
+class _Stop(Exception):
+    """Raised by the `stopped` hook: the trainer is built (data tokenized), nothing trained."""
+
+
+@pytest.fixture
+def stopped(monkeypatch):
+    """Like `hooks`, but every stage stops right before trainer.train()."""
+    calls: list = []
+
+    def stop(trainer, info):
+        calls.append((trainer, info))
+        raise _Stop
+
+    monkeypatch.setattr(common, "TRAINER_HOOKS", [stop])
+    return calls
+
+
 def _text_file(tmp_path: Path) -> Path:
     from pydoc_data.topics import topics
 
@@ -208,6 +225,55 @@ def test_dpo_trains_against_explicit_reference(tmp_path, tiny_model_factory, hoo
     losses = _losses(out)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert _weights(out).keys() == _weights(model).keys()
+
+
+# HuggingFaceH4/ultrafeedback_binarized's layout: a prompt string, and conversations that
+# already start with it; trl-lib/ultrafeedback_binarized's: the conversations only.
+H4_PREFS = [{"prompt": f"What is {i} times 2?",
+             "chosen": [{"role": "user", "content": f"What is {i} times 2?"},
+                        {"role": "assistant", "content": f"{i} times 2 is {2 * i}."}],
+             "rejected": [{"role": "user", "content": f"What is {i} times 2?"},
+                          {"role": "assistant", "content": f"I do not know {i}."}]}
+            for i in range(4)]
+IMPLICIT_PREFS = [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in H4_PREFS]
+
+
+def test_dpo_takes_hub_layouts_as_trl_does(tmp_path, tiny_model, stopped):
+    """Both layouts tokenize exactly as TRL's own DPOTrainer tokenizes the implicit rows:
+    the prompt once (as context), the answers without it."""
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    ours = {}
+    for name, rows in (("h4", H4_PREFS), ("implicit", IMPLICIT_PREFS)):
+        data = _jsonl(tmp_path / f"{name}.jsonl", rows)
+        with pytest.raises(_Stop):
+            train({"stage": "dpo", "model": str(tiny_model), "datasets": [str(data)],
+                   "seq_len": 64, "args": {**FAST, "max_steps": 1}}, tmp_path / name)
+        ours[name] = stopped[-1][0].train_dataset
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), max_length=64, use_cpu=True,
+                     report_to="none", bf16=False)
+    theirs = DPOTrainer(model=_load(tiny_model), ref_model=_load(tiny_model), args=args,
+                        train_dataset=datasets.Dataset.from_list(IMPLICIT_PREFS),
+                        processing_class=tok).train_dataset
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    for name, dataset in ours.items():
+        for col in columns:
+            assert dataset[col] == theirs[col], (name, col)
+    text = tok.decode(theirs[0]["prompt_ids"] + theirs[0]["chosen_ids"])
+    assert text.count("What is 0 times 2?") == 1 and "0 times 2 is 0." in text
+
+
+def test_dpo_refuses_a_record_without_any_prompt(tmp_path, tiny_model, stopped):
+    rows = [{"chosen": [{"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "assistant", "content": "b"}]}]
+    data = _jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(UserError, match="record 0 has no prompt"):
+        train({"stage": "dpo", "model": str(tiny_model), "datasets": [str(data)],
+               "args": {**FAST, "max_steps": 1}}, tmp_path / "out")
+    assert stopped == []
 
 
 def _load(folder):

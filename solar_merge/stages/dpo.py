@@ -29,7 +29,7 @@ def run_stage(resolved: dict, work: Path) -> None:
     from solar_merge.data import to_preference
 
     common.trl_args(resolved, work, "DPOConfig")  # validate args before loading anything
-    records = common.load_stage_records(resolved, to_preference)
+    records = explicit_prompts(common.load_stage_records(resolved, to_preference))
     if resolved["stage"] == "dpo":
         train_once(resolved, work, resolved["model"], resolved["ref_model"], records, step=None)
         return
@@ -74,6 +74,26 @@ def run_stage(resolved: dict, work: Path) -> None:
     (work / "steps.json").write_text(json.dumps(rows_steps, indent=1) + "\n")
     if not resolved.get("keep_steps"):
         shutil.rmtree(work / "steps")
+
+
+def explicit_prompts(records: list[dict]) -> list[dict]:
+    """Every record as {prompt, chosen, rejected}, by TRL's own `maybe_extract_prompt`: an
+    implicit prompt (the turns chosen and rejected share) is moved out of the answers, and so
+    is a `prompt` string that the conversations repeat (HuggingFaceH4/ultrafeedback_binarized),
+    so that the prompt is scored once, as the answers' context."""
+    from trl.data_utils import maybe_extract_prompt
+
+    out = []
+    for n, record in enumerate(records):
+        extracted = maybe_extract_prompt(record)
+        if not extracted["prompt"]:
+            raise UserError(f"preference record {n} has no prompt: no `prompt` field that the "
+                            "answers do not already hold, and chosen/rejected share no leading "
+                            "turn to take it from",
+                            fix="give a `prompt`, or start both conversations with the same "
+                                "user turn")
+        out.append(extracted)
+    return out
 
 
 def split_chunks(records: list, k: int) -> list[list]:

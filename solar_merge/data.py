@@ -5,8 +5,12 @@ No torch here. Records are plain dicts; the stages turn lists of them into `data
 Formats (`to_prompt_completion`):
 - `alpaca`   {instruction, input?, output}            -> user: instruction [+ "\\n\\n" + input]
 - `openorca` {system_prompt?, question, response}     -> system (if non-empty), user: question
-- `messages` {messages: [{role, content}, ...]}       -> prompt: every message before the last
-                                                         assistant turn, completion: that turn
+- `messages` {messages: [{role, content}, ...]}       -> one assistant turn, the last message:
+                                                         prompt: the messages before it,
+                                                         completion: that turn; several
+                                                         assistant turns: {messages: [...]}
+                                                         (every assistant turn is trained, by
+                                                         TRL's assistant_only_loss)
 - `prompt_completion` {prompt, completion}            -> returned as is (strings stay strings,
                                                          message lists stay message lists)
 alpaca/openorca/messages come back in TRL's *conversational* prompt-completion form:
@@ -158,7 +162,8 @@ def _str(value, key: str) -> str:
 
 
 def to_prompt_completion(record: dict, fmt: str = "auto") -> dict:
-    """One QA record -> {"prompt": [...messages], "completion": [...messages]} (see module doc)."""
+    """One QA record -> {"prompt": [...messages], "completion": [...messages]}, or
+    {"messages": [...]} for a conversation with several assistant turns (see module doc)."""
     if fmt == "auto":
         fmt = detect_format(record)
     if fmt == "alpaca":
@@ -188,12 +193,14 @@ def to_prompt_completion(record: dict, fmt: str = "auto") -> dict:
                 isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise UserError("`messages` must be a list of {role, content} objects",
                             fix="check the chat records")
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None:
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not turns:
             raise UserError("a `messages` record has no assistant turn to train on",
                             fix="every chat record needs at least one assistant message")
-        return {"prompt": [{"role": m["role"], "content": m["content"]} for m in messages[:last]],
-                "completion": [{"role": "assistant", "content": messages[last]["content"]}]}
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if turns == [len(messages) - 1]:  # exactly prompt -> completion, any chat template
+            return {"prompt": plain[:-1], "completion": plain[-1:]}
+        return {"messages": plain}  # several assistant turns: each one is trained
     if fmt == "prompt_completion":
         _need(record, ("prompt", "completion"), fmt)
         return {"prompt": record["prompt"], "completion": record["completion"]}

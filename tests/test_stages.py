@@ -209,6 +209,58 @@ def test_sft_masks_prompts_and_overfits(tmp_path, tiny_model, hooks):
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] * 0.8
 
 
+# A ChatML template whose assistant turns are marked for TRL's assistant_only_loss.
+MARKED_CHATML = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n{% else %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TURNS = [{"messages": [{"role": "system", "content": "Answer in one word."},
+                       {"role": "user", "content": f"Name a {thing}."},
+                       {"role": "assistant", "content": first},
+                       {"role": "user", "content": "Another one?"},
+                       {"role": "assistant", "content": second}]}
+         for thing, first, second in (("colour", "red", "blue"), ("fruit", "apple", "pear"))]
+
+
+def _label_runs(trainer, rows) -> list[list[str]]:
+    """Per row, the decoded runs of consecutive tokens that carry a label."""
+    tok = trainer.processing_class
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
+    out = []
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        runs, run = [], []
+        for token, label in zip(ids, labels):
+            if label != -100:
+                assert label == token
+                run.append(token)
+            elif run:
+                runs, run = runs + [tok.decode(run)], []
+        out.append(runs + ([tok.decode(run)] if run else []))
+    return out
+
+
+def test_sft_trains_every_assistant_turn(tmp_path, tiny_model, stopped):
+    template = tmp_path / "marked.jinja"
+    template.write_text(MARKED_CHATML)
+    data = [_jsonl(tmp_path / "turns.jsonl", TURNS), _jsonl(tmp_path / "qa.jsonl", QA[:1])]
+    config = {"stage": "sft", "model": str(tiny_model), "seq_len": 96,
+              "datasets": [str(d) for d in data],
+              "args": {**FAST, "max_steps": 1, "chat_template_path": str(template)}}
+    with pytest.raises(_Stop):
+        train(config, tmp_path / "out")
+    (trainer, _), = stopped
+    assert trainer.args.assistant_only_loss
+    assert _label_runs(trainer, [0, 1, 2]) == [["red<|im_end|>", "blue<|im_end|>"],
+                                               ["apple<|im_end|>", "pear<|im_end|>"],
+                                               [QA[0]["output"] + "<|im_end|>"]]
+    # without generation markers (the tiny tokenizer's own template) the stage refuses
+    config["args"].pop("chat_template_path")
+    with pytest.raises(UserError, match=r"(?s)does not mark assistant turns.*\{% generation %\}"):
+        train(config, tmp_path / "out2")
+    assert len(stopped) == 1
+
+
 # -- dpo -----------------------------------------------------------------------------------
 
 def test_dpo_trains_against_explicit_reference(tmp_path, tiny_model_factory, hooks):

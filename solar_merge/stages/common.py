@@ -185,6 +185,51 @@ def unify_chat(records: list[dict], keys, tokenizer, args, stage: str) -> list[d
 def to_dataset(records: list[dict]):
     import datasets
 
+def as_turns(value, role: str) -> list[dict]:
+    """A prompt or completion as a list of messages (a string becomes one `role` turn)."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+
+
+def chat_template(tokenizer, args) -> str | None:
+    """The template the trainer will render with: args.chat_template_path (a .jinja file or a
+    tokenizer folder / Hub id, as TRL reads it) over the tokenizer's own."""
+    path = getattr(args, "chat_template_path", None)
+    if not path:
+        template = getattr(tokenizer, "chat_template", None)
+    elif Path(path).is_file():
+        template = Path(path).read_text(encoding="utf-8")
+    else:
+        template = getattr(load_tokenizer(path, "args.chat_template_path"), "chat_template", None)
+    return template.get("default") if isinstance(template, dict) else template
+
+
+def require_assistant_masks(tokenizer, args, model: str) -> None:
+    """TRL's assistant_only_loss finds assistant tokens through `{% generation %}` markers in
+    the chat template; for templates without them it knows training versions of some (Qwen,
+    Llama 3, Gemma, Phi, ...). Anything else would fail inside TRL after the model loaded."""
+    import copy
+
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = chat_template(tokenizer, args)
+    if template and has_generation_markers(template):
+        return
+    probe = copy.copy(tokenizer)
+    probe.chat_template = template
+    try:
+        get_training_chat_template(probe)
+        return
+    except ValueError:
+        pass
+    raise UserError(f"sft: the data holds conversations with several assistant turns, and the "
+                    f"chat template of {model} does not mark assistant turns, so TRL's "
+                    "assistant_only_loss cannot tell which tokens to train on",
+                    fix="set args.chat_template_path to a .jinja copy of the template with "
+                        "each assistant message wrapped in {% generation %}...{% endgeneration "
+                        "%} (see training/chat_templates/solar_instruct.jinja), or split the "
+                        "conversations into records that end with their only assistant turn")
+
+
     return datasets.Dataset.from_list(records)
 
 

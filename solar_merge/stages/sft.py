@@ -1,5 +1,11 @@
 """Instruction tuning on QA data (Alpaca, OpenOrca, chat messages, prompt/completion) with
-TRL's SFTTrainer; the loss is on the completion only (`completion_only_loss: true`)."""
+TRL's SFTTrainer.
+
+The loss is on what the assistant says only: on the completion of prompt/completion records
+(`completion_only_loss: true`), and on every assistant turn of a conversation with several
+(TRL's `assistant_only_loss`, which needs a chat template that marks assistant turns with
+`{% generation %}`; TRL swaps in its own training template for the models it knows).
+"""
 
 from pathlib import Path
 
@@ -9,8 +15,17 @@ from solar_merge.stages import common
 def run_stage(resolved: dict, work: Path) -> None:
     from solar_merge.data import to_prompt_completion
 
-    args, init_kwargs = common.trl_args(resolved, work, "SFTConfig")
     records = common.load_stage_records(resolved, to_prompt_completion)
+    conversations = any("messages" in r for r in records)
+    if conversations:  # one schema per Dataset: every record becomes a conversation
+        records = [r if "messages" in r else {"messages": common.as_turns(r["prompt"], "user")
+                                              + common.as_turns(r["completion"], "assistant")}
+                   for r in records]
+        resolved = {**resolved, "args": {"assistant_only_loss": True, **resolved["args"]}}
+    args, init_kwargs = common.trl_args(resolved, work, "SFTConfig")
     tokenizer = common.load_tokenizer(resolved["model"])
-    records = common.unify_chat(records, ("prompt", "completion"), tokenizer, args, "sft")
+    keys = ("messages",) if conversations else ("prompt", "completion")
+    records = common.unify_chat(records, keys, tokenizer, args, "sft")
+    if conversations and args.assistant_only_loss:
+        common.require_assistant_masks(tokenizer, args, resolved["model"])
     common.train_sft(resolved, work, args, init_kwargs, records, tokenizer, "sft")

@@ -10,6 +10,13 @@ CHAT_TEMPLATE = (
 )
 
 
+def pytest_configure(config):
+    # tests that need the embedded SmolLM2 (imported once to ~/.cache/solar-merge) or start
+    # torchrun / accelerate processes: `-m "not smollm2 and not torchrun"` skips them
+    config.addinivalue_line("markers", "smollm2: uses the embedded SmolLM2-135M-Instruct")
+    config.addinivalue_line("markers", "torchrun: starts several processes (torchrun/accelerate)")
+
+
 def make_tokenizer(out: Path):
     """A byte-level BPE tokenizer (vocab 384) trained on Python's own reference text."""
     from pydoc_data.topics import topics

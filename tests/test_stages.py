@@ -171,14 +171,49 @@ def test_cpt_packs_and_trains_only_chosen_layers(tmp_path, tiny_model, hooks):
     assert {"model.safetensors", "config.json", "stage_config.yaml", "loss.jsonl",
             "loss.png"} <= names
     assert not [n for n in names if n.startswith("checkpoint-") or n.endswith(".bin")
-                or n in ("README.md", "resolved_hash")]
+                or n == "resolved_hash"]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    assert "im_start" in AutoTokenizer.from_pretrained(out).chat_template
+    tok = AutoTokenizer.from_pretrained(out)
+    assert "im_start" in tok.chat_template
+    # documents are separated by the pretraining <|endoftext|>, never by the chat's <|im_end|>
+    # (the tiny tokenizer's EOS, used by its chat template); the model keeps its own EOS
+    ids = [i for row in trainer.train_dataset["input_ids"] for i in row]
+    assert ids.count(tok.convert_tokens_to_ids("<|endoftext|>")) >= 5
+    assert tok.convert_tokens_to_ids("<|im_end|>") not in ids
+    assert tok.eos_token == "<|im_end|>" and model.config.eos_token_id == 2
+    assert model.generation_config.eos_token_id == 2
+    # the model card: base model, data with its sha256, the stage config, the loss curve
+    import hashlib
+
+    card = (out / "README.md").read_text()
+    assert f"base model: `{tiny_model.name}` (local)" in card
+    assert f"| `corpus.txt` (local) | auto | train | all | " \
+           f"{hashlib.sha256(corpus.read_bytes()).hexdigest()} |" in card
+    assert "document separator: `<|endoftext|>`" in card
+    assert "![training loss](loss.png)" in card and f"{losses[-1]:.4g} at step 8" in card
+    assert "trainable_layers:\n- 1\n- 2" in card and "tags:\n- mergekit" in card
+    assert "- cpt" in card.split("---")[1]  # the kind is a tag in the front matter
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     saved = load_stage_config(out / "stage_config.yaml")
     assert saved["trainable_layers"] == [1, 2]
     assert resolve(saved) == saved  # the resolved config is itself a valid stage config
+
+
+@pytest.mark.smollm2
+def test_cpt_separator_of_an_instruct_tokenizer_is_not_its_end_of_turn():
+    """SmolLM2-Instruct's EOS is the chat's <|im_end|>: cpt packs with <|endoftext|>."""
+    from transformers import AutoTokenizer
+
+    from solar_merge.demo import embedded_model
+    from solar_merge.stages.cpt import document_separator
+
+    tok = AutoTokenizer.from_pretrained(embedded_model())
+    assert tok.eos_token == "<|im_end|>" and "<|im_end|>" in tok.chat_template
+    assert document_separator(tok, tok.chat_template) == "<|endoftext|>"
+    assert document_separator(tok, None) == "<|im_end|>"  # no chat: the EOS is a document end
+    # Llama 3 Instruct's way: the template names `eos_token` instead of spelling it out
+    assert document_separator(tok, "{{ m + eos_token }}") == "<|endoftext|>"
 
 
 # -- sft -----------------------------------------------------------------------------------

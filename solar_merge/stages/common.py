@@ -43,8 +43,8 @@ def run(resolved: dict, out_dir: Path) -> Path:
         from solar_merge.stages.dpo import run_stage
     with atomic_output(out_dir, h, keep_partial=True) as work:
         prepare_work(work, h)
-        run_stage(resolved, work)
-        finish(work, resolved)
+        facts = run_stage(resolved, work) or {}
+        finish(work, resolved, facts)
     return out_dir
 
 
@@ -182,9 +182,6 @@ def unify_chat(records: list[dict], keys, tokenizer, args, stage: str) -> list[d
     return out
 
 
-def to_dataset(records: list[dict]):
-    import datasets
-
 def as_turns(value, role: str) -> list[dict]:
     """A prompt or completion as a list of messages (a string becomes one `role` turn)."""
     return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
@@ -229,6 +226,9 @@ def require_assistant_masks(tokenizer, args, model: str) -> None:
                         "%} (see training/chat_templates/solar_instruct.jinja), or split the "
                         "conversations into records that end with their only assistant turn")
 
+
+def to_dataset(records: list[dict]):
+    import datasets
 
     return datasets.Dataset.from_list(records)
 
@@ -384,12 +384,73 @@ def save_final(trainer, tokenizer, work: Path) -> None:
     (work / "README.md").unlink(missing_ok=True)
 
 
-def finish(work: Path, resolved: dict) -> None:
-    (work / "stage_config.yaml").write_text(
-        f"# solar-merge train stage_config.yaml -o OUT   (resolved {resolved['stage']} stage)\n"
-        + yaml.safe_dump(resolved, sort_keys=False))
+def finish(work: Path, resolved: dict, facts: dict | None = None) -> None:
+    """Loss plot, stage_config.yaml and the model card, once the weights are saved."""
     plot_loss(work / LOSS_LOG, work / "loss.png", title=resolved["stage"])
+    write_stage_card(work, resolved, facts or {})
     (work / HASH_FILE).unlink(missing_ok=True)
+
+
+def write_stage_card(work: Path, resolved: dict, facts: dict) -> None:
+    """README.md (hub.write_card, kind = the stage) with the base model, the data and their
+    sha256, the stage config (also written to stage_config.yaml) and the loss curve.
+    facts: what the run decided (e.g. cpt's document separator), shown under Training."""
+    from solar_merge import hub
+
+    stage = resolved["stage"]
+    source = (f"# solar-merge train stage_config.yaml -o OUT   (resolved {stage} stage)\n"
+              + yaml.safe_dump(resolved, sort_keys=False))
+    trainer = "DPOTrainer" if stage in ("dpo", "stepwise_dpo") else "SFTTrainer"
+    training = [f"- stage: `{stage}`, trained with TRL's `{trainer}`",
+                f"- base model: {_name(resolved['model'])}"]
+    if resolved.get("ref_model"):
+        training.append(f"- reference model: {_name(resolved['ref_model'])}")
+    training += [f"- {key.replace('_', ' ')}: `{value}`" for key, value in facts.items()]
+    data = ["| dataset | format | split | max_samples | sha256 |", "| --- | --- | --- | --- | --- |"]
+    for spec in resolved["datasets"]:
+        data.append(f"| {_name(spec['path'])} | {spec.get('format', 'auto')} | "
+                    f"{spec.get('split', 'train')} | {spec.get('max_samples') or 'all'} | "
+                    f"{data_sha256(spec['path'])} |")
+    points = read_loss(work / LOSS_LOG)
+    loss = ["![training loss](loss.png)", ""]
+    loss.append(f"Training loss {points[0][1]:.4g} at step {points[0][0]}, {points[-1][1]:.4g} "
+                f"at step {points[-1][0]} (every logged value: `loss.jsonl`)." if points
+                else "No loss was logged (raise max_steps or lower logging_steps).")
+    hub.write_card(work, kind=stage, source_yaml=source, source_name="stage_config.yaml",
+                   base_models=[resolved["model"]],
+                   datasets=[d["path"] for d in resolved["datasets"]],
+                   sections={"Training": training, "Data checksums": data,
+                             "Training loss": loss})
+
+
+def _name(ref: str) -> str:
+    """A Hub id as is, a local path by its last component (the card travels; paths do not)."""
+    return f"`{Path(ref).name}` (local)" if Path(ref).is_absolute() else f"`{ref}`"
+
+
+def data_sha256(path: str) -> str:
+    """sha256 of a local data file (what `sha256sum FILE` prints); of a folder, sha256 over
+    its data files' `<relative path> <sha256>` lines in sorted order; a Hub dataset is not
+    hashed here (its revision is whatever `datasets` resolved)."""
+    import hashlib
+
+    from solar_merge.data import FILE_SUFFIXES
+
+    def file_hash(f: Path) -> str:
+        h = hashlib.sha256()
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    p = Path(path)
+    if p.is_file():
+        return file_hash(p)
+    if p.is_dir():
+        lines = "".join(f"{f.relative_to(p)} {file_hash(f)}\n" for f in sorted(p.rglob("*"))
+                        if f.is_file() and f.suffix in FILE_SUFFIXES)
+        return hashlib.sha256(lines.encode()).hexdigest()
+    return "Hub dataset (not hashed)"
 
 
 def read_loss(log: Path) -> list[tuple[int, float]]:
@@ -430,14 +491,25 @@ def plot_loss(log: Path, png: Path, title: str = "") -> None:
 
 
 def train_sft(resolved: dict, work, args, init_kwargs: dict, records, tokenizer,
-              stage: str) -> None:
-    """The part cpt and sft share: load, freeze, SFTTrainer, train (resumable), save."""
+              stage: str, keep_eos: bool = False) -> None:
+    """The part cpt and sft share: load, freeze, SFTTrainer, train (resumable), save.
+
+    keep_eos: args.eos_token only separates the training documents; the model is saved with
+    its own EOS (TRL writes args.eos_token into the tokenizer and the model's configs)."""
+    import copy
+
     from trl import SFTTrainer
 
     model = load_model(resolved["model"], init_kwargs)
     freeze_except_layers(model, resolved.get("trainable_layers"))
+    own_eos = (tokenizer.eos_token, copy.deepcopy(model.config.get_text_config().eos_token_id),
+               copy.deepcopy(model.generation_config.eos_token_id))
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(records),
                          processing_class=tokenizer)
     fit(trainer, work, {"stage": stage, "work": work, "model": resolved["model"],
                         "ref_model": None, "step": None})
+    if keep_eos:
+        tokenizer.eos_token = own_eos[0]
+        model.config.get_text_config().eos_token_id = own_eos[1]
+        model.generation_config.eos_token_id = own_eos[2]
     save_final(trainer, tokenizer, work)

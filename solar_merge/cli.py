@@ -292,5 +292,37 @@ def recipe_extract(source, output):
         click.echo(text, nl=not text.endswith("\n"))
 
 
+# -- decide from data (issue 14): seam, plan, sweep --
+
+
+@main.command("seam")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", "data_file", type=click.Path(dir_okay=False), required=True,
+              help="Text to run the model on (.txt, or .jsonl/.json/.parquet with `text`).")
+@click.option("--samples", type=int, default=8, show_default=True,
+              help="Number of non-overlapping samples taken from the start of the text.")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens a sample.")
+@click.option("--layers", type=int, help="Target layer count S to recommend a seam for.")
+@click.option("--budget", help="Or a parameter budget, e.g. 10B: the largest SOLAR stack "
+                               "within it (default: SOLAR's m = n/4).")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for seam.csv, seam.png, candidates.csv, seam.json.")
+def seam_command(model, data_file, samples, seq_len, layers, budget, out_dir):
+    """Where to cut MODEL for depth up-scaling, from its hidden states on a text sample.
+
+    For every layer l and offset k: the angular distance between the hidden states entering
+    layers l and l+k, the mean over all tokens of arccos(cos(h_l, h_l+k))/pi, with h the
+    model's transformers `output_hidden_states` (h_0: embeddings; h_n: after the final norm).
+    Scores every SOLAR seam (--drop m: copy A's layer n-m-1 feeds copy B's layer m, which was
+    trained on h_m: distance d(h_m, h_n-m)) and recommends --drop M and the range repeat
+    --repeat A:B of the target size whose seam joins the most similar states.
+    """
+    from solar_merge.analysis import seam
+
+    result = seam(model, data_file, out_dir, samples=samples, seq_len=seq_len, layers=layers,
+                  budget=budget)
+    click.echo(result.summary())
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -476,3 +476,84 @@ def _human(n) -> str:
     from solar_merge.checkpoints import human
 
     return human(n)
+
+
+# -- plan: sizes of an up-scaled model from config.json alone -----------------------------------
+
+WEIGHT_BYTES = {"float32": 4, "bfloat16 / float16": 2, "int8": 1, "int4": 0.5}
+
+
+@dataclass
+class PlanResult:
+    model: str
+    n_layers: int
+    layers: int
+    how: str                     # the layout, in words
+    base: ParamCount
+    params: ParamCount           # of the planned model
+    weights: dict[str, int]      # dtype -> bytes of the weights alone
+    memory: list = field(default_factory=list)  # training memory per strategy (memory.py)
+
+    def format(self) -> str:
+        b, p = self.base, self.params
+        lines = [f"{self.model}: {self.how}",
+                 (f"  parameters: {_billions(b.total)} -> {_billions(p.total)} "
+                 f"({self.layers} layers x {_billions(p.per_layer)} + embeddings and norms "
+                 f"{_billions(p.total - self.layers * p.per_layer)}; from config.json)"),
+                 "  weights alone: " + ", ".join(f"{dtype} {_gb(n)}"
+                                                 for dtype, n in self.weights.items())]
+        if self.memory:
+            lines.append("  training memory (solar_merge.memory):")
+            lines += [f"    {row}" for row in self.memory]
+        return "\n".join(lines)
+
+
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def planned_layers(n: int, *, drop: int | None = None, layers: int | None = None,
+                   every: int | None = None) -> tuple[int, str]:
+    """(output layer count, the layout in words) for one of --drop / --layers / --every."""
+    from solar_merge.upscale import check_drop, check_every
+
+    given = [k for k, v in (("--drop", drop), ("--layers", layers), ("--every", every))
+             if v is not None]
+    if len(given) > 1:
+        raise UserError(f"{' and '.join(given)} both given", fix="give one of them")
+    if drop is not None:
+        check_drop(n, drop)
+        s = 2 * (n - drop)
+        return s, (f"{n} -> {s} layers (--drop {drop}: copy A keeps [0, {n - drop}), "
+                   f"copy B keeps [{drop}, {n}))")
+    if every is not None:
+        check_every(n, every)
+        return n + n // every, (f"{n} -> {n + n // every} layers (--every {every}: a new "
+                                f"block after every {every})")
+    if layers is not None:
+        if not n <= layers <= 2 * n:
+            raise UserError(f"--layers {layers} is out of range for a {n}-layer model",
+                            fix=f"give --layers between {n} and {2 * n}")
+        return layers, f"{n} -> {layers} layers (--layers {layers})"
+    return n, f"{n} layers (as is)"
+
+
+def plan(model: str, *, drop: int | None = None, layers: int | None = None,
+         every: int | None = None) -> PlanResult:
+    """Parameters and weight bytes of MODEL up-scaled as asked, from config.json alone (a local
+    folder, or a Hub id: config.json only is fetched)."""
+    from solar_merge.checkpoints import read_config
+
+    config = read_config(model)
+    base = count_params(config)
+    cfg = config.get("text_config") or config
+    n = int(cfg["num_hidden_layers"])
+    s, how = planned_layers(n, drop=drop, layers=layers, every=every)
+    total = base.total + (s - n) * base.per_layer
+    params = ParamCount(total, base.per_layer, base.embeddings)
+    weights = {dtype: int(total * size) for dtype, size in WEIGHT_BYTES.items()}
+    return PlanResult(model, n, s, how, base, params, weights)

@@ -324,5 +324,19 @@ def seam_command(model, data_file, samples, seq_len, layers, budget, out_dir):
     click.echo(result.summary())
 
 
+@main.command("plan")
+@click.argument("model")
+@click.option("--drop", "-m", type=int, help="SOLAR's DUS dropping m layers per copy.")
+@click.option("--layers", type=int, help="Any up-scaling to S layers.")
+@click.option("--every", type=int, help="LLaMA Pro: a new block after every K layers.")
+def plan_command(model, drop, layers, every):
+    """Size MODEL up-scaled (one of --drop, --layers, --every; none: as is) from its
+    config.json alone: parameters and weight bytes per dtype. Loads no weights and imports
+    neither torch nor mergekit."""
+    from solar_merge.analysis import plan
+
+    click.echo(plan(model, drop=drop, layers=layers, every=every).format())
+
+
 if __name__ == "__main__":
     sys.exit(main())

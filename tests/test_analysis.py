@@ -137,3 +137,61 @@ def test_seam_help_states_the_definition():
     result = subprocess.run([sys.executable, "-m", "solar_merge.cli", "seam", "--help"],
                             capture_output=True, text=True, check=True)
     assert "arccos(cos" in result.stdout and "output_hidden_states" in result.stdout
+
+
+# -- plan ----------------------------------------------------------------------------------------
+
+MISTRAL_7B = {  # Hub config.json of mistralai/Mistral-7B-v0.1 (the fields that size it)
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+    "sliding_window": 4096, "torch_dtype": "bfloat16", "hidden_act": "silu",
+}
+
+
+@pytest.fixture
+def mistral_dir(tmp_path) -> Path:
+    folder = tmp_path / "Mistral-7B-v0.1"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(MISTRAL_7B, indent=2))
+    return folder
+
+
+def test_plan_gives_solar_numbers_from_config_alone_without_torch(mistral_dir):
+    code = ("import sys, time; t = time.perf_counter(); from solar_merge.cli import main\n"
+            f"main(['plan', {str(mistral_dir)!r}, '--drop', '8'], standalone_mode=False)\n"
+            "print('seconds', time.perf_counter() - t)\n"
+            "print('heavy', [m for m in ('torch', 'mergekit', 'transformers') "
+            "if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    out = result.stdout
+    assert "32 -> 48 layers" in out and "7.24B -> 10.73B" in out
+    assert "bfloat16 / float16 21.46 GB" in out
+    assert "heavy []" in out
+    assert float(out.split("seconds ")[1].split()[0]) < 1.0
+
+
+def test_plan_counts_match_real_models(tiny_model_factory):
+    """From config.json alone, the same count as the weights on disk (tied and untied,
+    Llama, Mistral and Qwen2 with its q/k/v biases)."""
+    from solar_merge.analysis import plan
+    from solar_merge.checkpoints import model_info
+
+    for arch, tied in (("llama", True), ("mistral", False), ("qwen2", True)):
+        folder = tiny_model_factory(arch=arch, layers=4, tied=tied)
+        assert plan(str(folder)).params.total == model_info(str(folder)).params, arch
+        assert plan(str(folder), drop=1).layers == 6
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--drop", "16"], "out of range"),
+    (["--drop", "0"], "out of range"),
+    (["--every", "5"], "must divide"),
+    (["--drop", "8", "--every", "4"], "both given"),
+])
+def test_plan_bad_input_exits_2(mistral_dir, args, words):
+    result = CliRunner().invoke(main, ["plan", str(mistral_dir), *args])
+    assert result.exit_code == 2 and words in result.output, result.output
+    assert "Traceback" not in result.output

@@ -1,6 +1,7 @@
 """solar_average and solar_slerp: the SOLAR paper's candidate merges as mergekit kernels.
 
-Imported only once mergekit is (see __init__.py); registration happens there.
+Importing this module registers them with mergekit (once: `register` raises on duplicates).
+solar_merge/__init__.py imports it right after mergekit's own registry is imported.
 """
 
 from typing import Annotated
@@ -82,3 +83,6 @@ def register_all() -> None:
     for method in METHODS:
         if method.spec.name not in known:
             register(method)
+
+
+register_all()

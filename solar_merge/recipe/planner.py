@@ -65,6 +65,7 @@ class _Planner:
         self.notes: list[str] = []
         self._infos: dict[str, ModelInfo | None] = {}
         self._est: set[str] = set()  # refs whose parameter count is estimated from config.json
+        self._kv: dict[str, int | None] = {}  # train outputs' key/value width (memory estimate)
 
     # references ----------------------------------------------------------------------------
     def ref(self, where: str, value, deps: list[str], base: Path, *, stage_only=False):
@@ -412,20 +413,41 @@ class _Planner:
                                  f"{info.n_layers} layers (0..{info.n_layers - 1})")
         plan.info = dataclasses.replace(info, source=str(plan.out_dir))
         plan.params_estimated = self.estimated([c["model"]], deps_plans)
-        args = c.get("args") or {}
-        b = 2 if args.get("bf16") or args.get("fp16") else 4
-        p = info.params or 0
-        trainable = p if not layers else (info.per_layer_params or 0) * len(layers)
-        batch = int(args.get("per_device_train_batch_size", 8))
-        seq = int(c.get("seq_len") or args.get("max_length") or 1024)
-        dpo = c.get("stage") in ("dpo", "stepwise_dpo")
-        seqs = batch * (2 if dpo else 1)
-        act = seqs * seq * (info.hidden_size * info.n_layers * 16 + info.vocab_size * 2) * b
-        if args.get("gradient_checkpointing") or args.get("activation_checkpointing"):
-            act //= 8
-        plan.memory = p * b + 3 * trainable * b + act + (p * b if dpo else 0) + _OVERHEAD
-        plan.memory_note = ("weights + grads + AdamW states (4 x params x bytes) + activations"
-                            + (" + reference model" if dpo else ""))
+        # the formula the stage itself is checked with (solar_merge.memory)
+        from solar_merge.memory import RUNTIME, Shape, from_stage
+
+        kv = self._kv_dim(c["model"], deps_plans)
+        self._kv[str(plan.out_dir)] = kv
+        shape = Shape(params=info.params or 0, layers=info.n_layers, hidden=info.hidden_size,
+                      intermediate=info.intermediate_size or 4 * info.hidden_size,
+                      vocab=info.vocab_size, kv_dim=kv, per_layer=info.per_layer_params)
+        est = from_stage(c, shape)
+        plan.memory = est.total + RUNTIME
+        plan.memory_note = ("per device: " + " + ".join(est.terms) + " + runtime "
+                            "(solar_merge/memory.py)")
+
+    def _kv_dim(self, ref: str, deps_plans) -> int | None:
+        """num_key_value_heads * head_dim of `ref`: from its config.json, or from the model
+        an earlier stage of the recipe started from (None: unknown, counted as full heads)."""
+        from solar_merge.memory import Shape
+
+        for plan in deps_plans.values():
+            if str(plan.out_dir) == ref:
+                if ref in self._kv:
+                    return self._kv[ref]
+                merge = plan.config.get("merge") or {}
+                models = [m.get("model") for m in merge.get("models") or []
+                          if isinstance(m, dict)]
+                ref = plan.config.get("model") or merge.get("base_model") or next(
+                    (m for m in models if isinstance(m, str)), ref)
+                if ref in self._kv:
+                    return self._kv[ref]
+        source = ref if os.path.isdir(ref) else _cached_config_dir(ref) if is_hub_id(ref) \
+            else None
+        try:
+            return Shape.from_config(read_config(source)).kv if source else None
+        except (UserError, KeyError, TypeError, ValueError):
+            return None
 
     def _size_merge(self, plan, deps_plans):
         config = plan.config.get("merge") or {}

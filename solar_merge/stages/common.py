@@ -104,6 +104,7 @@ def trl_args(resolved: dict, work: Path, cls_name: str):
         init_kwargs = json.loads(init_kwargs)
     if "use_cpu" not in kwargs and not torch.cuda.is_available():
         kwargs["use_cpu"] = True
+    init_kwargs.setdefault("dtype", train_dtype(kwargs))
     try:
         args = cls(output_dir=str(work), **kwargs)
     except TypeError as e:
@@ -251,14 +252,24 @@ def load_tokenizer(model: str, field: str = "model"):
                             "mergekit outputs)") from None
 
 
+def train_dtype(args: dict) -> str:
+    """The dtype the weights load in, i.e. the one the stage trains in, by the rule the memory
+    estimate uses (memory.precision): bfloat16 with args.bf16 (weights, gradients and AdamW
+    moments in bf16, as TRL does with a bf16 checkpoint); float32 otherwise, also with
+    args.fp16 (the Trainer's gradient scaler cannot train fp16 weights: fp32 weights under
+    fp16 autocast). args.model_init_kwargs.dtype overrides it (float32 with bf16: fp32 weights
+    under bf16 autocast, i.e. mixed precision)."""
+    from solar_merge.memory import precision
+
+    return "bfloat16" if precision(args) == "bf16" else "float32"
+
+
 def load_model(model: str, init_kwargs: dict | None = None, field: str = "model"):
-    """The model in fp32 unless model_init_kwargs.dtype says otherwise (mixed precision via
-    args.bf16 keeps fp32 master weights)."""
-    import torch
+    """The model in model_init_kwargs.dtype (trl_args fills in train_dtype)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(init_kwargs or {})
-    kwargs.setdefault("dtype", torch.float32)
+    kwargs.setdefault("dtype", "float32")
     kwargs.setdefault("trust_remote_code", False)  # opt in via args.model_init_kwargs
     kwargs.setdefault("use_safetensors", True)  # never unpickle Hub .bin weights by default
     try:

@@ -1,0 +1,279 @@
+"""Training memory per device: the one formula behind `validate`, the stages' dry run and
+`plan`. No torch here (it runs where only config.json is known).
+
+    shape = Shape.from_config(json.load(open("config.json")))      # or Shape(params=..., ...)
+    est = estimate(shape, Setup(stage="dpo", precision="bf16", batch=2, seq_len=4096,
+                                strategy="zero3", devices=8, activation_checkpointing=True))
+    est.total            # bytes per device
+    est.terms            # {"weights": ..., "gradients": ..., ...}: what the total is made of
+    print(est.describe())
+
+`from_stage(resolved_stage_config, shape, launch)` builds the Setup from a stage config (its
+`args`, `peft`, `trainable_layers`) the way the stage itself will run, so that the estimate and
+the run follow one rule (`precision()` is also what stages.common uses to pick the dtype the
+weights load in).
+
+The terms, per device, for P parameters of which T are trained, N devices, w bytes per weight
+(4 in fp32 and mixed precision, 2 in bf16), a bytes per activation (2 under bf16/autocast, 4 in
+fp32), B sequences of S tokens per device (DPO: 2B, chosen and rejected):
+
+- weights: P*w (a 4-bit QLoRA base: P*0.5625, NF4 plus its block scales);
+- gradients: T*w (the Trainer keeps gradients in the weights' dtype);
+- optimizer moments: 2*T*w (torch AdamW: exp_avg and exp_avg_sq, in the weights' dtype);
+- 16-bit weight copies (mixed precision only): P*2. Autocast casts every weight to bf16/fp16
+  for the matmuls and the backward pass keeps those copies;
+- reference model (DPO, unless args.precompute_ref_log_probs; with LoRA TRL uses the base
+  with the adapter switched off, so none): P*w (bf16 under DeepSpeed/FSDP, sharded by zero3
+  and fsdp as TRL prepares it like the policy);
+- activations: B*S*L*(8h + 4i + 4kv)*a, i.e. what autograd saves per token and decoder layer
+  of a Llama-style block with SDPA attention (norm inputs and outputs, q, rotated q and k,
+  v, attention output: ~8h + 4kv; gate, up, act(gate), act*up: 4i). Counted with
+  torch.autograd.graph.saved_tensors_hooks on SmolLM2's shape (h=576, i=1536, kv=192): 19.4h
+  elements in fp32 and 21.4h in bf16 (RMSNorm computes in fp32), against 20h by the formula.
+  With activation checkpointing only each layer's input is kept, plus one layer recomputed:
+  B*S*(L*h + 8h + 4i + 4kv)*a;
+- logits: 3*B*S*V*4: the fp32 logits kept for the loss's backward, their gradient, and one
+  temporary of the same size (log-softmax / TRL's entropy and accuracy metrics);
+- optimizer step temporaries: torch AdamW allocates scratch tensors per parameter tensor when
+  it steps; counted as 2 copies of the largest tensor (the embedding, V*h) in the moments' dtype.
+
+Sharded strategies change where the model states live (activations and logits stay per device):
+
+- ddp (also one device): as above; every device holds everything.
+- zero1 / zero2 / zero3 (DeepSpeed, bf16 mixed precision as TRL's presets set it: bf16 weights,
+  fp32 master weights and moments kept by DeepSpeed's optimizer): zero1 shards the 12 bytes of
+  fp32 optimizer state per trained parameter (master 4 + moments 8) over N: 2P + 2T + 12T/N;
+  zero2 also the gradients, counted as DeepSpeed's own estimator does
+  (estimate_zero2_model_states_mem_needs): 2P + 2T + 16T/N; zero3 also the weights, again as
+  DeepSpeed's estimator (estimate_zero3_model_states_mem_needs_all_live): 18 bytes per
+  parameter over N (2 weights + 2 gradients + 12 optimizer + 2 of DeepSpeed's buffers) plus
+  4 bytes per parameter of the largest module while it is gathered: 18P/N + 4*largest;
+- fsdp (accelerate's FSDP2 full shard, mixed precision): accelerate keeps the sharded weights
+  in fp32, so weights 4P/N, gradients 4T/N, moments 8T/N, plus the bf16 weights of two
+  gathered units (the one computing and the one prefetched): 2*2*max(layer, embedding).
+
+Not counted: the CUDA context / interpreter (`RUNTIME`, shown separately), DDP's gradient
+buckets (views into the gradients), the data loader, allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+PRECISIONS = ("fp32", "bf16", "mixed")
+RUNTIME = 512 * 2**20  # CUDA context or interpreter + torch: shown beside the estimate
+# peft's default LoRA targets for Llama-style models, and what `all-linear` means there
+LORA_DEFAULT_TARGETS = ("q_proj", "v_proj")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the formula needs of a model: from config.json (`from_config`) or given."""
+
+    params: int
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    kv_dim: int | None = None       # num_key_value_heads * head_dim (None: = hidden)
+    per_layer: int | None = None    # parameters of one decoder layer
+
+    @property
+    def kv(self) -> int:
+        return self.kv_dim or self.hidden
+
+    @property
+    def largest_module(self) -> int:
+        """Parameters held by the largest single module (its own, not its children's, as
+        DeepSpeed counts it): the embedding, or an MLP projection if that is larger."""
+        return max(self.vocab * self.hidden, self.hidden * self.intermediate)
+
+    @classmethod
+    def from_config(cls, config: dict, params: int | None = None) -> Shape:
+        """From a config.json mapping (Llama/Mistral/Qwen2-style); parameters counted from it
+        unless given (e.g. exact, from the weights)."""
+        cfg = config.get("text_config") or config
+        h, n, v = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]), int(cfg["vocab_size"])
+        inter = int(cfg.get("intermediate_size") or 4 * h)
+        heads = int(cfg.get("num_attention_heads") or 1)
+        head_dim = int(cfg.get("head_dim") or h // heads)
+        kv = int(cfg.get("num_key_value_heads") or heads) * head_dim
+        per_layer = h * heads * head_dim * 2 + 2 * h * kv + 3 * h * inter + 2 * h
+        if params is None:
+            tied = cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", True))
+            params = v * h * (1 if tied else 2) + h + per_layer * n
+        return cls(params, n, h, inter, v, kv, per_layer)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the stage runs (per device)."""
+
+    stage: str = "sft"                  # cpt | sft | dpo | stepwise_dpo
+    precision: str = "fp32"             # fp32 | bf16 | mixed (see precision())
+    batch: int = 8                      # sequences per device and step (before DPO's x2)
+    seq_len: int = 1024
+    trainable: int | None = None        # None: every parameter (full fine-tuning)
+    lora: bool = False                  # `trainable` are adapter parameters; the base is frozen
+    load_in_4bit: bool = False          # QLoRA base weights
+    activation_checkpointing: bool = False
+    reference: bool | None = None       # DPO's reference in memory (None: for dpo stages)
+    strategy: str = "ddp"
+    devices: int = 1
+
+
+@dataclass
+class Estimate:
+    total: int                              # bytes per device, RUNTIME not included
+    terms: dict[str, int] = field(default_factory=dict)
+    setup: Setup | None = None
+
+    def describe(self) -> str:
+        from solar_merge.checkpoints import human
+
+        parts = ", ".join(f"{k} {human(v, 'B')}" for k, v in self.terms.items() if v)
+        return f"{human(self.total, 'B')} per device ({parts})"
+
+
+def estimate(shape: Shape, setup: Setup) -> Estimate:
+    """Peak training memory per device (see the module doc for every term)."""
+    if setup.strategy not in STRATEGIES:
+        raise ValueError(f"strategy {setup.strategy!r} is not one of {STRATEGIES}")
+    if setup.precision not in PRECISIONS:
+        raise ValueError(f"precision {setup.precision!r} is not one of {PRECISIONS}")
+    p, n = shape.params, max(1, setup.devices)
+    t = p if setup.trainable is None else setup.trainable
+    w = 2 if setup.precision == "bf16" else 4
+    a = 4 if setup.precision == "fp32" else 2
+    dpo = setup.stage in ("dpo", "stepwise_dpo")
+    reference = dpo if setup.reference is None else setup.reference
+    if setup.lora:
+        reference = False  # TRL scores the reference with the adapter disabled
+    base = p * 0.5625 if setup.load_in_4bit else p * w
+    terms: dict[str, float] = {}
+    s = setup.strategy
+    if s == "ddp":
+        terms["weights"] = base
+        terms["gradients"] = t * w
+        terms["optimizer moments"] = 2 * t * w
+        if setup.precision == "mixed":
+            terms["16-bit weight copies"] = p * 2
+        terms["optimizer step temporaries"] = 2 * min(t, shape.largest_module) * w
+    elif s in ("zero1", "zero2"):
+        terms["weights"] = 2 * p
+        terms["gradients"] = 2 * t
+        terms["optimizer state shard"] = (12 if s == "zero1" else 16) * t / n
+    elif s == "zero3":
+        terms["model states shard"] = 2 * p / n + 16 * t / n
+        terms["gathered module"] = 4 * shape.largest_module
+    else:  # fsdp
+        terms["weights shard"] = 4 * p / n
+        terms["gradients shard"] = 4 * t / n
+        terms["optimizer moments shard"] = 8 * t / n
+        terms["gathered units"] = 2 * 2 * max(shape.per_layer or 0, shape.largest_module)
+    if reference:  # TRL prepares it like the policy: sharded by zero3 and fsdp, in bf16
+        terms["reference model"] = p * w if s == "ddp" else (
+            2 * p / n if s in ("zero3", "fsdp") else 2 * p)
+    seqs = setup.batch * (2 if dpo else 1)
+    tokens = seqs * setup.seq_len
+    per_layer = 8 * shape.hidden + 4 * shape.intermediate + 4 * shape.kv
+    if setup.activation_checkpointing:
+        terms["activations"] = tokens * (shape.layers * shape.hidden + per_layer) * a
+    else:
+        terms["activations"] = tokens * shape.layers * per_layer * a
+    terms["logits"] = 3 * tokens * shape.vocab * 4
+    ints = {k: int(v) for k, v in terms.items()}
+    return Estimate(sum(ints.values()), ints, setup)
+
+
+# -- from a stage config ---------------------------------------------------------------------
+
+def precision(args: dict) -> str:
+    """How a stage with these TRL `args` trains: bf16 (weights, gradients and moments in bf16,
+    as TRL does with a bf16 checkpoint), mixed (fp32 weights under bf16/fp16 autocast: args.fp16,
+    or args.bf16 with model_init_kwargs.dtype float32) or fp32."""
+    init = args.get("model_init_kwargs") or {}
+    dtype = str(init.get("dtype") or init.get("torch_dtype") or "") if isinstance(init, dict) \
+        else ""
+    if args.get("fp16"):
+        return "mixed"
+    if args.get("bf16"):
+        return "mixed" if dtype in ("float32", "torch.float32") else "bf16"
+    return "fp32"
+
+
+def lora_params(shape: Shape, rank: int, targets=None) -> int:
+    """Adapter parameters of LoRA rank `rank` on the given Linear names of every layer
+    (peft's default for Llama-style models: q_proj, v_proj; "all-linear": every projection)."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv
+    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    if targets in (None, ()):
+        targets = LORA_DEFAULT_TARGETS
+    elif targets == "all-linear":
+        targets = LINEARS
+    elif isinstance(targets, str):
+        targets = [targets]
+    per_layer = sum(rank * sum(dims[name]) for name in targets if name in dims)
+    return per_layer * shape.layers
+
+
+def from_stage(resolved: dict, shape: Shape, launch: dict | None = None) -> Estimate:
+    """The estimate for a resolved stage config (solar_merge.stages.resolve) run with
+    `launch` ({num_processes, num_machines, accelerate_config: preset name or path}):
+    the strategy is read from the preset (zero1/2/3 -> DeepSpeed, fsdp1/2 -> fsdp)."""
+    args = resolved.get("args") or {}
+    launch = launch or {}
+    devices = int(launch.get("num_processes") or 1)
+    strategy = strategy_of(launch.get("accelerate_config"))
+    peft = resolved.get("peft") or None
+    layers = resolved.get("trainable_layers") or []
+    trainable = None
+    if peft:
+        trainable = lora_params(shape, int(peft.get("r", 8)), peft.get("target_modules"))
+    elif layers:
+        trainable = (shape.per_layer or 0) * len(layers)
+    batch = int(args.get("per_device_train_batch_size", 8))
+    seq = int(resolved.get("seq_len") or args.get("max_length") or 1024)
+    checkpointing = bool(args.get("gradient_checkpointing") or
+                         args.get("activation_checkpointing"))
+    setup = Setup(stage=resolved.get("stage", "sft"), precision=precision(args), batch=batch,
+                  seq_len=seq, trainable=trainable, lora=bool(peft),
+                  load_in_4bit=bool(resolved.get("load_in_4bit")),
+                  activation_checkpointing=checkpointing,
+                  reference=None if not args.get("precompute_ref_log_probs") else False,
+                  strategy=strategy, devices=devices)
+    return estimate(shape, setup)
+
+
+def strategy_of(accelerate_config) -> str:
+    """ddp / zero1-3 / fsdp for a TRL preset name or an accelerate config file (read as YAML
+    when it exists; DeepSpeed's zero_stage, FSDP's distributed_type)."""
+    if not accelerate_config:
+        return "ddp"
+    name = str(accelerate_config)
+    if name in ("zero1", "zero2", "zero3"):
+        return name
+    if name in ("fsdp1", "fsdp2"):
+        return "fsdp"
+    if name in ("multi_gpu", "single_gpu"):
+        return "ddp"
+    try:
+        import yaml
+
+        with open(name, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+    except (OSError, ValueError):
+        return "ddp"
+    kind = str(cfg.get("distributed_type", "")).upper()
+    if kind == "DEEPSPEED":
+        return f"zero{int((cfg.get('deepspeed_config') or {}).get('zero_stage', 2))}"
+    return "fsdp" if kind == "FSDP" else "ddp"
+
+
+def with_strategy(est: Estimate, shape: Shape, **changes) -> Estimate:
+    """The same stage under other settings (e.g. strategy="zero3", devices=8), for advice."""
+    return estimate(shape, dataclasses.replace(est.setup, **changes))

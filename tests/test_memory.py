@@ -1,0 +1,141 @@
+"""The training memory formula (solar_merge/memory.py): what the plan shows is what the stage
+runs with; weights load in the dtype the stage trains in; sharded strategies against
+DeepSpeed's published closed forms. The measured check on SmolLM2 is in test_scale.py."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from solar_merge import memory
+from solar_merge.memory import Setup, Shape, estimate
+
+ROOT = Path(__file__).resolve().parent.parent
+MISTRAL = {"architectures": ["MistralForCausalLM"], "hidden_size": 4096,
+           "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
+           "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False,
+           "torch_dtype": "bfloat16"}
+
+
+def test_memory_imports_no_torch():
+    code = ("import sys, solar_merge.memory\n"
+            "assert not {'torch', 'transformers', 'trl'} & set(sys.modules)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _paper_plan(tmp_path, *overrides):
+    from solar_merge import recipe
+
+    mistral = tmp_path / "mistral"
+    mistral.mkdir(exist_ok=True)
+    (mistral / "config.json").write_text(json.dumps(MISTRAL))
+    return recipe.plan(ROOT / "training/solar_10.7b.yaml", out=tmp_path / "runs",
+                       overrides=[f"stages.dus.upscale.model={mistral}", *overrides])
+
+
+def test_plan_shows_the_formula_the_stage_runs_with(tmp_path):
+    p = _paper_plan(tmp_path, "stages.cpt.train.args.bf16=false",
+                    "stages.dpo_avg.train.args.bf16=false")
+    info = p.stages["cpt"].info
+    shape = Shape(info.params, info.n_layers, 4096, 14336, 32000, kv_dim=8 * 128,
+                  per_layer=info.per_layer_params)
+    for name in ("cpt", "sft_orca", "dpo_avg"):
+        st = p.stages[name]
+        assert st.memory == memory.from_stage(st.config, shape).total + memory.RUNTIME, name
+    # fp32 weights, gradients and two AdamW moments: 16 bytes a parameter (issue 18: ~172 GB
+    # for SOLAR's 10.7B, 215 GB with DPO's reference); validate used to say 99.5 / 121 GB
+    cpt = memory.from_stage(p.stages["cpt"].config, shape).terms
+    assert cpt["weights"] + cpt["gradients"] + cpt["optimizer moments"] == 16 * info.params
+    assert 171e9 < 16 * info.params < 173e9
+    dpo = memory.from_stage(p.stages["dpo_avg"].config, shape).terms
+    assert dpo["reference model"] == 4 * info.params
+    # the shipped recipe trains in bf16: weights, gradients and moments at 2 bytes each
+    bf16 = memory.from_stage(p.stages["sft_orca"].config, shape).terms
+    assert bf16["weights"] == 2 * info.params and "16-bit weight copies" not in bf16
+
+
+@pytest.mark.parametrize("args, dtype", [({}, "float32"), ({"bf16": True}, "bfloat16"),
+                                         ({"fp16": True}, "float32"),
+                                         ({"bf16": True, "model_init_kwargs":
+                                           {"dtype": "float32"}}, "float32")])
+def test_weights_load_in_the_dtype_the_stage_trains_in(tmp_path, tiny_model, args, dtype,
+                                                       monkeypatch):
+    import torch
+
+    from solar_merge.stages import common, train
+
+    seen = []
+
+    def stop(trainer, info):
+        seen.append(trainer.model.dtype)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "TRAINER_HOOKS", [stop])
+    (tmp_path / "c.txt").write_text("some text to pack\n\n" * 40)
+    if args.get("fp16"):
+        pytest.importorskip("torch").cuda.is_available() or pytest.skip("fp16 needs a GPU")
+    with pytest.raises(KeyboardInterrupt):
+        train({"stage": "cpt", "model": str(tiny_model), "datasets": [str(tmp_path / "c.txt")],
+               "seq_len": 16, "args": {"max_steps": 1, **args}}, tmp_path / "out")
+    assert seen == [getattr(torch, dtype)]
+    expected = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    if args.get("fp16") or args.get("model_init_kwargs"):
+        expected = "mixed"
+    assert memory.precision(args) == expected
+
+
+def deepspeed_zero3_gpu_bytes(total_params, largest_layer_params, num_gpus_per_node=1,
+                              num_nodes=1):
+    """DeepSpeed's documented closed form for ZeRO-3 without offload
+    (deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs, cpu_offload=False):
+    gpu_mem = 4 * largest_layer_params + int(18 * total_params / total_gpus).
+    Written from their docs here (deepspeed is not installed)."""
+    total_gpus = num_nodes * num_gpus_per_node
+    return 4 * largest_layer_params + int(18 * total_params / total_gpus)
+
+
+def deepspeed_zero2_gpu_bytes(total_params, num_gpus_per_node=1, num_nodes=1):
+    """estimate_zero2_model_states_mem_needs, cpu_offload=False:
+    gpu_mem = 4 * total_params + int(16 * total_params / total_gpus)."""
+    return 4 * total_params + int(16 * total_params / (num_nodes * num_gpus_per_node))
+
+
+@pytest.mark.parametrize("config, gpus, nodes", [(MISTRAL, 8, 1), (MISTRAL, 8, 2),
+                                                 ({**MISTRAL, "num_hidden_layers": 48}, 8, 1),
+                                                 ({**MISTRAL, "hidden_size": 2048,
+                                                   "intermediate_size": 5632}, 4, 1)])
+def test_sharded_model_states_match_deepspeeds_estimator(config, gpus, nodes):
+    shape = Shape.from_config(config)
+    n = gpus * nodes
+    largest = 32000 * config["hidden_size"]  # the embedding: the largest single module
+    assert shape.largest_module == largest
+    z3 = estimate(shape, Setup(strategy="zero3", devices=n, precision="bf16")).terms
+    assert abs(z3["model states shard"] + z3["gathered module"]
+               - deepspeed_zero3_gpu_bytes(shape.params, largest, gpus, nodes)) <= 1
+    z2 = estimate(shape, Setup(strategy="zero2", devices=n, precision="bf16")).terms
+    assert abs(z2["weights"] + z2["gradients"] + z2["optimizer state shard"]
+               - deepspeed_zero2_gpu_bytes(shape.params, gpus, nodes)) <= 1
+    # more devices: less per device; activations do not shard
+    z3_16 = estimate(shape, Setup(strategy="zero3", devices=2 * n, precision="bf16"))
+    assert z3_16.terms["model states shard"] < z3["model states shard"]
+    assert z3_16.terms["activations"] == z3["activations"]
+
+
+def test_lora_and_checkpointing_shrink_the_estimate():
+    shape = Shape.from_config(MISTRAL)
+    full = estimate(shape, Setup(precision="bf16", batch=1, seq_len=2048))
+    lora = estimate(shape, Setup(precision="bf16", batch=1, seq_len=2048, lora=True,
+                                 trainable=memory.lora_params(shape, 16, "all-linear")))
+    qlora = estimate(shape, Setup(precision="bf16", batch=1, seq_len=2048, lora=True,
+                                  load_in_4bit=True,
+                                  trainable=memory.lora_params(shape, 16, "all-linear")))
+    # rank 16 on the 7 projections of 32 layers: 16*(in+out) each, ~42M parameters
+    assert memory.lora_params(shape, 16, "all-linear") == 32 * 16 * (
+        2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    assert lora.terms["gradients"] < full.terms["gradients"] / 100
+    assert qlora.terms["weights"] < lora.terms["weights"] / 3
+    ckpt = estimate(shape, Setup(precision="bf16", batch=1, seq_len=2048,
+                                 activation_checkpointing=True))
+    assert ckpt.terms["activations"] < full.terms["activations"] / 10

@@ -342,10 +342,15 @@ def resolve(config: dict, overrides=(), base_dir=None) -> dict:
 
 
 def stage_hash(resolved: dict) -> str:
-    """The hash that marks a finished stage (the output folder itself is not part of it)."""
-    from solar_merge.outputs import config_hash
+    """The hash that marks a finished stage: its config (the output folder aside) and what its
+    inputs hold (model folders, data files), so retraining an input in place, or editing a
+    data file, makes the stage run again."""
+    from solar_merge.outputs import config_hash, fingerprint
 
-    return config_hash({k: v for k, v in resolved.items() if k != "output"})
+    inputs = [resolved.get("model"), resolved.get("ref_model"),
+              *(d["path"] for d in resolved.get("datasets") or [])]
+    return config_hash({"config": {k: v for k, v in resolved.items() if k != "output"},
+                        "inputs": {p: fingerprint(p) for p in inputs if p}})
 
 
 def train(config: dict, out_dir=None, *, overrides=(), base_dir=None) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from solar_merge.errors import UserError, did_you_mean
-from solar_merge.outputs import atomic_output, crash_point, is_complete
+from solar_merge.outputs import OWNED, atomic_output, crash_point, is_complete
 
 HASH_FILE = "resolved_hash"
 LOSS_LOG = "loss.jsonl"
@@ -75,9 +75,11 @@ def prepare_work(work: Path, h: str) -> None:
     """A partial folder left by another config is emptied: never resume someone else's run."""
     stamp = work / HASH_FILE
     if stamp.is_file() and stamp.read_text().strip() != h or (
-            not stamp.is_file() and any(work.iterdir())):
+            not stamp.is_file() and any(p.name != OWNED for p in work.iterdir())):
         _say(f"{work} was left by a run with another config: starting over")
         for p in work.iterdir():
+            if p.name == OWNED:  # keeps the folder ours (outputs.atomic_output)
+                continue
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     stamp.write_text(h + "\n")
 

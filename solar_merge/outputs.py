@@ -251,3 +251,35 @@ def portable(value, root):
     if isinstance(value, str) and os.path.isabs(value) and "\n" not in value:
         return os.path.relpath(value, Path(root).absolute())
     return value
+
+
+# Keys whose values (or list items) name local files or folders in our configs and recipes.
+PATH_KEYS = frozenset({"model", "ref_model", "base_model", "path", "file", "models",
+                       "datasets", "text", "problems", "qa", "data", "seed",
+                       "chat_template_path", "include_path"})
+
+
+def relocate(config, source_dir, target_dir, *, names=()):
+    """`config` for a copy moved from `source_dir` to `target_dir`: every existing local path
+    under PATH_KEYS (absolute, or relative to `source_dir`) rewritten relative to
+    `target_dir`. `names` (a recipe's stage names) and anything that is not a local path
+    (Hub ids) stay as they are."""
+    source_dir, target_dir = Path(source_dir).absolute(), Path(target_dir).absolute()
+
+    def path(value):
+        if not isinstance(value, str) or value in names or "\n" in value:
+            return value
+        if value.split("/")[0] in names:  # `<stage>/<file>`: a synth_math stage's data file
+            return value
+        local = Path(os.path.expanduser(value))
+        local = Path(os.path.normpath(local if local.is_absolute() else source_dir / local))
+        return os.path.relpath(local, target_dir) if local.exists() else value
+
+    def move(value, key=None):
+        if isinstance(value, dict):
+            return {k: move(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v, key) for v in value]
+        return path(value) if key in PATH_KEYS else value
+
+    return move(config)

@@ -426,10 +426,13 @@ def test_real_merge_card_extract_round_trip(tmp_path, tiny_model_factory):
     assert "## Merge method\n\nThis model was merged using the [Linear]" in text
     assert str(a) not in text.split("## Recipe")[0]  # paths only inside the exact recipe
     (out / "mergekit_config.yml").unlink()
-    extracted, _ = hub.load_recipe_text(str(out))
-    assert check_config(extracted) == check_config(config)
+    extracted, _ = hub.load_recipe_text(str(out))  # paths relative to the folder it is in
+    assert str(tmp_path) not in extracted
+    assert check_config(extracted, out) == check_config(config)
+    elsewhere, _ = hub.recipe_for(str(out), tmp_path / "else")  # rebased for another folder
+    assert check_config(elsewhere, tmp_path / "else") == check_config(config)
     before = (out / "model.safetensors").stat().st_mtime_ns
-    assert merge(extracted, out) == out  # same resolved config: already complete, untouched
+    assert merge(extracted, out, base_dir=out) == out  # same config: complete, untouched
     assert (out / "model.safetensors").stat().st_mtime_ns == before
     assert [p for p, _ in hub.push(out, "me/merged", dry_run=True)] == sorted(
         p.name for p in out.iterdir() if not p.name.startswith("."))

@@ -250,3 +250,19 @@ def test_allow_pickle_reaches_every_model(tmp_path, tiny_model_factory):
         merge(_avg(*pickles), tmp_path / "refused")
     out = merge(_avg(*pickles), tmp_path / "out", options={"allow_pickle": True})
     assert is_complete(out) and json.loads((out / "config.json").read_text())
+
+
+def test_the_final_recipe_copy_travels_and_resumes_in_place(tmp_path, tiny_model):
+    from test_recipe import Spy
+
+    (tmp_path / "corpus.txt").write_text("some text\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "r", "out": "runs", "final": "avg", "stages": {
+        "cpt": {"train": {"stage": "cpt", "model": str(tiny_model), "datasets": ["corpus.txt"]}},
+        "avg": {"merge": {"merge_method": "solar_average", "models": [
+            {"model": "cpt", "parameters": {"weight": 1.0}}]}}}}))
+    first = recipe.run(path, runners=Spy().runners(), progress=False)
+    copy = first.final / "recipe.yaml"
+    assert str(tmp_path) not in copy.read_text()
+    again = recipe.run(copy, runners=Spy().runners(), progress=False)
+    assert again.out == first.out and again.ran == [] and again.skipped == ["cpt", "avg"]

@@ -12,7 +12,7 @@ import yaml
 
 from solar_merge import recipe
 from solar_merge.errors import UserError
-from solar_merge.outputs import atomic_output, is_complete, partial_dir
+from solar_merge.outputs import MARKER, OWNED, atomic_output, is_complete, partial_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"logging_steps": 1, "per_device_train_batch_size": 2, "gradient_checkpointing": False,
@@ -160,17 +160,30 @@ def test_upstream_change_clears_a_stale_partial_and_forces_the_tool(fake_recipe)
     sft = p.stages["sft"]
     stale = partial_dir(sft.out_dir)
     stale.mkdir()
+    (stale / OWNED).touch()  # ours: made by an earlier run
     (stale / "checkpoint-9").mkdir()  # left by a run of the old config
+    old_hash = json.loads((sft.out_dir / MARKER).read_text())["config_hash"]
     seen = []
 
     def runner(st):
         if st.name == "sft":
-            # the old tool marker is gone, so a real tool cannot skip
-            seen.append((is_complete(st.out_dir), stale.exists()))
+            # the old tool marker no longer matches anything, so a real tool cannot skip
+            seen.append((is_complete(st.out_dir), is_complete(st.out_dir, old_hash),
+                         stale.exists()))
         Spy().runner(st)
 
     recipe.run(p, runners=dict.fromkeys(recipe.KINDS, runner), progress=False, card=False)
-    assert seen == [(False, False)]
+    assert seen == [(True, False, False)]
+
+
+def test_a_partial_folder_we_did_not_make_is_left_alone(fake_recipe):
+    p = recipe.plan(fake_recipe)
+    foreign = partial_dir(p.stages["sft"].out_dir)
+    foreign.mkdir(parents=True)
+    (foreign / "mine.txt").write_text("a user's file")
+    with pytest.raises(UserError, match="not created by solar-merge"):
+        recipe.run(p, runners=Spy().runners(), progress=False, card=False)
+    assert (foreign / "mine.txt").read_text() == "a user's file"
 
 
 # -- validation: schema, graph, shapes, before anything runs ---------------------------------
@@ -309,6 +322,7 @@ def test_tiny_recipe_end_to_end_with_resume(tmp_path, tiny_model):
     def broken(st):
         if st.name == "slerp":
             partial_dir(st.out_dir).mkdir(parents=True)
+            (partial_dir(st.out_dir) / OWNED).touch()
             raise KeyboardInterrupt
         return spies["merge"](st)
 

@@ -104,53 +104,60 @@ def _emit_config(text: str, config_out, run_out) -> None:
         click.echo(text)
 
 
+def _upscale(planned, config_out, run_out, options, default_name: str) -> None:
+    """Shared by `dus` and `expand`: describe, write or print the config, run it."""
+    click.echo(planned.describe(), err=True)
+    _emit_config(planned.yaml(config_out or default_name), config_out, run_out)
+    if run_out:
+        click.echo(f"up-scaled model in {planned.run(run_out, options=options)}", err=True)
+
+
 @main.command(context_settings=_TAKES_MERGEKIT_OPTIONS)
 @click.argument("model")
-@click.option("--drop", "-m", type=int, required=True,
+@click.option("--drop", "-m", type=int,
               help="Layers m dropped at the seam of each copy (SOLAR: 8 of 32).")
+@click.option("--repeat", metavar="A:B",
+              help="Instead of --drop: repeat layers A..B-1 once (Yi-9B); end-exclusive.")
+@click.option("--scale-overlap", type=float, metavar="ALPHA",
+              help="Multiply o_proj and down_proj of every layer that occurs twice by ALPHA, "
+                   "in both copies (0.5 keeps their summed contribution).")
 @_CONFIG_OUT
 @_RUN_OUT
 @_MERGEKIT_OPTIONS
 @click.pass_context
-def dus(ctx, model, drop, config_out, run_out, mergekit_args):
-    """Depth up-scale MODEL: a mergekit passthrough config with 2(n-m) layers."""
-    from solar_merge.checkpoints import model_info
-    from solar_merge.upscale import describe, dus_yaml, upscale
+def dus(ctx, model, drop, repeat, scale_overlap, config_out, run_out, mergekit_args):
+    """Depth up-scale MODEL: a mergekit passthrough config with 2(n-m) layers (--drop m), or
+    n + B - A layers (--repeat A:B)."""
+    from solar_merge.upscale import plan_upscale
 
     options = _merge_options(ctx, mergekit_args, run_out)
-    info = model_info(model)
-    click.echo(describe(model, drop, info), err=True)
-    _emit_config(dus_yaml(info.source, drop, info, out_name=config_out or "dus.yaml"),
-                 config_out, run_out)
-    if run_out:
-        click.echo(f"up-scaled model in {upscale(model, drop, run_out, options=options)}",
-                   err=True)
+    planned = plan_upscale(model, "dus", drop=drop, repeat=repeat, scale_overlap=scale_overlap)
+    _upscale(planned, config_out, run_out, options, "dus.yaml")
 
 
 @main.command(context_settings=_TAKES_MERGEKIT_OPTIONS)
 @click.argument("model")
-@click.option("--every", type=int, required=True,
+@click.option("--every", type=int,
               help="Insert one zero-output block after every N layers (LLaMA Pro: 4).")
+@click.option("--blocks", type=int, metavar="K", help="Instead of --every: add K new blocks.")
+@click.option("--where", type=click.Choice(["interleaved", "top"]),
+              help="With --blocks: one after every n/K layers (default), or in the gaps "
+                   "between the last K+1 layers (OpT-DeUS: trains faster).")
+@click.option("--init", type=click.Choice(["identity", "average"]),
+              help="With --blocks: a copy of the layer below with zeroed outputs (default, "
+                   "LLaMA Pro), or the mean of the two adjacent layers (Avg-DeUS).")
 @_CONFIG_OUT
 @_RUN_OUT
 @_MERGEKIT_OPTIONS
 @click.pass_context
-def expand(ctx, model, every, config_out, run_out, mergekit_args):
-    """LLaMA Pro block expansion of MODEL: new blocks that compute the identity until trained."""
-    from solar_merge.checkpoints import model_info
-    from solar_merge.upscale import expand as run_expand
-    from solar_merge.upscale import expand_yaml, new_block_layers
+def expand(ctx, model, every, blocks, where, init, config_out, run_out, mergekit_args):
+    """Block expansion of MODEL: new blocks that compute the identity until trained (LLaMA Pro),
+    or averages of their neighbours."""
+    from solar_merge.upscale import plan_upscale
 
     options = _merge_options(ctx, mergekit_args, run_out)
-    info = model_info(model)
-    n = info.n_layers
-    text = expand_yaml(info.source, every, info, out_name=config_out or "expand.yaml")
-    click.echo(f"{model}: {n} -> {n + n // every} layers; train the new blocks "
-               f"{new_block_layers(n, every)} (e.g. cpt trainable_layers)", err=True)
-    _emit_config(text, config_out, run_out)
-    if run_out:
-        click.echo(f"expanded model in {run_expand(model, every, run_out, options=options)}",
-                   err=True)
+    planned = plan_upscale(model, "expand", every=every, blocks=blocks, where=where, init=init)
+    _upscale(planned, config_out, run_out, options, "expand.yaml")
 
 
 @main.command()

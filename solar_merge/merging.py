@@ -94,6 +94,10 @@ class _Checker:
         try:
             folder = local_dir(path, self.base_dir)
             resolved = str(folder) if folder else path
+            if folder and ".." in Path(path).parts:  # [UPSCALE] a second spelling of a folder
+                # (upscale.twin: DIR/../NAME) stays as written: mergekit tells models apart by
+                # their spelling, and an average block needs one folder twice in a slice
+                resolved = str(Path(self.base_dir, os.path.expanduser(path)).absolute())
             self.infos.setdefault(resolved, model_info(resolved, field=where))
         except UserError as e:
             message = e.message.split("\n  fix:")[0]

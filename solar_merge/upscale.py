@@ -1,16 +1,47 @@
-"""Depth up-scaling (SOLAR, arXiv 2312.15166) as a stock mergekit passthrough config.
+"""Every way solar-merge grows a model's depth, each written as a stock mergekit config.
 
-From an n-layer model keep layers [0, n-m) of copy A and [m, n) of copy B and stack them:
-s = 2(n-m) layers. Output layer i is source layer i for i < n-m, else i - (n-2m).
+- SOLAR's depth up-scaling (arXiv 2312.15166): layers [0, n-m) of copy A + [m, n) of copy B,
+  s = 2(n-m) layers. Output layer i is source layer i for i < n-m, else i - (n-2m).
+- A range repeat (Yi-9B): [0, B) + [A, n), so layers [A, B) occur twice; SOLAR is the repeat
+  of [m, n-m). `scale` multiplies the residual output projections (attention o_proj, MLP
+  down_proj) of every layer that occurs twice by ALPHA, in both occurrences (0.5 keeps their
+  summed contribution at the original's). Both are `passthrough` configs (`scale` filters).
+- Block expansion: K new blocks placed `interleaved` (one after every n/K layers, LLaMA Pro,
+  arXiv 2401.02415) or at the `top` (in the gaps between the last K+1 layers, where OpT-DeUS,
+  arXiv 2508.08011, found new layers train faster). `identity` blocks copy the layer below with
+  o_proj and down_proj zeroed (the model computes what the base did); `average` blocks are
+  the mean of the two adjacent layers (Avg-DeUS), a slice merge with `solar_average`.
+
+`new_layers(config)` reads back which output layers an up-scale created, from the config alone
+(the output folder's mergekit_config.yml): that is what `trainable_layers: new` trains.
+No torch or mergekit imports here, except in the functions that run a merge.
 """
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from solar_merge.checkpoints import ModelInfo, human, model_info
+from solar_merge.checkpoints import ModelInfo, human, is_hub_id, model_info
 from solar_merge.errors import UserError
 
+# The residual output projections of a Llama/Mistral/Qwen-style block (mergekit matches a
+# filter as a substring of the tensor name).
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+WHERE = ("interleaved", "top")
+INIT = ("identity", "average")
+
+
+def scale_outputs(alpha: float) -> list[dict]:
+    """mergekit `scale` filters: the residual output projections times alpha, the rest 1."""
+    return [{"filter": f, "value": alpha} for f in RESIDUAL_OUTPUTS] + [{"value": 1.0}]
+
+
+ZERO_OUTPUTS = scale_outputs(0.0)
+
+
+# -- checks: each raises one UserError naming the option and the fix ------------------------
 
 def check_drop(n: int, m: int, *, allow_repeat: bool = False) -> None:
     """1 <= m < n/2: m >= 1 so a seam is removed (m = 0 repeats all 2n layers, which the paper
@@ -32,68 +63,45 @@ def layer_map(n: int, m: int) -> list[tuple[int, str, int]]:
             + [(keep + j, "B", m + j) for j in range(keep)])
 
 
-def dus_config(model: str, drop: int, *, n_layers: int, dtype: str | None = None,
-               allow_repeat: bool = False) -> dict:
-    """The mergekit passthrough config for a DUS of `model` (n_layers layers) dropping `drop`."""
-    check_drop(n_layers, drop, allow_repeat=allow_repeat)
-    config = {
-        "slices": [
-            {"sources": [{"model": model, "layer_range": [0, n_layers - drop]}]},
-            {"sources": [{"model": model, "layer_range": [drop, n_layers]}]},
-        ],
-        "merge_method": "passthrough",
-    }
-    if dtype:
-        config["dtype"] = dtype
-    return config
+def parse_range(text: str) -> tuple[int, int]:
+    """`A:B` -> (A, B), an end-exclusive layer range as in mergekit's layer_range."""
+    a, sep, b = str(text).partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(a), int(b)
+    except ValueError:
+        raise UserError(f"--repeat {text}: expected A:B, two layer indices (end-exclusive, "
+                        "like mergekit's layer_range)",
+                        fix="e.g. --repeat 12:22 repeats layers 12..21") from None
 
 
-def dus_yaml(model: str, drop: int, info: ModelInfo, *, out_name: str = "dus.yaml") -> str:
-    """The config as YAML, opening with the command that runs it (stock mergekit works)."""
-    out_name = Path(out_name).name
-    n = info.n_layers
-    s = 2 * (n - drop)
-    head = (f"# mergekit-yaml {out_name} OUT --copy-tokenizer   (or: solar-merge yaml {out_name} OUT)\n"
-            f"# Depth up-scaling (SOLAR, arXiv 2312.15166) of {model}: n={n}, m={drop} -> s={s}"
-            " layers.\n"
-            f"# Copy A keeps layers [0, {n - drop}), copy B keeps [{drop}, {n}); ranges are"
-            " end-exclusive.\n")
-    body = dus_config(model, drop, n_layers=n, dtype=info.dtype)
-    return head + yaml.safe_dump(body, sort_keys=False, default_flow_style=None)
+def check_repeat(n: int, start: int, end: int) -> None:
+    if not (0 <= start < n and start < end <= n):
+        why = ("is empty" if start >= end and 0 <= start < n and 0 <= end <= n
+               else f"is outside the model's layers [0, {n})")
+        raise UserError(f"--repeat {start}:{end} {why}: A:B repeats layers A..B-1, so "
+                        f"0 <= A < B <= {n}",
+                        fix=f"pick 0 <= A < B <= {n}; `solar-merge seam` recommends a range")
 
 
-def describe(model: str, drop: int, info: ModelInfo) -> str:
-    """The layer map and parameter counts, for people."""
-    n, s = info.n_layers, 2 * (info.n_layers - drop)
-    rows = layer_map(n, drop)
-    lines = [f"{model}: {n} layers -> {s} layers (drop m={drop} at the seam of each copy)",
-             f"  output [0, {n - drop}) <- copy A layers [0, {n - drop})",
-             f"  output [{n - drop}, {s}) <- copy B layers [{drop}, {n})",
-             (f"  seam: output {n - drop - 1} (A{rows[n - drop - 1][2]}) -> output {n - drop} "
-             f"(B{rows[n - drop][2]})"),
-             f"  parameters: {human(info.params)} -> {human(info.params_with_layers(s))}"]
-    return "\n".join(lines)
+def check_alpha(alpha) -> None:
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0 \
+            or alpha == float("inf"):
+        raise UserError(f"--scale-overlap {alpha} must be a positive number: it multiplies the "
+                        "residual output projections of every repeated layer",
+                        fix="use 0.5 to keep a repeated layer's summed contribution at the "
+                            "original's (1 changes nothing)")
 
 
-def upscale(model: str, drop: int, out_dir, *, base_dir=None, options: dict | None = None,
-            allow_repeat: bool = False) -> Path:
-    """Run the DUS through solar-merge's mergekit runner (atomic, resumable, fixed)."""
-    from solar_merge.merging import merge
-
-    info = model_info(model, base_dir)
-    config = dus_config(info.source, drop, n_layers=info.n_layers, dtype=info.dtype,
-                        allow_repeat=allow_repeat)
-    return merge(config, out_dir, base_dir=base_dir, options=options,
-                 label=f"DUS of {model}", kind="dus")
-
-
-# -- LLaMA Pro block expansion (Wu et al., 2024, arXiv 2401.02415) --
-# After every `every` layers, insert a copy of the group's last block whose output projections
-# (attention o_proj, MLP down_proj) are scaled to zero: the new block adds nothing to the
-# residual stream, so the expanded model computes exactly what the base did until trained.
-
-ZERO_OUTPUTS = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0},
-                {"value": 1.0}]
+def check_overlap(n: int, drop: int) -> None:
+    """--scale-overlap needs layers that occur twice: [m, n-m) must not be empty."""
+    if isinstance(drop, int) and 0 <= drop and 2 * drop >= n:
+        raise UserError(f"--scale-overlap with --drop {drop}: copies [0, {n - drop}) and "
+                        f"[{drop}, {n}) of a {n}-layer model share no layer, so there is "
+                        "nothing to scale",
+                        fix=f"use --drop m with m < n/2 = {n / 2:g}, or leave out "
+                            "--scale-overlap")
 
 
 def check_every(n: int, every: int) -> None:
@@ -103,30 +111,436 @@ def check_every(n: int, every: int) -> None:
                         fix=f"use one of {divisors} (LLaMA Pro: every 4 of 32 -> 40 layers)")
 
 
-def expand_config(model: str, every: int, *, n_layers: int, dtype: str | None = None) -> dict:
-    """A stock mergekit passthrough config: n + n/every layers, new blocks zero-output."""
-    check_every(n_layers, every)
-    slices = []
-    for start in range(0, n_layers, every):
-        end = start + every
-        slices.append({"sources": [{"model": model, "layer_range": [start, end]}]})
-        slices.append({"sources": [{"model": model, "layer_range": [end - 1, end],
-                                    "parameters": {"scale": ZERO_OUTPUTS}}]})
-    config = {"slices": slices, "merge_method": "passthrough"}
+def check_blocks(n: int, blocks: int, where: str, init: str) -> None:
+    if where not in WHERE:
+        raise UserError(f"--where {where}: expected one of {', '.join(WHERE)}",
+                        fix="interleaved (LLaMA Pro) or top (OpT-DeUS)")
+    if init not in INIT:
+        raise UserError(f"--init {init}: expected one of {', '.join(INIT)}",
+                        fix="identity (LLaMA Pro) or average (Avg-DeUS)")
+    if where == "interleaved":
+        low = 2 if init == "average" else 1  # an average needs a layer above its group
+        ok = [k for k in range(1, n + 1) if n % k == 0 and n // k >= low]
+        if not isinstance(blocks, int) or blocks not in ok:
+            raise UserError(
+                f"--blocks {blocks} with --where interleaved must divide the model's {n} layers "
+                "into equal groups (one new block after each group)"
+                + (" of at least 2 layers (an average block needs a layer above it)"
+                   if init == "average" else ""),
+                fix=f"use one of {ok}, or --where top (any K from 1 to {n - 1})")
+    elif not isinstance(blocks, int) or not 1 <= blocks <= n - 1:
+        raise UserError(f"--blocks {blocks} with --where top must be 1..{n - 1}: each new "
+                        f"block fills one gap between the last K+1 of the {n} layers",
+                        fix=f"pick K in [1, {n - 1}]")
+
+
+# -- configs --------------------------------------------------------------------------------
+
+def _config(slices: list[dict], method: str, dtype: str | None, **extra) -> dict:
+    config = {"slices": slices, "merge_method": method, **extra}
     if dtype:
         config["dtype"] = dtype
     return config
 
 
-def expand_yaml(model: str, every: int, info: ModelInfo, *, out_name: str = "expand.yaml"
-                ) -> str:
-    """The expansion config as YAML, opening with the command that runs it."""
-    n = info.n_layers
-    config = expand_config(model, every, n_layers=n, dtype=info.dtype)
-    head = (f"# mergekit-yaml {Path(out_name).name} OUT --copy-tokenizer --clone-tensors\n"
-            f"# LLaMA Pro block expansion of {model}: {n} -> {n + n // every} layers; new "
-            f"blocks (o_proj, down_proj zeroed) at {new_block_layers(n, every)}\n")
+def _source(model: str, start: int, end: int, scale: list | None = None) -> dict:
+    source = {"model": model, "layer_range": [start, end]}
+    if scale is not None:
+        source["parameters"] = {"scale": scale}
+    return source
+
+
+def stack_config(model: str, *, n_layers: int, start: int, end: int,
+                 scale: float | None = None, dtype: str | None = None) -> dict:
+    """Layers [0, end) then [start, n): [start, end) occurs twice. With `scale`, the residual
+    output projections of both occurrences are multiplied by it."""
+    n = n_layers
+    if scale is None:
+        slices = [{"sources": [_source(model, 0, end)]}, {"sources": [_source(model, start, n)]}]
+    else:
+        scaled = scale_outputs(scale)
+        ranges = [(0, start, None), (start, end, scaled), (start, end, scaled), (end, n, None)]
+        slices = [{"sources": [_source(model, a, b, s)]} for a, b, s in ranges if a < b]
+    return _config(slices, "passthrough", dtype)
+
+
+def dus_config(model: str, drop: int, *, n_layers: int, dtype: str | None = None,
+               allow_repeat: bool = False, scale: float | None = None) -> dict:
+    """The mergekit passthrough config for a DUS of `model` (n_layers layers) dropping `drop`."""
+    if scale is not None:
+        check_alpha(scale)
+        check_overlap(n_layers, drop)
+    check_drop(n_layers, drop, allow_repeat=allow_repeat)
+    return stack_config(model, n_layers=n_layers, start=drop, end=n_layers - drop, scale=scale,
+                        dtype=dtype)
+
+
+def repeat_config(model: str, start: int, end: int, *, n_layers: int,
+                  dtype: str | None = None, scale: float | None = None) -> dict:
+    """Repeat layers [start, end) once (Yi-9B style): n + (end - start) layers."""
+    if scale is not None:
+        check_alpha(scale)
+    check_repeat(n_layers, start, end)
+    return stack_config(model, n_layers=n_layers, start=start, end=end, scale=scale,
+                        dtype=dtype)
+
+
+def block_positions(n: int, blocks: int, where: str = "interleaved",
+                    init: str = "identity") -> list[int]:
+    """The base layers p after which a new block goes (output: base p, then the new block)."""
+    check_blocks(n, blocks, where, init)
+    if where == "top":
+        return list(range(n - blocks - 1, n - 1))
+    group = n // blocks
+    after = [(g + 1) * group - 1 for g in range(blocks)]
+    if init == "average":  # the top group's block goes below the top layer: it needs p + 1
+        after[-1] = n - 2
+    return after
+
+
+def twin(model: str) -> str:
+    """Another spelling of the local folder `model`: mergekit 0.1.5 refuses the same model
+    twice in one slice ("Duplicate merge inputs"), but merges two spellings of one folder.
+    Built from the real path, so that `..` cannot step out of a symlinked folder."""
+    real = os.path.realpath(model)
+    return os.path.join(real, "..", os.path.basename(real))
+
+
+def expand_config(model: str, every: int | None = None, *, n_layers: int,
+                  dtype: str | None = None, blocks: int | None = None,
+                  where: str = "interleaved", init: str = "identity") -> dict:
+    """n + K layers: K new blocks after the base layers block_positions() names. `every` is
+    the LLaMA Pro spelling of `blocks = n / every, where = interleaved`."""
+    n = n_layers
+    if every is not None:
+        check_every(n, every)
+        blocks, where = n // every, "interleaved"
+    if init == "average" and is_hub_id(model):
+        raise UserError(f"--init average needs a local copy of {model}: the slice merge names "
+                        "the model twice, which mergekit allows for a folder only",
+                        fix=f"download it first (hf download {model} --local-dir DIR) and "
+                            "expand DIR")
+    after = block_positions(n, blocks, where, init)
+    slices, start = [], 0
+    for p in after:
+        slices.append({"sources": [_source(model, start, p + 1)]})
+        if init == "identity":
+            slices.append({"sources": [_source(model, p, p + 1, ZERO_OUTPUTS)]})
+        else:
+            slices.append({"sources": [_source(model, p, p + 1),
+                                       _source(twin(model), p + 1, p + 2)]})
+        start = p + 1
+    if start < n:
+        slices.append({"sources": [_source(model, start, n)]})
+    if init == "identity":
+        return _config(slices, "passthrough", dtype)
+    # weight 1 everywhere: one-source slices stay exact copies, two-source slices the mean.
+    return _config(slices, "solar_average", dtype, parameters={"weight": 1.0})
+
+
+# -- reading a config back ------------------------------------------------------------------
+
+def output_layers(config: dict) -> list[list[tuple[str, int]]]:
+    """For each output layer, its (model, source layer) inputs, in order."""
+    out = []
+    for s in config.get("slices") or []:
+        sources = s.get("sources") or []
+        if not sources:
+            continue
+        a, b = sources[0]["layer_range"]
+        for k in range(b - a):
+            out.append([(_path(src["model"]), src["layer_range"][0] + k) for src in sources])
+    return out
+
+
+def _path(ref) -> str:
+    if isinstance(ref, dict):  # mergekit's expanded form {model: {path: ...}}
+        ref = (ref.get("model") or {}).get("path", "")
+    ref = str(ref).partition("+")[0]
+    return os.path.normpath(ref) if not is_hub_id(ref) else ref
+
+
+def new_layers(config: dict) -> list[int]:
+    """Output layers the up-scale created: a (model, layer) seen before (the second copy of a
+    repeated layer, an identity block) or a layer merged from several sources (an average
+    block). The first copy of a layer is the base one, whatever comes before it. Empty for a
+    `models:` merge, which keeps the layout."""
+    seen, new = set(), []
+    for i, inputs in enumerate(output_layers(config)):
+        if len(inputs) > 1 or inputs[0] in seen:
+            new.append(i)
+        if len(inputs) == 1:  # a mean copies neither of its inputs
+            seen.add(inputs[0])
+    return new
+
+
+def new_layers_of(folder) -> list[int] | None:
+    """new_layers() of the mergekit_config.yml mergekit wrote into `folder`, None without one
+    (a folder not made by a merge, e.g. a training stage's output)."""
+    path = Path(folder) / "mergekit_config.yml"
+    if not path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML ({e})",
+                        fix="restore it from the up-scale command, or list trainable_layers "
+                            "as indices") from None
+    if not isinstance(config, dict):
+        return None
+    base = path.parent
+    for s in config.get("slices") or []:  # relative paths in the file: relative to it
+        for src in s.get("sources") or []:
+            if isinstance(src.get("model"), str) and not os.path.isabs(src["model"]) \
+                    and not is_hub_id(src["model"]):
+                src["model"] = str(base / src["model"])
+    return new_layers(config)
+
+
+def resolve_new_layers(model: str) -> list[int] | str:
+    """`trainable_layers: new` for a model folder: the layers its up-scale created, read from
+    the mergekit_config.yml in it. A folder that does not exist yet (a later stage of a
+    recipe) stays `new`: the recipe planner resolves it from the stage that makes it."""
+    if not os.path.isabs(model) and is_hub_id(model):
+        raise UserError(f"trainable_layers: new needs a local up-scaled model, not the Hub id "
+                        f"{model}", fix="list the layer indices, or download the model first")
+    if not os.path.isdir(model):
+        return "new"
+    layers = new_layers_of(model)
+    if layers is None:
+        raise UserError(f"trainable_layers: new, but {model} holds no mergekit_config.yml, so "
+                        "which layers an up-scale created is not known (a training stage's "
+                        "output does not carry it)",
+                        fix="train the up-scale's output folder itself, run the stages as one "
+                            "recipe (the planner follows the up-scale through train stages), "
+                            "or list the indices")
+    if not layers:
+        raise UserError(f"trainable_layers: new, but the mergekit_config.yml of {model} "
+                        "creates no layer (every output layer is its inputs' first copy)",
+                        fix="list the layer indices to train, or remove trainable_layers")
+    return layers
+
+
+def layer_count(config: dict) -> int:
+    return len(output_layers(config))
+
+
+# -- one entry point for the CLI, recipes and the planner -----------------------------------
+
+def build_config(model: str, n_layers: int, *, method: str = "dus", drop: int | None = None,
+                 repeat=None, scale_overlap: float | None = None, every: int | None = None,
+                 blocks: int | None = None, where: str | None = None, init: str | None = None,
+                 dtype: str | None = None) -> dict:
+    """The mergekit config of one up-scale, from the options of `dus`/`expand` (or a recipe's
+    `upscale:` stage). Raises UserError on any bad option, before anything is written."""
+    if method == "repeat":  # the naive 2n repeat, a baseline
+        return dus_config(model, 0, n_layers=n_layers, dtype=dtype, allow_repeat=True)
+    if method == "dus":
+        if (drop is None) == (repeat is None):
+            raise UserError("dus needs exactly one of --drop M (SOLAR) and --repeat A:B (one "
+                            "range)", fix="e.g. --drop 8, or --repeat 12:22")
+        if repeat is not None:
+            if isinstance(repeat, str):
+                start, end = parse_range(repeat)
+            elif isinstance(repeat, (list, tuple)) and len(repeat) == 2 and all(
+                    isinstance(x, int) for x in repeat):
+                start, end = repeat
+            else:
+                raise UserError(f"repeat: {repeat!r} is not a layer range",
+                                fix='write "A:B" or [A, B] (end-exclusive)')
+            return repeat_config(model, start, end, n_layers=n_layers, dtype=dtype,
+                                 scale=scale_overlap)
+        return dus_config(model, drop, n_layers=n_layers, dtype=dtype, scale=scale_overlap)
+    if (every is None) == (blocks is None):
+        raise UserError("expand needs exactly one of --every N and --blocks K",
+                        fix="e.g. --every 4 (LLaMA Pro), or --blocks 8 --where top")
+    if every is not None and (where or init):
+        raise UserError("--every N is LLaMA Pro's layout (identity blocks, interleaved); "
+                        "--where and --init go with --blocks K",
+                        fix="replace --every N by --blocks n/N")
+    return expand_config(model, every, n_layers=n_layers, dtype=dtype, blocks=blocks,
+                         where=where or "interleaved", init=init or "identity")
+
+
+def config_yaml(config: dict, model: str, info: ModelInfo, title: str, *,
+                out_name: str = "upscale.yaml") -> str:
+    """The config as YAML, opening with the command that runs it."""
+    name = Path(out_name).name
+    command = (f"# mergekit-yaml {name} OUT --copy-tokenizer --clone-tensors"
+               f"   (or: solar-merge yaml {name} OUT)\n")
+    if config["merge_method"] == "solar_average":
+        command += ("# solar_average is solar-merge's method: installing solar-merge registers "
+                    "it with stock mergekit.\n")
+    head = (command + f"# {title} of {model}: {info.n_layers} -> {layer_count(config)} "
+            f"layers; new layers {_ranges(new_layers(config))}\n")
+    if config["merge_method"] == "solar_average":
+        head += ("# The second source of each average names the same folder by another "
+                 "spelling (DIR/../NAME):\n# mergekit 0.1.5 refuses one model twice in a "
+                 "slice.\n")
     return head + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+
+
+def title(method: str = "dus", *, drop=None, repeat=None, scale_overlap=None, every=None,
+          blocks=None, where=None, init=None) -> str:
+    """A short human name for an up-scale, for config headers and cards."""
+    if method == "repeat":
+        return "Naive 2n repeat"
+    if method == "dus":
+        if repeat is not None and not isinstance(repeat, str):
+            repeat = f"{repeat[0]}:{repeat[1]}"
+        what = (f"Depth up-scaling (SOLAR), m={drop}" if repeat is None
+                else f"Range repeat {repeat}")
+        return what + (f", repeated layers' o_proj/down_proj x{scale_overlap:g}"
+                       if scale_overlap is not None else "")
+    if every is not None:
+        return f"Block expansion (LLaMA Pro), identity block every {every}"
+    return f"Block expansion, {blocks} {init or 'identity'} blocks, {where or 'interleaved'}"
+
+
+def _ranges(layers: list[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    parts, run = [], []
+    for i in layers:
+        if run and i != run[-1] + 1:
+            parts.append(run)
+            run = []
+        run.append(i)
+    if run:
+        parts.append(run)
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in parts) or "none"
+
+
+def describe_config(config: dict, model: str, info: ModelInfo, title_text: str) -> str:
+    """The layer map in ranges, the new layers and the parameter counts, for people."""
+    rows = output_layers(config)
+    n, s = info.n_layers, len(rows)
+    seen: set = set()
+    runs: list[list] = []  # [kind, first output, first source, length]
+    for i, inputs in enumerate(rows):
+        layers = [layer for _, layer in inputs]
+        kind = "mean" if len(inputs) > 1 else "copy" if inputs[0] in seen else "layer"
+        if len(inputs) == 1:
+            seen.add(inputs[0])
+        last = runs[-1] if runs else None
+        if last and kind != "mean" and last[0] == kind and layers[0] == last[2] + last[3]:
+            last[3] += 1
+        else:
+            runs.append([kind, i, layers[0], 1])
+    lines = [f"{model}: {n} layers -> {s} layers ({title_text})"]
+    for kind, first, src, length in runs:
+        outs = f"[{first}, {first + length})" if length > 1 else f"{first}"
+        srcs = f"layers [{src}, {src + length})" if length > 1 else f"layer {src}"
+        what = {"layer": srcs, "copy": f"second copy of {srcs}",
+                "mean": f"mean of layers {src} and {src + 1}"}[kind]
+        lines.append(f"  output {outs} <- {what}")
+    scaled = _scaled_layers(config)
+    zeroed = _scaled_layers(config, zero=True)
+    if scaled:
+        lines.append(f"  o_proj/down_proj scaled in output layers {_ranges(scaled)}")
+    if zeroed:
+        lines.append(f"  o_proj/down_proj zeroed (identity blocks) in {_ranges(zeroed)}")
+    lines.append(f"  new layers (trainable_layers: new): {_ranges(new_layers(config))}")
+    lines.append(f"  parameters: {human(info.params)} -> {human(info.params_with_layers(s))}")
+    return "\n".join(lines)
+
+
+def _scaled_layers(config: dict, zero: bool = False) -> list[int]:
+    out, i = [], 0
+    for s in config.get("slices") or []:
+        a, b = s["sources"][0]["layer_range"]
+        scale = (s["sources"][0].get("parameters") or {}).get("scale")
+        if scale is not None and (scale == ZERO_OUTPUTS) == zero:
+            out += list(range(i, i + b - a))
+        i += b - a
+    return out
+
+
+def describe(model: str, drop: int, info: ModelInfo) -> str:
+    """SOLAR's layer map and parameter counts, for people."""
+    config = dus_config(info.source, drop, n_layers=info.n_layers, dtype=info.dtype)
+    return describe_config(config, model, info, f"drop m={drop} at the seam of each copy")
+
+
+def check_residual_names(info: ModelInfo, config: dict) -> None:
+    """`scale` filters match tensor names; a model that names its residual projections
+    otherwise would silently get nothing scaled (mergekit ignores filters that match nothing)."""
+    if not any(s["sources"][0].get("parameters") for s in config.get("slices") or []):
+        return
+    folder = Path(info.source)
+    if not folder.is_dir():
+        return  # a Hub model: its tensor names are not known without downloading
+    from solar_merge.checkpoints import safetensors_headers
+
+    names = list(safetensors_headers(folder))
+    missing = [f for f in RESIDUAL_OUTPUTS if names and not any(f in n for n in names)]
+    if missing:
+        raise UserError(f"{info.source} has no tensors named *{missing[0]}*: its residual "
+                        "output projections are named differently, so they cannot be scaled",
+                        fix="scaled overlaps and identity blocks support Llama, Mistral, Qwen "
+                            "and other models with o_proj/down_proj")
+
+
+# -- the CLI's and the recipes' entry points ------------------------------------------------
+
+@dataclass
+class Planned:
+    """One up-scale, validated: its mergekit config, YAML text and description."""
+    model: str
+    info: ModelInfo
+    config: dict
+    title: str
+    kind: str
+
+    def yaml(self, out_name: str = "upscale.yaml") -> str:
+        return config_yaml(self.config, self.model, self.info, self.title, out_name=out_name)
+
+    def describe(self) -> str:
+        return describe_config(self.config, self.model, self.info, self.title)
+
+    def run(self, out_dir, *, base_dir=None, options: dict | None = None) -> Path:
+        check_residual_names(self.info, self.config)
+        return run_config(self.config, out_dir, base_dir=base_dir, options=options,
+                          label=f"{self.title} of {self.model}", kind=self.kind)
+
+
+SPEC_KEYS = ("drop", "repeat", "scale_overlap", "every", "blocks", "where", "init")
+
+
+def spec_options(spec: dict) -> dict:
+    """The up-scale options of a recipe's `upscale:` stage (None: not given)."""
+    return {k: spec[k] for k in SPEC_KEYS if spec.get(k) is not None}
+
+
+def plan_upscale(model: str, method: str = "dus", *, base_dir=None, **spec) -> Planned:
+    """Read MODEL's config.json (no weights) and build the config `spec` asks for: the
+    options of `dus`/`expand` or of a recipe's `upscale:` stage (drop, repeat,
+    scale_overlap, every, blocks, where, init). Raises UserError before anything is written."""
+    spec = {k: v for k, v in spec.items() if v is not None}
+    info = model_info(model, base_dir)
+    config = build_config(info.source, info.n_layers, method=method, dtype=info.dtype, **spec)
+    kind = "expand" if method == "expand" else "dus"
+    return Planned(model, info, config, title(method, **spec), kind)
+
+
+# -- running --------------------------------------------------------------------------------
+
+def run_config(config: dict, out_dir, *, base_dir=None, options: dict | None = None,
+               label: str = "up-scale", kind: str = "upscale") -> Path:
+    """Run an up-scale config through solar-merge's mergekit runner (atomic, resumable)."""
+    from solar_merge.merging import merge
+
+    return merge(config, out_dir, base_dir=base_dir, options=options, label=label, kind=kind)
+
+
+def upscale(model: str, drop: int, out_dir, *, base_dir=None, options: dict | None = None,
+            allow_repeat: bool = False, scale: float | None = None) -> Path:
+    """Run the DUS through solar-merge's mergekit runner (atomic, resumable, fixed)."""
+    info = model_info(model, base_dir)
+    config = dus_config(info.source, drop, n_layers=info.n_layers, dtype=info.dtype,
+                        allow_repeat=allow_repeat, scale=scale)
+    check_residual_names(info, config)
+    return run_config(config, out_dir, base_dir=base_dir, options=options,
+                      label=f"DUS of {model}", kind="dus")
 
 
 def new_block_layers(n_layers: int, every: int) -> list[int]:
@@ -134,11 +548,12 @@ def new_block_layers(n_layers: int, every: int) -> list[int]:
     return [(g + 1) * (every + 1) - 1 for g in range(n_layers // every)]
 
 
-def expand(model: str, every: int, out_dir, *, base_dir=None, options: dict | None = None
-           ) -> Path:
-    from solar_merge.merging import merge
-
+def expand(model: str, every: int | None, out_dir, *, base_dir=None,
+           options: dict | None = None, blocks: int | None = None,
+           where: str = "interleaved", init: str = "identity") -> Path:
     info = model_info(model, base_dir)
-    config = expand_config(info.source, every, n_layers=info.n_layers, dtype=info.dtype)
-    return merge(config, out_dir, base_dir=base_dir, options=options,
-                 label=f"block expansion of {model}", kind="expand")
+    config = expand_config(info.source, every, n_layers=info.n_layers, dtype=info.dtype,
+                           blocks=blocks, where=where, init=init)
+    check_residual_names(info, config)
+    return run_config(config, out_dir, base_dir=base_dir, options=options,
+                      label=f"block expansion of {model}", kind="expand")

@@ -104,23 +104,8 @@ def test_rerun_skips_and_no_partial_left(tiny_model, tmp_path):
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     upscale(str(tiny_model), 1, tmp_path / "dus")
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
-    # Only the finished folder (and the hidden lock file that keeps runs apart) remain.
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".dus.lock", "dus"]
-
-
-def test_cli_config_runs_with_stock_mergekit_yaml(tiny_model, tmp_path):
-    cfg = tmp_path / "dus.yaml"
-    result = CliRunner().invoke(main, ["dus", str(tiny_model), "--drop", "1", "-o", str(cfg)])
-    assert result.exit_code == 0, result.output
-    text = cfg.read_text()
-    assert text.startswith("# mergekit-yaml dus.yaml OUT")
-    assert yaml.safe_load(text)["merge_method"] == "passthrough"
-    out = tmp_path / "stock"
-    mergekit_yaml = [sys.executable, "-c", "from mergekit.scripts.run_yaml import main; main()"]
-    subprocess.run(mergekit_yaml + [str(cfg), str(out), "--copy-tokenizer", "--clone-tensors"],
-                   check=True, capture_output=True)
-    assert_dus_layers(tiny_model, out, 4, 1)
-    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 6
+    # Only the finished folder (and maybe the hidden lock file that keeps runs apart) remain.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".dus.lock") == ["dus"]
 
 
 def test_run_takes_mergekit_performance_options(tiny_model, tmp_path):
@@ -188,3 +173,228 @@ def test_block_expansion_computes_what_the_base_did(tiny_model_factory, tmp_path
 def test_expand_every_must_divide(tiny_model):
     result = CliRunner().invoke(main, ["expand", str(tiny_model), "--every", "3"])
     assert result.exit_code == 2 and "must divide" in result.output
+
+
+# -- issue 19: every up-scaling variant, checked tensor by tensor ---------------------------
+
+RESIDUAL = (".self_attn.o_proj.", ".mlp.down_proj.")
+STOCK_YAML = "from mergekit.scripts.run_yaml import main; import sys; " \
+             "[main([c, o, '--copy-tokenizer', '--clone-tensors'], standalone_mode=False) " \
+             "for c, o in zip(sys.argv[1::2], sys.argv[2::2])]"
+
+# Each output layer of a 4-layer model: ("copy", source, factor on o_proj/down_proj) or
+# ("mean", a, b). Written out by hand from the definitions, not computed by upscale.py.
+VARIANTS = {
+    "solar": (["dus", "--drop", "1"],
+              [("copy", 0, 1), ("copy", 1, 1), ("copy", 2, 1), ("copy", 1, 1), ("copy", 2, 1),
+               ("copy", 3, 1)], [3, 4]),
+    "scaled": (["dus", "--drop", "1", "--scale-overlap", "0.5"],
+               [("copy", 0, 1), ("copy", 1, .5), ("copy", 2, .5), ("copy", 1, .5),
+                ("copy", 2, .5), ("copy", 3, 1)], [3, 4]),
+    "repeat": (["dus", "--repeat", "0:2"],
+               [("copy", 0, 1), ("copy", 1, 1), ("copy", 0, 1), ("copy", 1, 1), ("copy", 2, 1),
+                ("copy", 3, 1)], [2, 3]),
+    "repeat_scaled": (["dus", "--repeat", "2:4", "--scale-overlap", "2"],
+                      [("copy", 0, 1), ("copy", 1, 1), ("copy", 2, 2), ("copy", 3, 2),
+                       ("copy", 2, 2), ("copy", 3, 2)], [4, 5]),
+    "top": (["expand", "--blocks", "2", "--where", "top"],
+            [("copy", 0, 1), ("copy", 1, 1), ("copy", 1, 0), ("copy", 2, 1), ("copy", 2, 0),
+             ("copy", 3, 1)], [2, 4]),
+    "interleaved": (["expand", "--blocks", "2"],
+                    [("copy", 0, 1), ("copy", 1, 1), ("copy", 1, 0), ("copy", 2, 1),
+                     ("copy", 3, 1), ("copy", 3, 0)], [2, 5]),
+    "average": (["expand", "--blocks", "2", "--init", "average"],
+                [("copy", 0, 1), ("copy", 1, 1), ("mean", 1, 2), ("copy", 2, 1), ("mean", 2, 3),
+                 ("copy", 3, 1)], [2, 4]),
+    "average_top": (["expand", "--blocks", "3", "--where", "top", "--init", "average"],
+                    [("copy", 0, 1), ("mean", 0, 1), ("copy", 1, 1), ("mean", 1, 2),
+                     ("copy", 2, 1), ("mean", 2, 3), ("copy", 3, 1)], [1, 3, 5]),
+}
+
+
+def assert_layers(src: Path, out: Path, expected: list) -> None:
+    a = load_file(str(src / "model.safetensors"))
+    b = {}
+    for shard in out.glob("*.safetensors"):
+        b.update(load_file(str(shard)))
+    assert {k for k in b if ".layers." not in k} == {k for k in a if ".layers." not in k}
+    for k in a:
+        if ".layers." not in k:
+            assert torch.equal(a[k], b[k]), k
+    layer_names = {k.split(".layers.0.")[1] for k in a if ".layers.0." in k}
+    assert len([k for k in b if ".layers." in k]) == len(expected) * len(layer_names)
+    for i, (kind, j, x) in enumerate(expected):
+        for name in layer_names:
+            got = b[f"model.layers.{i}.{name}"]
+            if kind == "mean":
+                want = (a[f"model.layers.{j}.{name}"] + a[f"model.layers.{x}.{name}"]) / 2
+            else:
+                want = a[f"model.layers.{j}.{name}"]
+                if any(r[1:] in name for r in RESIDUAL):
+                    want = want * x
+            assert torch.equal(got, want), (i, kind, j, x, name)
+
+
+@pytest.fixture(scope="module")
+def variant_outputs(tiny_model_factory, tmp_path_factory):
+    """Each variant's config written by the CLI (-o) and run by stock mergekit-yaml, all in one
+    process to pay mergekit's import once (solar_average: registered by solar-merge's .pth
+    plugin hook, which stock mergekit-yaml loads)."""
+    src = tiny_model_factory(tied=False)
+    root = tmp_path_factory.mktemp("variants")
+    pairs = []
+    for name, (args, _, _) in VARIANTS.items():
+        cfg = root / f"{name}.yaml"
+        result = CliRunner().invoke(main, [args[0], str(src), *args[1:], "-o", str(cfg)])
+        assert result.exit_code == 0, result.output
+        pairs += [str(cfg), str(root / name)]
+    subprocess.run([sys.executable, "-c", STOCK_YAML, *pairs], check=True, capture_output=True)
+    return src, root
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_tensors_are_the_definition(variant_outputs, name):
+    from solar_merge.upscale import new_layers_of
+
+    src, root = variant_outputs
+    _, expected, new = VARIANTS[name]
+    out = root / name
+    assert_layers(src, out, expected)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == len(expected)
+    text = (root / f"{name}.yaml").read_text()
+    assert text.startswith(f"# mergekit-yaml {name}.yaml OUT")
+    assert new_layers_of(out) == new  # what `trainable_layers: new` trains
+
+
+def test_identity_blocks_leave_the_logits_unchanged(variant_outputs):
+    src, root = variant_outputs
+    base = AutoModelForCausalLM.from_pretrained(src).eval()
+    ids = torch.randint(0, 384, (2, 12))
+    with torch.no_grad():
+        want = base(ids).logits
+        for name in ("top", "interleaved"):
+            grown = AutoModelForCausalLM.from_pretrained(root / name).eval()
+            torch.testing.assert_close(grown(ids).logits, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ({"drop": 1, "scale_overlap": 0.5}, [0, 1, 2, 1, 2, 3]),
+    ({"repeat": "1:3"}, [0, 1, 2, 1, 2, 3]),
+    ({"method": "expand", "blocks": 3, "where": "top", "init": "average"},
+     [0, 0, 1, 1, 2, 2, 3]),
+    ({"method": "expand", "blocks": 2, "where": "top"}, [0, 1, 1, 2, 2, 3]),
+])
+def test_layer_types_follow_every_variant(tmp_path, spec, expected):
+    from solar_merge.upscale import plan_upscale
+
+    cfg = Qwen2Config(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                      sliding_window=16, max_window_layers=2)
+    src = tmp_path / "qwen"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
+    before = cfg.layer_types
+    assert len(set(before)) == 2
+    spec = dict(spec)
+    out = plan_upscale(str(src), spec.pop("method", "dus"), **spec).run(tmp_path / "out")
+    written = json.loads((out / "config.json").read_text())
+    # an average block takes the type of the lower of its two layers
+    assert written["layer_types"] == [before[i] for i in expected]
+    assert written["num_hidden_layers"] == len(expected)
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["dus", "--drop", "1", "--scale-overlap", "0"], "must be a positive number"),
+    (["dus", "--drop", "1", "--scale-overlap", "-0.5"], "must be a positive number"),
+    (["dus", "--drop", "2", "--scale-overlap", "0.5"], "share no layer"),
+    (["dus", "--repeat", "2:2"], "is empty"),
+    (["dus", "--repeat", "3:5"], "outside the model's layers [0, 4)"),
+    (["dus", "--repeat", "-1:2"], "outside the model's layers [0, 4)"),
+    (["dus", "--repeat", "1-3"], "expected A:B"),
+    (["dus", "--repeat", "1:3", "--drop", "1"], "exactly one of --drop"),
+    (["expand", "--blocks", "3"], "must divide the model's 4 layers"),
+    (["expand", "--blocks", "4", "--init", "average"], "at least 2 layers"),
+    (["expand", "--blocks", "4", "--where", "top"], "must be 1..3"),
+    (["expand", "--every", "2", "--where", "top"], "go with --blocks"),
+])
+def test_bad_upscale_options(tiny_model, tmp_path, args, message):
+    for sink in (["-o", str(tmp_path / "c.yaml")], ["--run", str(tmp_path / "out")]):
+        result = CliRunner().invoke(main, [args[0], str(tiny_model), *args[1:], *sink])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and result.output.count("Error:") == 1, result.output
+        assert "Traceback" not in result.output and "layers ->" not in result.output
+        assert list(tmp_path.iterdir()) == []  # nothing written, not even a partial folder
+
+
+# -- trainable_layers: new -------------------------------------------------------------------
+
+def test_trainable_layers_new_trains_exactly_the_created_layers(variant_outputs, tmp_path):
+    from pydoc_data.topics import topics
+
+    from solar_merge.stages import resolve
+
+    _, root = variant_outputs
+    model = root / "top"  # new blocks 2 and 4
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(next(iter(topics.values()))[:2000])
+    stage = {"stage": "cpt", "model": str(model), "datasets": [str(corpus)], "seq_len": 32,
+             "args": {"max_steps": 1, "learning_rate": 1e-2, "per_device_train_batch_size": 2,
+                      "save_steps": 100, "gradient_checkpointing": False}}
+    assert resolve({**stage, "trainable_layers": "new"})["trainable_layers"] == [2, 4]
+    cfg = tmp_path / "cpt.yaml"
+    cfg.write_text(yaml.safe_dump(stage))
+    result = CliRunner().invoke(main, ["train", str(cfg), "trainable_layers=new",
+                                       "-o", str(tmp_path / "cpt")])
+    assert result.exit_code == 0, result.output
+    before = load_file(str(model / "model.safetensors"))
+    after = load_file(str(tmp_path / "cpt" / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and {k.split(".")[2] for k in changed} == {"2", "4"}
+    assert all(".layers." in k for k in changed)
+
+
+def test_trainable_layers_new_needs_an_upscaled_model(tiny_model, tmp_path):
+    from solar_merge.stages import resolve
+
+    with pytest.raises(UserError, match="holds no mergekit_config.yml"):
+        resolve({"stage": "cpt", "model": str(tiny_model), "datasets": ["x.txt"],
+                 "trainable_layers": "new"}, base_dir=tmp_path)
+
+
+def test_recipe_resolves_new_from_the_upscale_stage(tiny_model, tmp_path):
+    """Through a train stage, before anything exists; `new` is hashed, indices are run."""
+    from solar_merge import recipe
+
+    (tmp_path / "c.txt").write_text("text")
+    train = {"stage": "cpt", "datasets": ["c.txt"], "trainable_layers": "new"}
+    data = {"name": "t", "stages": {
+        "avg": {"upscale": {"model": str(tiny_model), "method": "expand", "blocks": 3,
+                            "where": "top", "init": "average"}},
+        "rep": {"upscale": {"model": str(tiny_model), "repeat": [1, 3], "scale_overlap": 0.5}},
+        "cpt": {"train": {**train, "model": "avg"}},
+        "cpt2": {"train": {**train, "model": "cpt"}},
+        "cpt3": {"train": {**train, "model": "rep"}}}}
+    p = recipe.plan(data, tmp_path / "runs", base_dir=tmp_path)
+    assert [p.stages[s].info.n_layers for s in ("avg", "rep")] == [7, 6]
+    assert p.stages["cpt"].config["trainable_layers"] == [1, 3, 5]
+    assert p.stages["cpt2"].config["trainable_layers"] == [1, 3, 5]
+    assert p.stages["cpt3"].config["trainable_layers"] == [3, 4]
+    data["stages"]["cpt"]["train"]["model"] = str(tiny_model)
+    with pytest.raises(UserError, match="stages.cpt.train: trainable_layers: new"):
+        recipe.plan(data, tmp_path / "runs", base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"method": "expand", "blocks": 2, "drop": 1}, "method expand takes no `drop`"),
+    ({"method": "dus", "drop": 1, "repeat": "1:2"}, "needs `drop` or `repeat`"),
+    ({"method": "dus", "drop": 1, "init": "average"}, "method dus takes no `init`"),
+    ({"method": "expand", "blocks": 3}, "must divide"),
+    ({"method": "dus", "drop": 1, "scale_overlap": -1}, "must be a positive number"),
+])
+def test_recipe_upscale_spec_errors(tiny_model, tmp_path, spec, message):
+    from solar_merge import recipe
+
+    data = {"name": "t", "stages": {"up": {"upscale": {"model": str(tiny_model), **spec}}}}
+    with pytest.raises(UserError, match=message):
+        recipe.plan(data, tmp_path / "runs", base_dir=tmp_path)

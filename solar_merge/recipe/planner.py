@@ -35,6 +35,7 @@ class StagePlan:
     memory: int | None = None           # bytes, a rough estimate
     memory_note: str = ""
     base_dir: Path | None = None        # for relative paths left inside `config`
+    new_layers: list[int] | None = None  # output layers an up-scale created (issue 19)
 
 
 @dataclass
@@ -216,9 +217,16 @@ class _Planner:
             if cfg.get(key) is not None:
                 cfg[key] = self.ref(f"{where}.{key}", cfg[key], deps, self.base)
         resolved = cfg
+        # `new` of a stage's output: from that stage (_size_train), not from a folder an
+        # earlier run left there
+        later = cfg.get("trainable_layers") == "new" and cfg.get("model") in (
+            str(self.out / n) for n in self.names)
         if not any(p.startswith(where + ".") for p in self.problems):
             try:
-                resolved = resolve(cfg, (), self.base)
+                resolved = resolve({**cfg, "trainable_layers": None} if later else cfg, (),
+                                   self.base)
+                if later:
+                    resolved["trainable_layers"] = "new"
             except UserError as e:
                 self.problems.append(f"{where}: {_first(e)}")
         for i, d in enumerate(resolved.get("datasets") or []):
@@ -372,21 +380,16 @@ class _Planner:
         src = self.info(c["model"], deps_plans)
         if src is None:
             return
-        n = src.n_layers
-        from solar_merge.upscale import check_drop, check_every
+        from solar_merge.upscale import build_config, layer_count, new_layers, spec_options
 
         try:
-            if c["method"] == "repeat":
-                s = 2 * n
-            elif c["method"] == "dus":
-                check_drop(n, c["drop"])
-                s = 2 * (n - c["drop"])
-            else:
-                check_every(n, c["every"])
-                s = n + n // c["every"]
+            config = build_config(c["model"], src.n_layers, method=c["method"],
+                                  **spec_options(c))
         except UserError as e:
             self.problems.append(f"stages.{plan.name}.upscale: {_first(e)}")
             return
+        s = layer_count(config)
+        plan.new_layers = new_layers(config)
         plan.info = _resized(src, s, plan.out_dir)
         plan.params_estimated = self.estimated([c["model"]], deps_plans)
         per_layer = src.per_layer_params or 0
@@ -404,6 +407,16 @@ class _Planner:
                 self.problems.append(f"stages.{plan.name}.train.ref_model: vocabulary "
                                      f"{ref.vocab_size} differs from the model's "
                                      f"{info.vocab_size}")
+        plan.new_layers = self._lineage_new_layers(c["model"], deps_plans)
+        if c.get("trainable_layers") == "new":
+            if not plan.new_layers:
+                self.problems.append(
+                    f"stages.{plan.name}.train.trainable_layers: `new` needs a model made by "
+                    "an upscale stage of this recipe (directly or through train stages), or a "
+                    "folder with the mergekit_config.yml of an up-scale; no new layers found "
+                    f"for {c['model']}")
+                return
+            c["trainable_layers"] = list(plan.new_layers)  # after hashing: `new` is hashed
         if info is None:
             return
         layers = c.get("trainable_layers") or []
@@ -449,8 +462,35 @@ class _Planner:
         except (UserError, KeyError, TypeError, ValueError):
             return None
 
+    def _lineage_new_layers(self, model: str, deps_plans) -> list[int] | None:
+        """The layers an up-scale created in `model` (`trainable_layers: new`): from the
+        stage that makes it (train stages keep the layout of their model), else from the
+        folder's mergekit_config.yml."""
+        for p in deps_plans.values():
+            if str(p.out_dir) == model:
+                return p.new_layers
+        from solar_merge.upscale import new_layers_of
+
+        try:
+            return new_layers_of(model) if os.path.isdir(model) else None
+        except UserError as e:
+            self.problems.append(_first(e))
+            return None
+
+    def _merge_new_layers(self, config: dict, deps_plans) -> list[int] | None:
+        """A slices merge creates layers as an up-scale does; a `models:` merge keeps the
+        layout its inputs share."""
+        from solar_merge.upscale import new_layers
+
+        if config.get("slices"):
+            return new_layers(config) or None
+        refs = [m.get("model") for m in config.get("models") or [] if isinstance(m, dict)]
+        found = [self._lineage_new_layers(r, deps_plans) for r in refs if isinstance(r, str)]
+        return found[0] if found and all(f == found[0] for f in found) else None
+
     def _size_merge(self, plan, deps_plans):
         config = plan.config.get("merge") or {}
+        plan.new_layers = self._merge_new_layers(config, deps_plans)
         where = f"stages.{plan.name}.merge"
         aligned = bool(config.get("tokenizer") or config.get("tokenizer_source"))
 

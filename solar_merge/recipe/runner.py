@@ -23,15 +23,11 @@ Runner = Callable[[StagePlan], Any]
 
 
 def _run_upscale(st: StagePlan):
-    from solar_merge import upscale
+    from solar_merge.upscale import plan_upscale, spec_options
 
     c = st.config
-    if c["method"] == "dus":
-        return upscale.upscale(c["model"], c["drop"], st.out_dir, options=c["options"])
-    if c["method"] == "repeat":
-        return upscale.upscale(c["model"], 0, st.out_dir, options=c["options"],
-                               allow_repeat=True)
-    return upscale.expand(c["model"], c["every"], st.out_dir, options=c["options"])
+    planned = plan_upscale(c["model"], c["method"], **spec_options(c))
+    return planned.run(st.out_dir, options=c["options"])
 
 
 def _run_train(st: StagePlan):

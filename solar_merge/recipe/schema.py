@@ -27,17 +27,43 @@ class UpscaleSpec(_Strict):
     method: Literal["dus", "expand", "repeat"] = "dus"  # repeat: all 2n layers, a baseline
     drop: int | None = Field(default=None, ge=0, description="DUS: layers m dropped per copy")
     every: int | None = Field(default=None, ge=1, description="expand: a new block every N")
+    # issue 19 (solar_merge.upscale.build_config checks the values):
+    repeat: str | list[int] | None = None  # dus: "A:B" or [A, B], repeat layers A..B-1 once
+    scale_overlap: float | None = None     # dus: o_proj/down_proj of repeated layers x ALPHA
+    blocks: int | None = None              # expand: K new blocks
+    where: Literal["interleaved", "top"] | None = None
+    init: Literal["identity", "average"] | None = None
     options: dict[str, Any] = Field(default_factory=dict)  # mergekit MergeOptions fields
 
     @model_validator(mode="after")
     def _method_fields(self):
-        if self.method == "dus" and (self.drop is None or self.every is not None):
-            raise ValueError("method dus needs `drop` (and no `every`)")
-        if self.method == "expand" and (self.every is None or self.drop is not None):
-            raise ValueError("method expand needs `every` (and no `drop`)")
-        if self.method == "repeat" and (self.every is not None or self.drop is not None):
-            raise ValueError("method repeat takes neither `drop` nor `every`")
+        given = {k for k in ("drop", "every", "repeat", "scale_overlap", "blocks", "where",
+                             "init") if getattr(self, k) is not None}
+        allowed = {"dus": {"drop", "repeat", "scale_overlap"},
+                   "expand": {"every", "blocks", "where", "init"}, "repeat": set()}[self.method]
+        if given - allowed:
+            raise ValueError(f"method {self.method} takes no "
+                             f"{', '.join(f'`{k}`' for k in sorted(given - allowed))}"
+                             + (f" (its keys: {', '.join(sorted(allowed))})" if allowed else ""))
+        if self.method == "dus" and len(given & {"drop", "repeat"}) != 1:
+            raise ValueError("method dus needs `drop` or `repeat` (one of them)")
+        if self.method == "expand" and len(given & {"every", "blocks"}) != 1:
+            raise ValueError("method expand needs `every` or `blocks` (one of them)")
         return self
+
+
+class SynthMathSpec(_Strict):  # issue 17: solar_merge.synth_math (checks the values too)
+    data: str                          # the seed problems: file, folder or Hub dataset
+    model: str | None = None           # a stage, folder or Hub id; default: embedded SmolLM2
+    split: str = "train"
+    subset: str | None = None          # a Hub dataset's config (GSM8K: main)
+    limit: int | None = Field(default=None, ge=1)
+    samples_per_problem: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    max_new_tokens: int = Field(default=384, ge=1)
+    seed: int = 0
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
 
 
 class Stage(_Strict):

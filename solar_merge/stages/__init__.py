@@ -9,7 +9,8 @@ imports neither torch nor TRL: `resolve()` is cheap, so that recipes can plan wi
     ref_model: ...             # dpo / stepwise_dpo only; default: model
     datasets:                  # path (file, folder or Hub name), format, max_samples, split
       - {path: data/orca.jsonl, max_samples: 100000}
-    trainable_layers: [20, 21] # optional: train only these decoder layers, freeze the rest
+    trainable_layers: [20, 21] # optional: train only these decoder layers, freeze the rest;
+                               # `new`: the layers the up-scale that made `model` created
     steps: 2                   # stepwise_dpo: number k of ordered data chunks
     keep_steps: false          # stepwise_dpo: keep every step's model under steps/step-<i>
     seq_len: 512               # cpt packing length; max_length of sft / dpo
@@ -61,7 +62,7 @@ class StageConfig(BaseModel):
     model: str
     ref_model: str | None = None
     datasets: list[DatasetSpec] = Field(min_length=1)
-    trainable_layers: list[int] | None = None
+    trainable_layers: list[int] | Literal["new"] | None = None  # new: see upscale.py
     steps: int | None = Field(default=None, ge=1)
     keep_steps: bool = False
     seq_len: int | None = Field(default=None, gt=0)
@@ -268,7 +269,11 @@ def resolve(config: dict, overrides=(), base_dir=None) -> dict:
                         fix="remove beta")
     if stage == "stepwise_dpo" and cfg.steps is None:
         cfg.steps = 2
-    if cfg.trainable_layers is not None:
+    if cfg.trainable_layers == "new":  # the layers the up-scale that made `model` created
+        from solar_merge.upscale import resolve_new_layers
+
+        cfg.trainable_layers = resolve_new_layers(_resolve_path(cfg.model, base_dir))
+    if isinstance(cfg.trainable_layers, list):
         if not cfg.trainable_layers:
             raise UserError("trainable_layers is empty: nothing would be trained",
                             fix="list layer indices, or remove the key to train everything")

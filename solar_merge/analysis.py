@@ -492,7 +492,8 @@ class PlanResult:
     base: ParamCount
     params: ParamCount           # of the planned model
     weights: dict[str, int]      # dtype -> bytes of the weights alone
-    memory: list = field(default_factory=list)  # training memory per strategy (memory.py)
+    memory: dict = field(default_factory=dict)  # strategy -> memory.Estimate (per device)
+    setup: str = ""              # the training setup the memory is for, in words
 
     def format(self) -> str:
         b, p = self.base, self.params
@@ -503,8 +504,11 @@ class PlanResult:
                  "  weights alone: " + ", ".join(f"{dtype} {_gb(n)}"
                                                  for dtype, n in self.weights.items())]
         if self.memory:
-            lines.append("  training memory (solar_merge.memory):")
-            lines += [f"    {row}" for row in self.memory]
+            lines.append(f"  training memory per device ({self.setup}; solar_merge.memory, "
+                         "runtime not included):")
+            width = max(len(k) for k in self.memory)
+            lines += [f"    {name:<{width}}  {est.describe()}"
+                      for name, est in self.memory.items()]
         return "\n".join(lines)
 
 
@@ -543,9 +547,16 @@ def planned_layers(n: int, *, drop: int | None = None, layers: int | None = None
 
 
 def plan(model: str, *, drop: int | None = None, layers: int | None = None,
-         every: int | None = None) -> PlanResult:
-    """Parameters and weight bytes of MODEL up-scaled as asked, from config.json alone (a local
-    folder, or a Hub id: config.json only is fetched)."""
+         every: int | None = None, launch: str | None = None, devices: int = 8,
+         stage: str = "sft", precision: str = "bf16", batch: int = 1, seq_len: int = 2048,
+         checkpointing: bool = True) -> PlanResult:
+    """Parameters, weight bytes and training memory of MODEL up-scaled as asked, from
+    config.json alone (a local folder, or a Hub id: config.json only is fetched). Memory is
+    solar_merge.memory's formula, per device, for every strategy or the one of `launch` (a
+    TRL accelerate preset name or an accelerate config file)."""
+    import dataclasses
+
+    from solar_merge import memory
     from solar_merge.checkpoints import read_config
 
     config = read_config(model)
@@ -556,4 +567,25 @@ def plan(model: str, *, drop: int | None = None, layers: int | None = None,
     total = base.total + (s - n) * base.per_layer
     params = ParamCount(total, base.per_layer, base.embeddings)
     weights = {dtype: int(total * size) for dtype, size in WEIGHT_BYTES.items()}
-    return PlanResult(model, n, s, how, base, params, weights)
+    if devices < 1 or batch < 1 or seq_len < 1:
+        raise UserError(f"--num-processes {devices}, --batch {batch}, --seq-len {seq_len}: "
+                        "each must be at least 1", fix="e.g. --num-processes 8 --batch 1")
+    if precision not in memory.PRECISIONS:
+        raise UserError(f"--precision {precision} is not one of {', '.join(memory.PRECISIONS)}",
+                        fix="bf16 (weights, gradients, moments in bf16), mixed (fp32 weights "
+                            "under autocast) or fp32")
+    shape = dataclasses.replace(memory.Shape.from_config(config, params=base.total),
+                                params=total, layers=s, per_layer=base.per_layer)
+    strategies = [memory.strategy_of(launch)] if launch else list(memory.STRATEGIES)
+    estimates = {}
+    for strategy in strategies:
+        count = 1 if strategy == "ddp" and not launch else devices
+        setup = memory.Setup(stage=stage, precision=precision, batch=batch, seq_len=seq_len,
+                             activation_checkpointing=checkpointing, strategy=strategy,
+                             devices=count)
+        name = f"{strategy} x{count}" if strategy != "ddp" or count > 1 else "1 device"
+        estimates[name] = memory.estimate(shape, setup)
+    words = (f"{stage}, {precision}, batch {batch} x {seq_len} tokens, activation "
+             f"checkpointing {'on' if checkpointing else 'off'}, full fine-tuning"
+             + (f", --launch {launch}" if launch else ""))
+    return PlanResult(model, n, s, how, base, params, weights, estimates, words)

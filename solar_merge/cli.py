@@ -336,13 +336,28 @@ def seam_command(model, data_file, samples, seq_len, layers, budget, out_dir):
 @click.option("--drop", "-m", type=int, help="SOLAR's DUS dropping m layers per copy.")
 @click.option("--layers", type=int, help="Any up-scaling to S layers.")
 @click.option("--every", type=int, help="LLaMA Pro: a new block after every K layers.")
-def plan_command(model, drop, layers, every):
+@click.option("--launch", help="An accelerate preset (zero1, zero2, zero3, fsdp1, fsdp2, "
+                               "multi_gpu) or config file: its strategy only (default: all).")
+@click.option("--num-processes", "devices", type=int, default=8, show_default=True,
+              help="Devices the sharded strategies spread over.")
+@click.option("--stage", type=click.Choice(["cpt", "sft", "dpo"]), default="sft",
+              show_default=True)
+@click.option("--precision", default="bf16", show_default=True, help="bf16, mixed or fp32.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Sequences per device.")
+@click.option("--seq-len", type=int, default=2048, show_default=True)
+@click.option("--checkpointing/--no-checkpointing", default=True, show_default=True,
+              help="Activation (gradient) checkpointing.")
+def plan_command(model, drop, layers, every, launch, devices, stage, precision, batch,
+                 seq_len, checkpointing):
     """Size MODEL up-scaled (one of --drop, --layers, --every; none: as is) from its
-    config.json alone: parameters and weight bytes per dtype. Loads no weights and imports
-    neither torch nor mergekit."""
+    config.json alone: parameters, weight bytes per dtype, and training memory per device for
+    each strategy (solar_merge.memory's formula). Loads no weights and imports neither torch
+    nor mergekit."""
     from solar_merge.analysis import plan
 
-    click.echo(plan(model, drop=drop, layers=layers, every=every).format())
+    click.echo(plan(model, drop=drop, layers=layers, every=every, launch=launch,
+                    devices=devices, stage=stage, precision=precision, batch=batch,
+                    seq_len=seq_len, checkpointing=checkpointing).format())
 
 
 if __name__ == "__main__":

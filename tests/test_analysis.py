@@ -195,3 +195,22 @@ def test_plan_bad_input_exits_2(mistral_dir, args, words):
     result = CliRunner().invoke(main, ["plan", str(mistral_dir), *args])
     assert result.exit_code == 2 and words in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_plan_memory_is_memory_py_per_strategy(mistral_dir):
+    """The training memory printed is solar_merge.memory's estimate for the up-scaled shape."""
+    from solar_merge import memory
+    from solar_merge.analysis import plan
+
+    result = plan(str(mistral_dir), drop=8, launch="zero3", devices=8, stage="sft",
+                  precision="bf16", batch=1, seq_len=2048)
+    (name, est), = result.memory.items()
+    assert name == "zero3 x8"
+    shape = memory.Shape.from_config({**MISTRAL_7B, "num_hidden_layers": 48})
+    want = memory.estimate(shape, memory.Setup(stage="sft", precision="bf16", batch=1,
+                                               seq_len=2048, activation_checkpointing=True,
+                                               strategy="zero3", devices=8))
+    assert est.total == want.total
+    everything = plan(str(mistral_dir), drop=8).memory
+    assert list(everything) == ["1 device", "zero1 x8", "zero2 x8", "zero3 x8", "fsdp x8"]
+    assert everything["zero3 x8"].total < everything["1 device"].total

@@ -330,17 +330,22 @@ def test_bad_upscale_options(tiny_model, tmp_path, args, message):
 # -- trainable_layers: new -------------------------------------------------------------------
 
 def test_trainable_layers_new_trains_exactly_the_created_layers(variant_outputs, tmp_path):
+    """...and the held-out curve the study plots: TRL's eval_loss at steps 0 and 1."""
     from pydoc_data.topics import topics
 
     from solar_merge.stages import resolve
 
     _, root = variant_outputs
     model = root / "top"  # new blocks 2 and 4
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(next(iter(topics.values()))[:2000])
+    texts = list(topics.values())
+    corpus, held_out = tmp_path / "corpus.txt", tmp_path / "held_out.txt"
+    corpus.write_text(texts[0][:2000])
+    held_out.write_text(texts[1][:600])
     stage = {"stage": "cpt", "model": str(model), "datasets": [str(corpus)], "seq_len": 32,
+             "eval_datasets": [str(held_out)],
              "args": {"max_steps": 1, "learning_rate": 1e-2, "per_device_train_batch_size": 2,
-                      "save_steps": 100, "gradient_checkpointing": False}}
+                      "save_steps": 100, "gradient_checkpointing": False,
+                      "eval_strategy": "steps", "eval_steps": 1, "eval_on_start": True}}
     assert resolve({**stage, "trainable_layers": "new"})["trainable_layers"] == [2, 4]
     cfg = tmp_path / "cpt.yaml"
     cfg.write_text(yaml.safe_dump(stage))
@@ -352,6 +357,10 @@ def test_trainable_layers_new_trains_exactly_the_created_layers(variant_outputs,
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and {k.split(".")[2] for k in changed} == {"2", "4"}
     assert all(".layers." in k for k in changed)
+    rows = [json.loads(line) for line in
+            (tmp_path / "cpt" / "loss.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    assert sorted(evals) == [0, 1] and evals[1] != evals[0]  # scored before and after
 
 
 def test_trainable_layers_new_needs_an_upscaled_model(tiny_model, tmp_path):

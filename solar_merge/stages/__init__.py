@@ -62,6 +62,7 @@ class StageConfig(BaseModel):
     model: str
     ref_model: str | None = None
     datasets: list[DatasetSpec] = Field(min_length=1)
+    eval_datasets: list[DatasetSpec] | None = None  # [UPSCALE] cpt: held-out text, TRL's eval
     trainable_layers: list[int] | Literal["new"] | None = None  # new: see upscale.py
     steps: int | None = Field(default=None, ge=1)
     keep_steps: bool = False
@@ -70,7 +71,7 @@ class StageConfig(BaseModel):
     output: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("datasets", mode="before")
+    @field_validator("datasets", "eval_datasets", mode="before")
     @classmethod
     def _short_datasets(cls, value):
         if isinstance(value, (str, dict)):
@@ -293,6 +294,13 @@ def resolve(config: dict, overrides=(), base_dir=None) -> dict:
     if stage in ("dpo", "stepwise_dpo"):
         ref = _resolve_path(cfg.ref_model, base_dir) if cfg.ref_model else model
     datasets = [dict(d.model_dump(), path=_resolve_path(d.path, base_dir, data=True)) for d in cfg.datasets]
+    # [UPSCALE] eval_datasets: held-out text that TRL scores every args.eval_steps
+    if cfg.eval_datasets is not None and (stage != "cpt" or not cfg.eval_datasets):
+        raise UserError(f"eval_datasets: a held-out set is supported by cpt stages (not "
+                        f"{stage}), and needs at least one dataset",
+                        fix="remove eval_datasets, or list held-out text files")
+    eval_sets = [dict(d.model_dump(), path=_resolve_path(d.path, base_dir, data=True))
+                 for d in cfg.eval_datasets or []]
 
     # Checks we can make from config.json alone (local models).
     mcfg = _local_config(model)
@@ -337,6 +345,10 @@ def resolve(config: dict, overrides=(), base_dir=None) -> dict:
 
     out = cfg.model_dump()
     out.update(model=model, ref_model=ref, datasets=datasets, args=args, seq_len=seq)
+    if eval_sets:  # [UPSCALE] absent otherwise: resolved configs (and hashes) stay as they were
+        out["eval_datasets"] = eval_sets
+    else:
+        out.pop("eval_datasets")
     out.pop("beta")  # lives in args.beta: one place in the resolved config
     if stage != "stepwise_dpo":
         out.pop("steps")
@@ -353,7 +365,8 @@ def stage_hash(resolved: dict) -> str:
     from solar_merge.outputs import config_hash, fingerprint
 
     inputs = [resolved.get("model"), resolved.get("ref_model"),
-              *(d["path"] for d in resolved.get("datasets") or [])]
+              *(d["path"] for d in resolved.get("datasets") or []),
+              *(d["path"] for d in resolved.get("eval_datasets") or [])]
     return config_hash({"config": {k: v for k, v in resolved.items() if k != "output"},
                         "inputs": {p: fingerprint(p) for p in inputs if p}})
 

@@ -64,9 +64,11 @@ def preflight(resolved: dict) -> None:
                 raise UserError(f"{field}: {folder} has no config.json",
                                 fix="point to a folder saved with save_pretrained()")
             require_safetensors(folder)
-    for i, spec in enumerate(resolved["datasets"]):
+    sets = [(key, i, spec) for key in ("datasets", "eval_datasets")  # [UPSCALE] eval too
+            for i, spec in enumerate(resolved.get(key) or [])]
+    for key, i, spec in sets:
         if Path(spec["path"]).is_absolute() and not Path(spec["path"]).exists():
-            raise UserError(f"datasets[{i}]: {spec['path']} not found",
+            raise UserError(f"{key}[{i}]: {spec['path']} not found",
                             fix="give an existing file or folder (relative paths resolve "
                                 "against the stage config's folder), or a Hub dataset name")
 
@@ -504,7 +506,7 @@ def plot_loss(log: Path, png: Path, title: str = "") -> None:
 
 
 def train_sft(resolved: dict, work, args, init_kwargs: dict, records, tokenizer,
-              stage: str, keep_eos: bool = False) -> None:
+              stage: str, keep_eos: bool = False, eval_records=None) -> None:
     """The part cpt and sft share: load, freeze, SFTTrainer, train (resumable), save.
 
     keep_eos: args.eos_token only separates the training documents; the model is saved with
@@ -518,6 +520,7 @@ def train_sft(resolved: dict, work, args, init_kwargs: dict, records, tokenizer,
     own_eos = (tokenizer.eos_token, copy.deepcopy(model.config.get_text_config().eos_token_id),
                copy.deepcopy(model.generation_config.eos_token_id))
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(records),
+                         eval_dataset=to_dataset(eval_records) if eval_records else None,
                          processing_class=tokenizer)
     fit(trainer, work, {"stage": stage, "work": work, "model": resolved["model"],
                         "ref_model": None, "step": None})

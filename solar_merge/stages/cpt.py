@@ -53,6 +53,11 @@ def run_stage(resolved: dict, work: Path) -> dict:
     if args.eos_token is None:
         args.eos_token = document_separator(tokenizer, common.chat_template(tokenizer, args))
     common._say(f"cpt: documents are separated by {args.eos_token!r}")
+    held_out = None
+    if resolved.get("eval_datasets"):  # [UPSCALE] packed like the training text
+        held_out = common.load_stage_records(
+            {"datasets": resolved["eval_datasets"]},
+            lambda r, fmt: {field: to_text(r, fmt, field)["text"]})
     common.train_sft(resolved, work, args, init_kwargs, records, tokenizer, "cpt",
-                     keep_eos=True)
+                     keep_eos=True, eval_records=held_out)
     return {"document_separator": args.eos_token}

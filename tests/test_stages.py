@@ -149,12 +149,12 @@ def test_cpt_packs_and_trains_only_chosen_layers(tmp_path, tiny_model, hooks):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     corpus = _text_file(tmp_path)
-    out = train({"stage": "cpt", "model": str(tiny_model), "datasets": [str(corpus)],
-                 "seq_len": 32, "trainable_layers": [1, 2],
-                 # TRL's default gradient checkpointing stays on here: frozen inputs must work
-                 "args": {**FAST, "gradient_checkpointing": True, "max_steps": 8,
-                          "learning_rate": 3e-2}},
-                tmp_path / "out")
+    trainer_config = {"stage": "cpt", "model": str(tiny_model), "datasets": [str(corpus)],
+                      "seq_len": 32, "trainable_layers": [1, 2],
+                      # TRL's default gradient checkpointing stays on: frozen inputs must work
+                      "args": {**FAST, "gradient_checkpointing": True, "max_steps": 8,
+                               "learning_rate": 3e-2}}
+    out = train(trainer_config, tmp_path / "out")
     (trainer, _), = hooks
     lengths = {len(x) for x in trainer.train_dataset["input_ids"]}
     assert max(lengths) == 32 and len(trainer.train_dataset) > 8  # packed into 32-token blocks
@@ -195,9 +195,11 @@ def test_cpt_packs_and_trains_only_chosen_layers(tmp_path, tiny_model, hooks):
     assert "trainable_layers:\n- 1\n- 2" in card and "tags:\n- mergekit" in card
     assert "- cpt" in card.split("---")[1]  # the kind is a tag in the front matter
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert str(tmp_path) not in card  # no local path travels with the card
     saved = load_stage_config(out / "stage_config.yaml")
-    assert saved["trainable_layers"] == [1, 2]
-    assert resolve(saved) == saved  # the resolved config is itself a valid stage config
+    assert saved["trainable_layers"] == [1, 2] and saved["model"] == os.path.relpath(tiny_model, out)
+    # the resolved config is itself a valid stage config; its paths are relative to the output
+    assert resolve(saved, base_dir=out) == resolve(trainer_config, base_dir=tmp_path)
 
 
 @pytest.mark.smollm2
@@ -232,14 +234,26 @@ def test_sft_masks_prompts_and_overfits(tmp_path, tiny_model, hooks):
     assert len(trainer.train_dataset) == 4 + 3 + 2  # max_samples honoured
     tok = AutoTokenizer.from_pretrained(tiny_model)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 4, 7)])
-    for ids, labels, (q, a) in zip(batch["input_ids"], batch["labels"],
-                                   [(QA[0]["instruction"], QA[0]["output"]),
-                                    (ORCA[0]["question"], ORCA[0]["response"]),
-                                    ("Echo red", "red red")]):
-        kept = tok.decode(ids[labels != -100])
-        masked = tok.decode(ids[(labels == -100) & (batch["attention_mask"][0] >= 0)])
-        assert kept.startswith(a) and q not in kept  # loss on the answer only
-        assert q in masked and "<|im_start|>assistant" in masked
+    # the expected labels, built independently: render the prompt (with the generation
+    # prompt) and the whole exchange through the chat template; labels are the tokens after
+    # the prompt (answer + <|im_end|>\n), -100 on the prompt and on the padding
+    exchanges = [([{"role": "user", "content": QA[0]["instruction"]}], QA[0]["output"]),
+                 ([{"role": "system", "content": ORCA[0]["system_prompt"]},
+                   {"role": "user", "content": ORCA[0]["question"]}], ORCA[0]["response"]),
+                 (CHAT[0]["messages"][:1], CHAT[0]["messages"][1]["content"])]
+    width = batch["input_ids"].shape[1]
+    for ids, labels, (prompt, answer) in zip(batch["input_ids"].tolist(),
+                                             batch["labels"].tolist(), exchanges):
+        def encode(text):
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        head = encode(tok.apply_chat_template(prompt, tokenize=False,
+                                              add_generation_prompt=True))
+        full = encode(tok.apply_chat_template(
+            prompt + [{"role": "assistant", "content": answer}], tokenize=False))
+        assert full[:len(head)] == head and ids[:len(full)] == full
+        assert labels == [-100] * len(head) + full[len(head):] + [-100] * (width - len(full))
+        assert tok.decode(full[len(head):]) == answer + "<|im_end|>\n"
     losses = _losses(out)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] * 0.8
 

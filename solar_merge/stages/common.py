@@ -411,10 +411,13 @@ def write_stage_card(work: Path, resolved: dict, facts: dict) -> None:
     sha256, the stage config (also written to stage_config.yaml) and the loss curve.
     facts: what the run decided (e.g. cpt's document separator), shown under Training."""
     from solar_merge import hub
+    from solar_merge.outputs import portable
 
     stage = resolved["stage"]
+    # paths relative to the output folder (`work` is its sibling: the same relative paths),
+    # so that the config travels; `solar-merge train OUT/stage_config.yaml` resolves them back
     source = (f"# solar-merge train stage_config.yaml -o OUT   (resolved {stage} stage)\n"
-              + yaml.safe_dump(resolved, sort_keys=False))
+              + yaml.safe_dump(portable(resolved, work), sort_keys=False))
     trainer = "DPOTrainer" if stage in ("dpo", "stepwise_dpo") else "SFTTrainer"
     training = [f"- stage: `{stage}`, trained with TRL's `{trainer}`",
                 f"- base model: {_name(resolved['model'])}"]

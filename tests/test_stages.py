@@ -527,3 +527,53 @@ def test_cli_train_reports_user_errors(tmp_path, tiny_model):
                                        "-o", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "did you mean `learning_rate`" in result.output
+
+
+# -- validate: chat data needs a chat template, checked before anything runs ----------------
+
+def test_validate_checks_chat_templates_before_anything_runs(tmp_path, tiny_model,
+                                                             monkeypatch):
+    """The paper's recipe: Mistral-7B-v0.1 (a base model) has no chat template; its SFT stages
+    ship SOLAR's (args.chat_template_path) and pass; without it validate fails on them, and the
+    DPO stages inherit the template through the merges."""
+    from solar_merge import recipe
+    from solar_merge.recipe import planner
+
+    mistral = tmp_path / "mistral"  # config.json and tokenizer files as the Hub has them
+    mistral.mkdir()
+    (mistral / "config.json").write_text(json.dumps({
+        "architectures": ["MistralForCausalLM"], "hidden_size": 4096,
+        "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "vocab_size": 32000, "torch_dtype": "bfloat16"}))
+    (mistral / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    import yaml
+
+    paper = yaml.safe_load((ROOT / "training/solar_10.7b.yaml").read_text())
+    paper["stages"] = {k: v for k, v in paper["stages"].items() if "eval" not in v}  # faster
+    over = [f"stages.dus.upscale.model={mistral}"]
+    p = recipe.plan(paper, tmp_path / "runs", over, base_dir=ROOT / "training")
+    assert p.stages["sft_orca"].config["args"]["chat_template_path"] == str(
+        ROOT / "training/chat_templates/solar_instruct.jinja")
+    with pytest.raises(UserError) as e:
+        recipe.plan(paper, tmp_path / "runs", over + [
+            "stages.sft_orca.train.args.chat_template_path=null"], base_dir=ROOT / "training")
+    assert "stages.sft_orca.train: its data is rendered as chat" in e.value.message
+    assert "stage `cpt`'s output has no chat template" in e.value.message
+    assert "stages.dpo_avg" not in e.value.message  # string preference data needs none
+
+    # a Hub model that is not in the local cache: a note, not a failure
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(planner, "_REACHABLE", [False])
+    _jsonl(tmp_path / "qa.jsonl", QA)
+    data = {"name": "t", "stages": {"sft": {"train": {
+        "stage": "sft", "model": "someone/not-cached-7b", "datasets": ["qa.jsonl"]}}}}
+    p = recipe.plan(data, tmp_path / "runs2", base_dir=tmp_path)
+    assert any("cannot check that the tokenizer of someone/not-cached-7b has a chat template"
+               in n for n in p.notes), p.notes
+    # a local model without a template and alpaca records: refused; plain strings: fine
+    data["stages"]["sft"]["train"]["model"] = str(_no_template_model(tmp_path, tiny_model))
+    with pytest.raises(UserError, match="has no chat template"):
+        recipe.plan(data, tmp_path / "runs2", base_dir=tmp_path)
+    _jsonl(tmp_path / "pc.jsonl", [{"prompt": "a", "completion": "b"}])
+    data["stages"]["sft"]["train"]["datasets"] = ["pc.jsonl"]
+    recipe.plan(data, tmp_path / "runs2", base_dir=tmp_path)

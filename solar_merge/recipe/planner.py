@@ -284,6 +284,17 @@ class _Planner:
                 self.problems.append(f"{w}: expected a mapping, got {value!r}")
                 return False
             for k in value:
+        if resolved is not cfg:  # resolved: chat data needs a chat template, checked now
+            from solar_merge.stages.common import chat_template_problem
+
+            problem, note = chat_template_problem(resolved, self._template_of,
+                                                  label=self._label(resolved["model"]))
+            if problem:
+                self.problems.append(f"{where}: {problem}; set args.chat_template_path to a "
+                                     ".jinja file (e.g. training/chat_templates/"
+                                     "solar_instruct.jinja) or a tokenizer that has one")
+            if note:
+                self.notes.append(f"{where}: {note}")
                 if k not in allowed:
                     self.problems.append(f"{w}.{k}: unknown key{did_you_mean(str(k), allowed)}"
                                          f"; allowed here: {', '.join(sorted(allowed))}")
@@ -293,6 +304,61 @@ class _Planner:
             base = base_of(top)
 
             def one(wm, ref):
+    def _label(self, ref: str) -> str:
+        """`stage` for an earlier stage's output folder, else the reference itself."""
+        return next((f"stage `{n}`'s output" for n in self.names if str(self.out / n) == ref),
+                    ref)
+
+    def _template_of(self, ref: str, depth: int = 0) -> bool | None:
+        """stages.common.has_chat_template, following an earlier stage's output back to the
+        model whose tokenizer it carries: an upscale's model; a train stage's
+        args.chat_template_path or its model; a merge's chat_template, else its
+        tokenizer_source, base_model or first model (mergekit copies that tokenizer)."""
+        from solar_merge.stages.common import has_chat_template
+
+        name = next((n for n in self.names if str(self.out / n) == ref), None)
+        if name is None:
+            return has_chat_template(ref)
+        if depth > len(self.names):
+            return None
+
+        def up(value, base=self.base):
+            if not isinstance(value, str):
+                return None
+            if value in self.recipe.stages:
+                return self._template_of(str(self.out / value), depth + 1)
+            path = Path(os.path.expanduser(value))
+            path = path if path.is_absolute() else base / path
+            return has_chat_template(str(path) if path.exists() else value)
+
+        stage = self.recipe.stages[name]
+        if stage.kind == "upscale":
+            return up(stage.upscale.model)
+        if stage.kind == "train":
+            args = stage.train.get("args") or {}
+            return up(args["chat_template_path"]) if args.get("chat_template_path") \
+                else up(stage.train.get("model"))
+        if stage.kind != "merge":
+            return None
+        spec, base = dict(stage.merge), self.base
+        if spec.get("file"):
+            file = Path(os.path.expanduser(str(spec["file"])))
+            file = file if file.is_absolute() else self.base / file
+            try:
+                loaded = yaml.safe_load(file.read_text()) if file.is_file() else None
+            except (OSError, yaml.YAMLError):
+                loaded = None
+            if isinstance(loaded, dict):
+                spec, base = {**loaded, **spec}, file.parent
+        if spec.get("chat_template"):
+            return True
+        source = spec.get("tokenizer_source")
+        models = [m.get("model") for m in spec.get("models") or [] if isinstance(m, dict)]
+        first = spec.get("base_model") or next(iter(models), None)
+        if isinstance(source, str) and source not in ("base", "union"):
+            first = source
+        return up(first, base)
+
                 if isinstance(ref, str) and ref not in inputs:
                     inputs.append(ref)
                 return self.ref(wm, ref, deps, base)

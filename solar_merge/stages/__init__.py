@@ -284,6 +284,8 @@ def resolve(config: dict, overrides=(), base_dir=None) -> dict:
 
     args = {k: _number(v) for k, v in cfg.args.items()}
     check_args(stage, args)
+    if isinstance(args.get("chat_template_path"), str):  # a .jinja file or a tokenizer
+        args["chat_template_path"] = _resolve_path(args["chat_template_path"], base_dir)
     if cfg.beta is not None:
         if args.get("beta", cfg.beta) != cfg.beta:
             raise UserError(f"beta ({cfg.beta}) and args.beta ({args['beta']}) disagree",
@@ -296,8 +298,6 @@ def resolve(config: dict, overrides=(), base_dir=None) -> dict:
     datasets = [dict(d.model_dump(), path=_resolve_path(d.path, base_dir, data=True)) for d in cfg.datasets]
     # [UPSCALE] eval_datasets: held-out text that TRL scores every args.eval_steps
     if cfg.eval_datasets is not None and (stage != "cpt" or not cfg.eval_datasets):
-    if isinstance(args.get("chat_template_path"), str):  # a .jinja file or a tokenizer
-        args["chat_template_path"] = _resolve_path(args["chat_template_path"], base_dir)
         raise UserError(f"eval_datasets: a held-out set is supported by cpt stages (not "
                         f"{stage}), and needs at least one dataset",
                         fix="remove eval_datasets, or list held-out text files")

@@ -232,7 +232,6 @@ def require_assistant_masks(tokenizer, args, model: str) -> None:
                         "conversations into records that end with their only assistant turn")
 
 
-def to_dataset(records: list[dict]):
 # -- the plan-time check (recipe validate): no torch, no weights ----------------------------
 
 CHAT_FORMATS = ("alpaca", "openorca", "messages", "math_instruct")
@@ -330,6 +329,7 @@ def chat_template_problem(resolved: dict, template_of=has_chat_template, label: 
             None)
 
 
+def to_dataset(records: list[dict]):
     import datasets
 
     return datasets.Dataset.from_list(records)

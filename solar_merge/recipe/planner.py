@@ -229,61 +229,6 @@ class _Planner:
                     resolved["trainable_layers"] = "new"
             except UserError as e:
                 self.problems.append(f"{where}: {_first(e)}")
-        for i, d in enumerate(resolved.get("datasets") or []):
-            p = Path(str(d.get("path", ""))) if isinstance(d, dict) else Path()
-            if p.is_absolute() and not p.exists():
-                self.notes.append(f"{where}.datasets[{i}]: {os.path.normpath(p)} does not "
-                                  "exist yet (needed when the stage runs)")
-        return StagePlan(name, "train", self.out / name, deps, [str(i) for i in inputs],
-                         resolved)
-
-    def _merge(self, name, stage):
-        from solar_merge.merging import TOP_KEYS
-
-        where = f"stages.{name}.merge"
-        spec = copy.deepcopy(stage.merge)
-        options = spec.pop("options", None) or {}
-        file_base, from_file = self.base, set()
-        if "file" in spec:
-            file = Path(os.path.expanduser(str(spec.pop("file"))))
-            file = file if file.is_absolute() else self.base / file
-            loaded = None
-            if not file.is_file():
-                self.problems.append(f"{where}.file: {file} not found")
-            else:
-                try:
-                    loaded = yaml.safe_load(file.read_text())
-                except yaml.YAMLError as e:
-                    self.problems.append(f"{where}.file: {file} is not valid YAML: {e}")
-            file_cfg = loaded if isinstance(loaded, dict) else {}
-            file_cfg.pop("name", None)
-            from_file = set(file_cfg) - set(spec)
-            file_base = file.parent
-            # inline keys replace the file's top-level keys; `key: null` removes one
-            spec = {k: v for k, v in {**file_cfg, **spec}.items() if v is not None}
-        allowed = TOP_KEYS | {"file", "options"}
-        for key in spec:
-            if key not in TOP_KEYS:
-                w = f"{where}.file" if key in from_file else where
-                self.problems.append(f"{w}.{key}: unknown key{did_you_mean(str(key), allowed)}"
-                                     f"; allowed here: {', '.join(sorted(allowed))}")
-        deps: list[str] = []
-        inputs: list[str] = []
-        config = self._merge_refs(where, spec, deps, inputs,
-                                  lambda key: file_base if key in from_file else self.base)
-        return StagePlan(name, "merge", self.out / name, deps, inputs,
-                         {"merge": config, "options": options})
-
-    def _merge_refs(self, where, config, deps, inputs, base_of):
-        """Resolve every model field of a mergekit config (models, base_model, slices,
-        modules) and check the keys around them (mergekit would ignore unknown ones)."""
-        from solar_merge.merging import MODEL_KEYS, SLICE_KEYS, SOURCE_KEYS
-
-        def keys(w, value, allowed):
-            if not isinstance(value, dict):
-                self.problems.append(f"{w}: expected a mapping, got {value!r}")
-                return False
-            for k in value:
         if resolved is not cfg:  # resolved: chat data needs a chat template, checked now
             from solar_merge.stages.common import chat_template_problem
 
@@ -295,15 +240,14 @@ class _Planner:
                                      "solar_instruct.jinja) or a tokenizer that has one")
             if note:
                 self.notes.append(f"{where}: {note}")
-                if k not in allowed:
-                    self.problems.append(f"{w}.{k}: unknown key{did_you_mean(str(k), allowed)}"
-                                         f"; allowed here: {', '.join(sorted(allowed))}")
-            return True
+        for i, d in enumerate(resolved.get("datasets") or []):
+            p = Path(str(d.get("path", ""))) if isinstance(d, dict) else Path()
+            if p.is_absolute() and not p.exists():
+                self.notes.append(f"{where}.datasets[{i}]: {os.path.normpath(p)} does not "
+                                  "exist yet (needed when the stage runs)")
+        return StagePlan(name, "train", self.out / name, deps, [str(i) for i in inputs],
+                         resolved)
 
-        def walk(top, w, value):
-            base = base_of(top)
-
-            def one(wm, ref):
     def _label(self, ref: str) -> str:
         """`stage` for an earlier stage's output folder, else the reference itself."""
         return next((f"stage `{n}`'s output" for n in self.names if str(self.out / n) == ref),
@@ -359,6 +303,62 @@ class _Planner:
             first = source
         return up(first, base)
 
+    def _merge(self, name, stage):
+        from solar_merge.merging import TOP_KEYS
+
+        where = f"stages.{name}.merge"
+        spec = copy.deepcopy(stage.merge)
+        options = spec.pop("options", None) or {}
+        file_base, from_file = self.base, set()
+        if "file" in spec:
+            file = Path(os.path.expanduser(str(spec.pop("file"))))
+            file = file if file.is_absolute() else self.base / file
+            loaded = None
+            if not file.is_file():
+                self.problems.append(f"{where}.file: {file} not found")
+            else:
+                try:
+                    loaded = yaml.safe_load(file.read_text())
+                except yaml.YAMLError as e:
+                    self.problems.append(f"{where}.file: {file} is not valid YAML: {e}")
+            file_cfg = loaded if isinstance(loaded, dict) else {}
+            file_cfg.pop("name", None)
+            from_file = set(file_cfg) - set(spec)
+            file_base = file.parent
+            # inline keys replace the file's top-level keys; `key: null` removes one
+            spec = {k: v for k, v in {**file_cfg, **spec}.items() if v is not None}
+        allowed = TOP_KEYS | {"file", "options"}
+        for key in spec:
+            if key not in TOP_KEYS:
+                w = f"{where}.file" if key in from_file else where
+                self.problems.append(f"{w}.{key}: unknown key{did_you_mean(str(key), allowed)}"
+                                     f"; allowed here: {', '.join(sorted(allowed))}")
+        deps: list[str] = []
+        inputs: list[str] = []
+        config = self._merge_refs(where, spec, deps, inputs,
+                                  lambda key: file_base if key in from_file else self.base)
+        return StagePlan(name, "merge", self.out / name, deps, inputs,
+                         {"merge": config, "options": options})
+
+    def _merge_refs(self, where, config, deps, inputs, base_of):
+        """Resolve every model field of a mergekit config (models, base_model, slices,
+        modules) and check the keys around them (mergekit would ignore unknown ones)."""
+        from solar_merge.merging import MODEL_KEYS, SLICE_KEYS, SOURCE_KEYS
+
+        def keys(w, value, allowed):
+            if not isinstance(value, dict):
+                self.problems.append(f"{w}: expected a mapping, got {value!r}")
+                return False
+            for k in value:
+                if k not in allowed:
+                    self.problems.append(f"{w}.{k}: unknown key{did_you_mean(str(k), allowed)}"
+                                         f"; allowed here: {', '.join(sorted(allowed))}")
+            return True
+
+        def walk(top, w, value):
+            base = base_of(top)
+
+            def one(wm, ref):
                 if isinstance(ref, str) and ref not in inputs:
                     inputs.append(ref)
                 return self.ref(wm, ref, deps, base)

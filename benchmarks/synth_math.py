@@ -11,6 +11,7 @@
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -50,9 +51,12 @@ def main() -> None:
     if args.threads:
         command += ["--threads", str(args.threads)]
     load_before = os.getloadavg()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(command, check=True)
     wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     load_after = os.getloadavg()
     report = json.loads((out / "synth_report.json").read_text())
     row = {
@@ -63,6 +67,7 @@ def main() -> None:
         "problems_per_minute": report["problems_per_minute"],
         "tokens_per_second": report["tokens_per_second"],
         "generation_seconds": report["generation_seconds"], "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),  # the whole process, model load included; less load-bound
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in load_after], "cores": os.cpu_count(),
     }

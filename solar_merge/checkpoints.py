@@ -54,8 +54,10 @@ def local_dir(model: str, base_dir=None) -> Path | None:
     path = Path(os.path.expanduser(model))
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
+    # normalised: `out/../m` and `m` are one model (hashes, cards), even if `out` is not there
+    path = Path(os.path.normpath(path.absolute()))
     if path.exists():
-        return path.absolute()
+        return path
     if is_hub_id(model):
         return None
     raise UserError(f"model `{model}` not found (looked for the folder {path})",

@@ -78,6 +78,23 @@ _MERGEKIT_OPTIONS = click.argument("mergekit_args", nargs=-1, type=click.UNPROCE
 _TAKES_MERGEKIT_OPTIONS = {"ignore_unknown_options": True}
 
 
+def _may_overwrite(command):
+    """`--overwrite`: the only way to replace an output folder that solar-merge did not write
+    (outputs.check_replaceable refuses it otherwise)."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args, overwrite=False, **kwargs):
+        from solar_merge.outputs import overwriting
+
+        with overwriting(overwrite):
+            return command(*args, **kwargs)
+
+    return click.option("--overwrite", is_flag=True,
+                        help="Replace the output folder even if solar-merge did not write it "
+                             "(its contents are deleted).")(run)
+
+
 def _merge_options(ctx, mergekit_args, run_out) -> dict:
     if not mergekit_args:
         return {}
@@ -125,6 +142,7 @@ def _upscale(planned, config_out, run_out, options, default_name: str) -> None:
 @_RUN_OUT
 @_MERGEKIT_OPTIONS
 @click.pass_context
+@_may_overwrite
 def dus(ctx, model, drop, repeat, scale_overlap, config_out, run_out, mergekit_args):
     """Depth up-scale MODEL: a mergekit passthrough config with 2(n-m) layers (--drop m), or
     n + B - A layers (--repeat A:B)."""
@@ -150,6 +168,7 @@ def dus(ctx, model, drop, repeat, scale_overlap, config_out, run_out, mergekit_a
 @_RUN_OUT
 @_MERGEKIT_OPTIONS
 @click.pass_context
+@_may_overwrite
 def expand(ctx, model, every, blocks, where, init, config_out, run_out, mergekit_args):
     """Block expansion of MODEL: new blocks that compute the identity until trained (LLaMA Pro),
     or averages of their neighbours."""
@@ -165,6 +184,7 @@ def expand(ctx, model, every, blocks, where, init, config_out, run_out, mergekit
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output folder (default: runs/demo or runs/demo-quick).")
 @click.argument("overrides", nargs=-1)
+@_may_overwrite
 def demo(quick, out_dir, overrides):
     """The main job: SOLAR's whole pipeline on the embedded SmolLM2-135M, offline.
 
@@ -209,6 +229,7 @@ def multi(ctx, args):
 @click.argument("overrides", nargs=-1)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output root (default: the recipe's `out:`, else runs/<name>).")
+@_may_overwrite
 def run_command(recipe, overrides, out_dir):
     """Run RECIPE (a file, an output folder, a URL or a Hub repo id) stage by stage.
     KEY=VALUE overrides address the recipe, e.g. stages.cpt.train.args.max_steps=5.
@@ -241,6 +262,7 @@ def validate_command(recipe, overrides, out_dir):
 @click.argument("overrides", nargs=-1)
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
               help="Output folder (default: the config's `output:`, else out/<config name>).")
+@_may_overwrite
 def train_command(stage_config, overrides, out_dir):
     """Run one training stage (cpt, sft, dpo, stepwise_dpo); KEY=VALUE overrides the YAML,
     e.g. args.learning_rate=1e-4 seq_len=256. Re-running resumes or skips a finished stage."""
@@ -291,7 +313,7 @@ def recipe_extract(source, output):
 
     from solar_merge import hub
 
-    text, label = hub.load_recipe_text(source)
+    text, label = hub.recipe_for(source, Path(output).absolute().parent if output else Path.cwd())
     if output:
         Path(output).write_text(text)
         click.echo(f"wrote the recipe of {label} to {output}", err=True)

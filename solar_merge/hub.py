@@ -390,6 +390,37 @@ def _extract_from_hub(repo_id: str) -> str:
                     fix="give a repo written by solar-merge")
 
 
+def recipe_for(source: str, target_dir) -> tuple[str, str]:
+    """(YAML text, label) of SOURCE's recipe, to be stored in `target_dir`: paths in a recipe
+    read from a local output folder are relative to that folder, so they are rewritten
+    relative to where the copy will live (recipes from the Hub or a URL name no local paths
+    of yours and are returned as they are)."""
+    import yaml
+
+    from solar_merge.outputs import relocate
+
+    text, label = load_recipe_text(source)
+    folder = Path(os.path.expanduser(str(source)))
+    folder = folder if folder.is_dir() else folder.parent if folder.is_file() else None
+    if folder is None or folder.absolute() == Path(target_dir).absolute():
+        return text, label
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text, label  # not ours to fix here: `run`/`yaml` report it with its line
+    if not isinstance(data, dict):
+        return text, label
+    names = set(data.get("stages") or {}) if isinstance(data.get("stages"), dict) else set()
+    moved = relocate(data, folder, target_dir, names=names)
+    if moved == data:
+        return text, label
+    head = "".join(line for line in text.splitlines(keepends=True)[:3]
+                   if line.startswith("#"))
+    if "out" in data and isinstance(data["out"], str):
+        moved["out"] = os.path.relpath(folder / data["out"], Path(target_dir).absolute())
+    return head + yaml.safe_dump(moved, sort_keys=False), label
+
+
 def load_recipe_text(source: str) -> tuple[str, str]:
     """(YAML text, label) from a local file or folder, an http(s) URL or a Hub repo id."""
     source = str(source)

@@ -18,7 +18,15 @@ import yaml
 
 from solar_merge.checkpoints import local_dir, model_info
 from solar_merge.errors import UserError, did_you_mean
-from solar_merge.outputs import atomic_output, config_hash, crash_point, is_complete
+from solar_merge.outputs import (
+    atomic_output,
+    check_replaceable,
+    config_hash,
+    crash_point,
+    fingerprint,
+    is_complete,
+    portable,
+)
 
 # mergekit 0.1.5's MergeConfiguration and its nested models, as allowed keys per level.
 TOP_KEYS = {"modules", "slices", "models", "merge_method", "base_model", "dtype",
@@ -94,10 +102,6 @@ class _Checker:
         try:
             folder = local_dir(path, self.base_dir)
             resolved = str(folder) if folder else path
-            if folder and ".." in Path(path).parts:  # [UPSCALE] a second spelling of a folder
-                # (upscale.twin: DIR/../NAME) stays as written: mergekit tells models apart by
-                # their spelling, and an average block needs one folder twice in a slice
-                resolved = str(Path(self.base_dir, os.path.expanduser(path)).absolute())
             self.infos.setdefault(resolved, model_info(resolved, field=where))
         except UserError as e:
             message = e.message.split("\n  fix:")[0]
@@ -197,7 +201,7 @@ def _check_slices(c: _Checker, where, slices, allowed, method):
         if out_slice.get("base_model") is not None:
             out_slice["base_model"] = c.model(w + ".base_model", out_slice["base_model"])
         c.parameters(w + ".parameters", out_slice.get("parameters"), allowed, method)
-        lengths = set()
+        lengths, folders = set(), set()
         for j, source in enumerate(out_slice.get("sources") or []):
             ws = f"{w}.sources[{j}]"
             if not c.keys(ws, source, SOURCE_KEYS):
@@ -205,7 +209,14 @@ def _check_slices(c: _Checker, where, slices, allowed, method):
             if "model" not in source:
                 c.problems.append(f"{ws}.model: missing")
                 continue
-            source["model"] = c.model(ws + ".model", source["model"])
+            written = source["model"]
+            source["model"] = c.model(ws + ".model", written)
+            if source["model"] in folders and isinstance(written, str) and ".." in written:
+                # One folder twice in a slice (upscale.twin: an average of two of its layers)
+                # keeps its second spelling `DIR/../NAME`: mergekit tells models apart by
+                # their spelling and refuses one model twice ("Duplicate merge inputs").
+                source["model"] = str(Path(c.base_dir, os.path.expanduser(written)).absolute())
+            folders.add(source["model"])
             c.parameters(ws + ".parameters", source.get("parameters"), allowed, method)
             lr = source.get("layer_range")
             if (not isinstance(lr, list) or len(lr) != 2
@@ -213,7 +224,7 @@ def _check_slices(c: _Checker, where, slices, allowed, method):
                 c.problems.append(f"{ws}.layer_range: expected [start, end) as two integers, "
                                   f"got {lr!r}")
                 continue
-            info = c.infos.get(_model_path(source["model"]))
+            info = c.infos.get(os.path.normpath(_model_path(source["model"])))
             if info is not None and not 0 <= lr[0] < lr[1] <= info.n_layers:
                 c.problems.append(
                     f"{ws}.layer_range: {lr} is outside the model's {info.n_layers} layers "
@@ -275,20 +286,29 @@ def _repeats_layers(config: dict) -> bool:
     return False
 
 
-def _output_layer_types(config: dict) -> list | None:
-    """The `layer_types` list a sliced output must carry, or None if the inputs have none."""
+def _output_layer_types(config: dict, trust_remote_code: bool = False) -> list | None:
+    """The `layer_types` list a sliced output must carry, or None if the inputs have none.
+
+    Read from the config as transformers loads it, not from the raw config.json: the Hub's
+    own config.json files for Qwen2.5, Qwen3, Gemma 2/3 predate the key, and transformers
+    derives the per-layer pattern (e.g. Gemma 3's five sliding layers to one full) on load.
+    """
     if not config.get("slices"):
         return None
-    from solar_merge.checkpoints import read_config
+    from transformers import AutoConfig
 
+    loaded: dict[str, list | None] = {}
     out = []
     for s in config["slices"]:
         src = s["sources"][0]
-        source_cfg = read_config(_model_path(src["model"]))
-        types = (source_cfg.get("text_config") or source_cfg).get("layer_types")
-        if types is None:
+        path = _model_path(src["model"])
+        if path not in loaded:
+            cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            types = getattr(cfg.get_text_config(), "layer_types", None)
+            loaded[path] = list(types) if types is not None else None
+        if loaded[path] is None:
             return None
-        out.extend(types[src["layer_range"][0]:src["layer_range"][1]])
+        out.extend(loaded[path][src["layer_range"][0]:src["layer_range"][1]])
     return out
 
 
@@ -309,7 +329,7 @@ def _mergekit_fixes(layer_types: list | None, inputs=()):
     def fixed_out_config(*args, **kwargs):
         cfg = out_config(*args, **kwargs)
         if layer_types is not None:
-            target = getattr(cfg, "text_config", None) or cfg
+            target = cfg.get_text_config()
             target.layer_types = list(layer_types)
             target.num_hidden_layers = len(layer_types)
             if getattr(target, "max_window_layers", None) is not None:
@@ -385,28 +405,33 @@ def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
     if _repeats_layers(resolved):
         options["clone_tensors"] = True
     options.setdefault("copy_tokenizer", True)
-    digest = config_hash({"merge": resolved, "options": _hashed_options(options)})
+    allow_pickle = bool(options.pop("allow_pickle", False))
+    # Complete only for these exact inputs: a model retrained in place is merged again.
+    digest = config_hash({"merge": resolved, "options": _hashed_options(options),
+                          "inputs": {ref: fingerprint(ref) for ref in _all_models(resolved)}})
     out_dir = Path(out_dir).absolute()
     if is_complete(out_dir, digest):
         return out_dir
+    check_replaceable(out_dir)  # before the seconds mergekit takes to import
 
     import mergekit.merge
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
+    from solar_merge.checkpoints import require_safetensors
+
     for ref in _all_models(resolved):
         folder = local_dir(ref)
         if folder is not None:
-            from solar_merge.checkpoints import require_safetensors
-
-            require_safetensors(folder, allow_pickle=bool(options.pop("allow_pickle", False)))
-    options.pop("allow_pickle", None)
-    source = yaml.safe_dump(resolved, sort_keys=False)
+            require_safetensors(folder, allow_pickle=allow_pickle)
+    # Written into the output (mergekit_config.yml, the card): paths relative to it.
+    source = yaml.safe_dump(portable(resolved, out_dir), sort_keys=False)
     merge_config = MergeConfiguration.model_validate(resolved)
     merge_options = MergeOptions(**options)
     with atomic_output(out_dir, digest) as work:
         try:
-            with _mergekit_fixes(_output_layer_types(resolved), _all_models(resolved)):
+            layer_types = _output_layer_types(resolved, bool(options.get("trust_remote_code")))
+            with _mergekit_fixes(layer_types, _all_models(resolved)):
                 mergekit.merge.run_merge(merge_config, str(work), options=merge_options,
                                          config_source=source)
         except (ValueError, TypeError, RuntimeError) as e:
@@ -476,15 +501,21 @@ def yaml_command():
     @click.argument("out_path", type=click.Path(file_okay=False))
     @click.option("--allow-pickle", is_flag=True,
                   help="Allow loading pickle (.bin) checkpoints (they can run code).")
+    @click.option("--overwrite", is_flag=True,
+                  help="Replace OUT_PATH even if solar-merge did not write it (its contents "
+                       "are deleted).")
     @add_merge_options
     def command(merge_options: MergeOptions, config_file: str, out_path: str,
-                allow_pickle: bool):
+                allow_pickle: bool, overwrite: bool):
         """Run a mergekit YAML config, with solar_average/solar_slerp and our fixes."""
+        from solar_merge.outputs import overwriting
+
         merge_options.apply_global_options()
         options = merge_options.model_dump(exclude_defaults=True)
         if allow_pickle:
             options["allow_pickle"] = True
-        out = merge(config_file, out_path, options=options, label=config_file)
+        with overwriting(overwrite):
+            out = merge(config_file, out_path, options=options, label=config_file)
         click.echo(f"merged into {out}")
 
     return command

@@ -23,9 +23,10 @@ def _config(tmp_path, a, b) -> Path:
     return path
 
 
-def _run(python, code: str, *args, **kw):
+def _run(python, code: str, *args, env=None):
+    env = {k: v for k, v in (env or os.environ).items() if k != "PYTHONPATH"}  # only installs
     return subprocess.run([python, "-c", code, *args], capture_output=True, text=True,
-                          timeout=300, **kw)
+                          timeout=300, env=env)
 
 
 STOCK_YAML = "import sys; from mergekit.scripts.run_yaml import main; sys.exit(main())"

@@ -56,6 +56,12 @@ class _Planner:
         self.loaded = loaded
         self.recipe = loaded.recipe
         self.base = loaded.base_dir
+        if out is None and not self.recipe.out and not _NAME.match(self.recipe.name):
+            raise UserError(f"name: `{self.recipe.name}` names the default output folder "
+                            "runs/<name>, so it uses letters, digits, `_`, `-` and `.` only",
+                            fix="rename the recipe, or give --out DIR")
+        if out is None and loaded.remote and self.recipe.out:
+            _check_remote_out(self.recipe.out, loaded.label)
         root = out if out is not None else (self.recipe.out or f"runs/{self.recipe.name}")
         root = Path(os.path.expanduser(str(root)))
         # --out is relative to where the command runs; the recipe's `out:` to its file
@@ -145,8 +151,33 @@ class _Planner:
             visit(name, [])
         return order
 
+    def fingerprints(self, config) -> dict[str, str]:
+        """What the local inputs outside the recipe hold (models, data files, templates):
+        a stage is finished only for the exact contents it ran on. Earlier stages' outputs
+        are covered by their own hashes."""
+        from solar_merge.outputs import fingerprint
+
+        stage_dirs = [str(self.out / n) for n in self.names]
+        found: dict[str, str] = {}
+
+        def walk(value):
+            if isinstance(value, dict):
+                for v in value.values():
+                    walk(v)
+            elif isinstance(value, list):
+                for v in value:
+                    walk(v)
+            elif (isinstance(value, str) and os.path.isabs(value) and os.path.exists(value)
+                  and not any(value == d or value.startswith(d + os.sep) for d in stage_dirs)):
+                found[value] = fingerprint(value)
+
+        walk(config)
+        return found
+
     def build(self) -> Plan:
         r = self.recipe
+        if self.loaded.remote:
+            self.check_remote()
         raw = {}
         for name, stage in r.stages.items():
             if not _NAME.match(name):
@@ -171,7 +202,8 @@ class _Planner:
             plan = raw[name]
             deps_plans = {d: raw[d] for d in plan.deps}
             plan.hash = config_hash({"kind": plan.kind, "config": plan.config,
-                                     "inputs": {d: raw[d].hash for d in plan.deps}})
+                                     "inputs": {d: raw[d].hash for d in plan.deps},
+                                     "files": self.fingerprints(plan.config)})
             getattr(self, f"_size_{plan.kind}")(plan, deps_plans)
         if self.problems:
             raise self.error()
@@ -180,6 +212,19 @@ class _Planner:
                     notes=list(dict.fromkeys(self.notes)),
                     recipe_yaml=yaml.safe_dump(self.loaded.data, sort_keys=False),
                     loaded=self.loaded)
+
+    def check_remote(self):
+        """A recipe fetched from a URL or the Hub runs code paths chosen by someone else:
+        it may not run their Python code, upload with the user's token, or log outside the
+        output root."""
+        refused = {"push_to_hub": "uploads with your token", "hub_model_id": "names an upload",
+                   "hub_token": "carries a token", "logging_dir": "writes outside the output "
+                   "root", "trust_remote_code": "runs Python code shipped with a model"}
+        for name, stage in self.recipe.stages.items():
+            for key, value in _walk_keys(stage.model_dump(exclude_none=True)):
+                if key in refused and value not in (False, None):
+                    self.problems.append(f"stages.{name}: `{key}` {refused[key]}; a recipe "
+                                         f"from {self.loaded.label} may not set it")
 
     def error(self) -> UserError:
         return UserError(f"{self.loaded.label} has {len(self.problems)} problem(s):\n  - "
@@ -633,6 +678,26 @@ class _Planner:
         if known:
             plan.memory = max(known) * 4 + _OVERHEAD
             plan.memory_note = "the largest model in fp32 (one model at a time)"
+
+
+def _check_remote_out(out: str, label: str) -> None:
+    parts = Path(out).parts
+    if os.path.isabs(os.path.expanduser(out)) or ".." in parts:
+        raise UserError(f"out: `{out}` points outside the current folder, and the recipe comes "
+                        f"from {label}, not from your disk",
+                        fix="give the output root yourself: solar-merge run RECIPE --out DIR")
+
+
+def _walk_keys(value):
+    """(key, value) for every mapping entry, at any depth."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k, v
+            yield from _walk_keys(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk_keys(v)
+
 
 
 _REACHABLE: list[bool] = []

@@ -3,14 +3,21 @@ with the same hash, else cleared of any other config's leftovers and run."""
 
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from solar_merge.errors import UserError
-from solar_merge.outputs import MARKER, atomic_output, is_complete, partial_dir
+from solar_merge.outputs import (
+    MARKER,
+    atomic_output,
+    check_replaceable,
+    is_complete,
+    partial_dir,
+    relocate,
+    remove_partial,
+)
 from solar_merge.recipe.planner import Plan, StagePlan, plan
 
 STAMP = "recipe_stage.json"  # inside a finished stage folder: {"stage", "recipe_hash"}
@@ -79,10 +86,13 @@ def _prepare(st: StagePlan, out: Path) -> None:
     that run may be taken for this one (the tools' own markers do not see upstream changes)."""
     state = _state(out)
     if state.get(st.name) != st.hash:
-        work = partial_dir(st.out_dir)
-        if work.exists():
-            shutil.rmtree(work)
-        (st.out_dir / MARKER).unlink(missing_ok=True)
+        if not remove_partial(st.out_dir):
+            raise UserError(f"{partial_dir(st.out_dir)} was not created by solar-merge, so it "
+                            "is left alone and the stage cannot run",
+                            fix="delete it if it is an old solar-merge work folder, or choose "
+                                "another output root (--out)")
+        if is_complete(st.out_dir):  # still ours to replace, but never taken for this config
+            (st.out_dir / MARKER).write_text(json.dumps({"config_hash": "superseded"}) + "\n")
         (st.out_dir / STAMP).unlink(missing_ok=True)
         state[st.name] = st.hash
         out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +120,9 @@ def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = N
     runners = {**RUNNERS, **(runners or {})}
     from tqdm.auto import tqdm
 
+    for name in p.order:  # refuse a user's folder before hours of earlier stages, not after
+        if not stage_done(p.stages[name]):
+            check_replaceable(p.stages[name].out_dir)
     ran, skipped, metrics = [], [], {}
     bar = tqdm(p.order, desc=p.name, unit="stage", disable=not progress, dynamic_ncols=True)
     for name in bar:
@@ -135,9 +148,23 @@ def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = N
     return RunResult(p.out, final, ran, skipped, metrics)
 
 
+def travelling_recipe(p: Plan, folder: Path) -> str:
+    """The recipe as YAML for a copy stored in `folder`: its local paths rewritten relative to
+    `folder` and `out:` pointing at the output root, so that the copy re-runs (and resumes)
+    as the original did, and carries no `/home/...` paths when pushed."""
+    import os
+
+    import yaml
+
+    if p.loaded is None:
+        return p.recipe_yaml
+    data = relocate(p.loaded.data, p.loaded.base_dir, folder, names=set(p.stages))
+    return yaml.safe_dump({**data, "out": os.path.relpath(p.out, folder)}, sort_keys=False)
+
+
 def _write_final_card(p: Plan, final: Path, metrics: dict) -> None:
     source = (f"# solar-merge run recipe.yaml   (recipe `{p.name}`, overrides applied)\n"
-              + p.recipe_yaml)
+              + travelling_recipe(p, final))
     if (final / "recipe.yaml").is_file() and (final / "recipe.yaml").read_text() == source:
         return
     try:

@@ -120,11 +120,13 @@ class Loaded:
     recipe: Recipe
     base_dir: Path      # relative paths resolve against it
     label: str
+    remote: bool = False  # fetched from a URL or the Hub: may write only under its output root
 
 
 def load(source, overrides=(), *, base_dir=None) -> Loaded:
     """A recipe from a file, an output folder, a URL or a Hub repo (hub.load_recipe_text),
     or a mapping; `overrides` are `dotted.key=value` strings (values parsed as YAML)."""
+    remote = False
     if isinstance(source, dict):
         data, label = copy.deepcopy(source), "recipe"
         base = Path(base_dir or os.getcwd())
@@ -140,6 +142,7 @@ def load(source, overrides=(), *, base_dir=None) -> Loaded:
                 raise UserError(f"recipe {source} not found", fix="check the path") from None
             text, label = load_recipe_text(str(source))
             base = Path(os.getcwd())  # a recipe from a folder, URL or Hub repo: paths are ours
+            remote = not Path(os.path.expanduser(str(source))).exists()
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -158,4 +161,4 @@ def load(source, overrides=(), *, base_dir=None) -> Loaded:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise _schema_error(e, label) from None
-    return Loaded(data, recipe, base.absolute(), label)
+    return Loaded(data, recipe, base.absolute(), label, remote)

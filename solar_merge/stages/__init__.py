@@ -228,8 +228,9 @@ def _resolve_path(value: str, base_dir: Path, data: bool = False) -> str:
     p = Path(os.path.expanduser(value))
     if not p.is_absolute():
         p = base_dir / p
+    p = Path(os.path.normpath(p.absolute()))  # `a/../b` and `b` are one input (hashes)
     if p.exists():
-        return str(p.absolute())
+        return str(p)
     first = value.split("/")[0]
     local = (value.startswith((".", "/", "~")) or value.count("/") > 1
              or (value.count("/") == 1 and first and (base_dir / first).is_dir())

@@ -160,7 +160,8 @@ def dus(ctx, model, drop, repeat, scale_overlap, config_out, run_out, mergekit_a
 @click.option("--blocks", type=int, metavar="K", help="Instead of --every: add K new blocks.")
 @click.option("--where", type=click.Choice(["interleaved", "top"]),
               help="With --blocks: one after every n/K layers (default), or in the gaps "
-                   "between the last K+1 layers (OpT-DeUS: trains faster).")
+                   "between the last K+1 layers (where OpT-DeUS found new layers train "
+                   "faster).")
 @click.option("--init", type=click.Choice(["identity", "average"]),
               help="With --blocks: a copy of the layer below with zeroed outputs (default, "
                    "LLaMA Pro), or the mean of the two adjacent layers (Avg-DeUS).")

@@ -407,3 +407,18 @@ def test_recipe_upscale_spec_errors(tiny_model, tmp_path, spec, message):
     data = {"name": "t", "stages": {"up": {"upscale": {"model": str(tiny_model), **spec}}}}
     with pytest.raises(UserError, match=message):
         recipe.plan(data, tmp_path / "runs", base_dir=tmp_path)
+
+
+def test_override_of_one_anchored_stage_changes_only_that_stage(tiny_model, tmp_path):
+    """The study's recipe shares one train block through a YAML anchor (`<<: *cpt`)."""
+    from solar_merge import recipe
+
+    (tmp_path / "c.txt").write_text("text")
+    (tmp_path / "r.yaml").write_text(
+        f"name: t\nstages:\n"
+        f"  a: {{train: &cpt {{stage: cpt, model: {tiny_model}, datasets: [c.txt],\n"
+        f"                    args: {{max_steps: 3}}}}}}\n"
+        f"  b: {{train: {{<<: *cpt}}}}\n")
+    p = recipe.plan(str(tmp_path / "r.yaml"), tmp_path / "runs",
+                    ["stages.b.train.args.max_steps=5"])
+    assert [p.stages[s].config["args"]["max_steps"] for s in "ab"] == [3, 5]

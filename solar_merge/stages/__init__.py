@@ -105,7 +105,7 @@ def apply_overrides(config: dict, overrides) -> dict:
     A numeric key indexes a list: `datasets.0.max_samples=10`."""
     import yaml
 
-    config = copy.deepcopy(dict(config))
+    config = _unshared(dict(config))
     for item in overrides or ():
         key, sep, raw = str(item).partition("=")
         key = key.strip()
@@ -130,6 +130,17 @@ def apply_overrides(config: dict, overrides) -> dict:
                                 "mapping", fix="check the key")
         _set(node, parts[-1], value, key)
     return config
+
+
+def _unshared(value):
+    """A deep copy in which no two places share an object. [UPSCALE] YAML anchors (`<<: *cpt`)
+    make stages share their `args` mapping, and deepcopy keeps the sharing: an override of one
+    stage's args would change every stage's."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return copy.deepcopy(value)
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

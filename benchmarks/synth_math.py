@@ -46,7 +46,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     seeds = seed_file(work / "seeds.jsonl", args.problems)
     out = work / "out"
-    command = ["solar-merge", "synth-math", str(seeds), "-o", str(out), "--overwrite",
+    command = ["solar-merge", "synth-math", str(seeds), "-o", str(out),
                "--batch-size", str(args.batch_size)]
     if args.threads:
         command += ["--threads", str(args.threads)]

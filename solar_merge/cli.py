@@ -286,7 +286,8 @@ def train_command(stage_config, overrides, out_dir):
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded; no network.")
 def push_command(folder, repo_id, private, dry_run):
-    """Upload an output FOLDER (weights, card, recipe) to the Hub model repo REPO_ID."""
+    """Upload an output FOLDER (weights, card, recipe) to the Hub model repo REPO_ID (a
+    synth-math data folder goes to the dataset repo REPO_ID)."""
     from solar_merge import hub
     from solar_merge.checkpoints import human
 
@@ -295,7 +296,8 @@ def push_command(folder, repo_id, private, dry_run):
         click.echo(f"{size:>12}  {path}")
     total = human(sum(size for _, size in files), "B")
     verb = "would upload" if dry_run else "uploaded"
-    click.echo(f"{verb} {len(files)} files ({total}) to https://huggingface.co/{repo_id}",
+    kind = "datasets/" if hub.repo_type(folder) == "dataset" else ""
+    click.echo(f"{verb} {len(files)} files ({total}) to https://huggingface.co/{kind}{repo_id}",
                err=True)
 
 
@@ -381,6 +383,44 @@ def plan_command(model, drop, layers, every, launch, devices, stage, precision, 
     click.echo(plan(model, drop=drop, layers=layers, every=every, launch=launch,
                     devices=devices, stage=stage, precision=precision, batch=batch,
                     seq_len=seq_len, checkpointing=checkpointing).format())
+
+
+@main.command("synth-math")
+@click.argument("seed_data", metavar="SEED")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for math_instruct.jsonl, math_alignment.jsonl, the card, the report.")
+@click.option("--model", help="Chat model folder or Hub id that rephrases (default: the "
+                              "embedded SmolLM2-135M-Instruct).")
+@click.option("--limit", type=int, help="Use the first N seed records only.")
+@click.option("--samples-per-problem", type=int, default=1, show_default=True,
+              help="Rephrasings tried per problem (more than 1 needs --temperature > 0).")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Problems per generation batch.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="0: greedy; MetaMath sampled at 0.7.")
+@click.option("--max-new-tokens", type=int, default=384, show_default=True,
+              help="Cap on the tokens of each generated text.")
+@click.option("--split", default="train", show_default=True, help="Split of a Hub dataset.")
+@click.option("--subset", help="Config of a Hub dataset (GSM8K: main).")
+@click.option("--engine", type=click.Choice(["auto", "transformers", "vllm"]), default="auto",
+              show_default=True, help="auto: vLLM when installed and a GPU is present.")
+@click.option("--threads", type=int, help="CPU threads for generation (default: torch's; 1 is "
+                                         "faster on a machine whose cores are busy).")
+@click.option("--license", "license_", help="License for the dataset card (e.g. mit).")
+@_may_overwrite
+def synth_math_command(seed_data, out_dir, model, limit, samples_per_problem, batch_size, seed,
+                       temperature, max_new_tokens, split, subset, engine, threads, license_):
+    """Rephrase the math problems of SEED (GSM8K, MetaMathQA or our math format; a file,
+    folder or Hub dataset) with a chat model, MetaMath-style, keeping only pairs that pass the
+    checks; writes the paper's Synth. Math-Instruct and Math-Alignment sets. Resumable."""
+    from solar_merge.synth_math import Options, synth_math
+
+    options = Options(model=model, limit=limit, samples_per_problem=samples_per_problem,
+                      batch_size=batch_size, seed=seed, temperature=temperature,
+                      max_new_tokens=max_new_tokens, split=split, subset=subset,
+                      engine=engine, threads=threads, license=license_)
+    click.echo(synth_math(seed_data, out_dir, options).summary())
 
 
 if __name__ == "__main__":

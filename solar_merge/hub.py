@@ -15,7 +15,8 @@ Decisions (documented here, tested in tests/test_hub.py):
   folders, or a Hub model's card already in the local HF cache, no network) when they all
   agree; else "other" (the Hub's value for "see the base models"), with a note in the body.
 - `datasets`: Hub dataset ids only; local files appear in the body by file name.
-- `push` refuses a folder without `config.json`, a `.partial` work folder, and a folder whose
+- `push` refuses a folder without `config.json` (unless its card is a dataset card: then it is
+  uploaded as a dataset repo), a `.partial` work folder, and a folder whose
   card says solar-merge wrote it but has no completion marker (unfinished). A model folder
   from elsewhere (no solar-merge card, no marker) is pushed with a warning.
 - The token is never written anywhere and never shown: error messages are scrubbed, and a
@@ -497,23 +498,36 @@ def _skipped_file(name: str) -> bool:
     return name.startswith(".") or name.endswith((".partial", ".lock", ".pyc"))
 
 
-def _check_pushable(folder: Path) -> None:
+def repo_type(folder) -> str:
+    """"dataset" for a data folder with a dataset card (its front matter names the data files
+    as `configs`, as `solar-merge synth-math` writes), else "model"."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file() or not (folder / "README.md").is_file():
+        return "model"
+    meta = _read_front_matter(folder)
+    return "dataset" if meta.get("configs") or meta.get("dataset_info") else "model"
+
+
+def _check_pushable(folder: Path) -> str:
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder", fix="give the output folder of a stage")
     if folder.name.endswith(".partial"):
         raise UserError(f"{folder} is an unfinished work folder (.partial)",
                         fix="finish the run (re-run it; it resumes), then push the final folder")
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{folder} has no config.json: not a model folder",
-                        fix="push the output folder of a merge or training stage")
+    kind = repo_type(folder)
+    if kind == "model" and not (folder / "config.json").is_file():
+        raise UserError(f"{folder} has no config.json: not a model folder (nor a data folder "
+                        "with a dataset card)",
+                        fix="push the output folder of a merge, training or synth-math stage")
     if not (folder / MARKER).is_file():
         tags = _as_list(_read_front_matter(folder).get("tags"))
         if "solar-merge" in tags:
             raise UserError(f"{folder} was written by solar-merge but has no completion marker "
                             f"({MARKER}): it is unfinished",
                             fix="re-run the stage that writes it, then push")
-        log.warning("%s has no solar-merge completion marker; pushing it as a plain model "
-                    "folder", folder)
+        log.warning("%s has no solar-merge completion marker; pushing it as a plain %s "
+                    "folder", folder, kind)
+    return kind
 
 
 def _token_in_files(folder: Path, files, token: str) -> str | None:
@@ -531,11 +545,13 @@ def _token_in_files(folder: Path, files, token: str) -> str | None:
 def push(folder, repo_id: str, *, private: bool = False,
          dry_run: bool = False) -> list[tuple[str, int]]:
     """Create `repo_id` (if needed) and upload `folder` in one commit; return what was sent.
+    A data folder with a dataset card (`repo_type`) goes to a dataset repo, anything else to a
+    model repo.
 
     dry_run: only list the files (relative path, size), no token and no network needed.
     """
     folder = Path(os.path.expanduser(str(folder))).absolute()
-    _check_pushable(folder)
+    kind = _check_pushable(folder)
     if repo_id.count("/") != 1 or repo_id.startswith("/") or repo_id.endswith("/"):
         raise UserError(f"repo id `{repo_id}` must look like `owner/name`",
                         fix="e.g. your-user/my-solar-merge")
@@ -560,8 +576,8 @@ def push(folder, repo_id: str, *, private: bool = False,
         from huggingface_hub.errors import HFValidationError
 
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type=kind)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=kind,
                           allow_patterns=[glob.escape(rel) for rel, _ in files],
                           commit_message=f"Upload {folder.name} with solar-merge")
     except HFValidationError as e:

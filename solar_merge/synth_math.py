@@ -82,7 +82,8 @@ def read_seed(source, *, split: str = "train", subset: str | None = None,
     skipped because their final answer is not a number (MATH-style answers in MetaMathQA)."""
     records = _seed_records(source, split, subset, limit)
     if not records:
-        raise UserError(f"seed data {source} holds no records", fix="give a file of problems")
+        raise UserError(f"seed data {source} is empty: it holds no records",
+                        fix="give a file of math problems")
     problems, skipped = [], Counter()
     for n, record in enumerate(records):
         question, answer, final_text = _seed_fields(record, n, source)

@@ -83,6 +83,12 @@ class _Planner:
                                  f"got {value!r}")
             return value
         if value in self.recipe.stages:
+            if self.recipe.stages[value].kind == "synth_math":
+                from solar_merge.synth_math import INSTRUCT
+
+                self.problems.append(f"{where}: `{value}` is a synth_math stage (data, not a "
+                                     "model); name its files in a train stage's datasets, "
+                                     f"e.g. {value}/{INSTRUCT}")
             if value not in deps:
                 deps.append(value)
             return str(self.out / value)
@@ -190,8 +196,8 @@ class _Planner:
                     self.problems.append(f"stages.{name}: uses `{d}`, an eval stage, as a "
                                          "model; name a model-producing stage")
         if r.final is not None and (r.final not in r.stages
-                                    or r.stages[r.final].kind == "eval"):
-            models = [n for n in self.names if r.stages[n].kind != "eval"]
+                                    or r.stages[r.final].kind in _NO_MODEL):
+            models = [n for n in self.names if r.stages[n].kind not in _NO_MODEL]
             self.problems.append(f"final: `{r.final}` is not a model-producing stage"
                                  f"{did_you_mean(r.final, models)}; choose one of "
                                  f"{', '.join(models)}")
@@ -207,7 +213,8 @@ class _Planner:
             getattr(self, f"_size_{plan.kind}")(plan, deps_plans)
         if self.problems:
             raise self.error()
-        final = r.final or next((n for n in reversed(order) if raw[n].kind != "eval"), None)
+        final = r.final or next((n for n in reversed(order) if raw[n].kind not in _NO_MODEL),
+                                None)
         return Plan(r.name, self.loaded.label, self.out, order, raw, final,
                     notes=list(dict.fromkeys(self.notes)),
                     recipe_yaml=yaml.safe_dump(self.loaded.data, sort_keys=False),
@@ -261,6 +268,8 @@ class _Planner:
         for key in ("model", "ref_model"):
             if cfg.get(key) is not None:
                 cfg[key] = self.ref(f"{where}.{key}", cfg[key], deps, self.base)
+        if cfg.get("datasets") is not None:
+            cfg["datasets"] = self.data_refs(where, cfg["datasets"], deps)
         resolved = cfg
         # `new` of a stage's output: from that stage (_size_train), not from a folder an
         # earlier run left there
@@ -287,7 +296,8 @@ class _Planner:
                 self.notes.append(f"{where}: {note}")
         for i, d in enumerate(resolved.get("datasets") or []):
             p = Path(str(d.get("path", ""))) if isinstance(d, dict) else Path()
-            if p.is_absolute() and not p.exists():
+            made = any(p.is_relative_to(self.out / d) for d in deps)  # by an earlier stage
+            if p.is_absolute() and not p.exists() and not made:
                 self.notes.append(f"{where}.datasets[{i}]: {os.path.normpath(p)} does not "
                                   "exist yet (needed when the stage runs)")
         return StagePlan(name, "train", self.out / name, deps, [str(i) for i in inputs],
@@ -679,6 +689,72 @@ class _Planner:
             plan.memory = max(known) * 4 + _OVERHEAD
             plan.memory_note = "the largest model in fp32 (one model at a time)"
 
+    # -- the synth_math stage (issue 17): rephrased math data, named by train stages' datasets --
+    def data_refs(self, where, datasets, deps):
+        """`<stage>/<file>` as a dataset path: a file of a synth_math stage's output folder
+        (that stage becomes a dependency, as a stage named in a model field does)."""
+        from solar_merge.synth_math import ALIGNMENT, INSTRUCT
+
+        items = datasets if isinstance(datasets, list) else [datasets]
+        out = []
+        for i, d in enumerate(items):
+            path = d.get("path") if isinstance(d, dict) else d
+            stage, _, rest = path.partition("/") if isinstance(path, str) else ("", "", "")
+            if stage in self.recipe.stages:
+                kind = self.recipe.stages[stage].kind
+                if kind != "synth_math":
+                    self.problems.append(f"{where}.datasets[{i}]: `{stage}` is a {kind} stage; "
+                                         "a dataset path may only name a file of a synth_math "
+                                         f"stage, e.g. {stage}/{INSTRUCT}")
+                elif rest not in (INSTRUCT, ALIGNMENT):
+                    self.problems.append(f"{where}.datasets[{i}]: `{path}`: name a file of the "
+                                         f"synth_math stage, {stage}/{INSTRUCT} (sft) or "
+                                         f"{stage}/{ALIGNMENT} (dpo)")
+                else:
+                    if stage not in deps:
+                        deps.append(stage)
+                    path = str(self.out / stage / rest)
+                    d = {**d, "path": path} if isinstance(d, dict) else path
+            out.append(d)
+        return out if isinstance(datasets, list) else out[0]
+
+    def _synth_math(self, name, stage):
+        from solar_merge.synth_math import Options
+
+        where = f"stages.{name}.synth_math"
+        spec = stage.synth_math.model_dump()
+        deps: list[str] = []
+        inputs = [spec["data"]] + ([spec["model"]] if spec["model"] else [])
+        if spec["model"] is not None:
+            spec["model"] = self.ref(f"{where}.model", spec["model"], deps, self.base)
+        data = Path(os.path.expanduser(spec["data"]))
+        data = data if data.is_absolute() else self.base / data
+        if data.exists():
+            spec["data"] = os.path.normpath(data.absolute())
+        elif spec["data"].startswith((".", "/", "~")) or data.suffix in (
+                ".jsonl", ".json", ".parquet", ".txt"):
+            self.problems.append(f"{where}.data: {os.path.normpath(data)} not found (a local "
+                                 "file or folder of seed problems, or a Hub dataset name)")
+        try:
+            Options(**{k: v for k, v in spec.items() if k != "data"}).check()
+        except UserError as e:
+            self.problems.append(f"{where}: {_first(e)}")
+        return StagePlan(name, "synth_math", self.out / name, deps, inputs, spec)
+
+    def _size_synth_math(self, plan, deps_plans):
+        from solar_merge.demo import EMBEDDED_NAME, cache_root
+
+        model = plan.config["model"]
+        if model is None:  # the embedded model, once imported
+            model = str(cache_root() / EMBEDDED_NAME)
+            if not os.path.isdir(model):
+                return
+        info = self.info(model, deps_plans)
+        if info is not None and info.params:
+            plan.memory = info.params * 4 + _OVERHEAD
+            plan.memory_note = "the generating model in fp32 (bf16 on a GPU) + overhead"
+    # -- end of the synth_math stage --
+
 
 def _check_remote_out(out: str, label: str) -> None:
     parts = Path(out).parts
@@ -739,6 +815,7 @@ def _first(e: UserError) -> str:
 
 
 _OVERHEAD = 500 * 2**20  # python + torch + libraries
+_NO_MODEL = ("eval", "synth_math")  # stage kinds whose output is not a model
 
 
 def _resized(info: ModelInfo, n_layers: int, out_dir: Path) -> ModelInfo:
@@ -792,7 +869,7 @@ def format_plan(p: Plan) -> str:
         inputs = ", ".join(dict.fromkeys(s.inputs)) or "-"
         if len(inputs) > 48:
             inputs = inputs[:45] + "..."
-        if s.kind == "eval":
+        if s.kind in _NO_MODEL:
             layers = params = "-"
         elif s.info is None:
             layers = params = "unknown (offline)"

@@ -64,6 +64,17 @@ RUNNERS: dict[str, Runner] = {"upscale": _run_upscale, "train": _run_train,
                               "merge": _run_merge, "eval": _run_eval}
 
 
+def _run_synth_math(st: StagePlan):  # issue 17: a data folder that train stages name
+    from solar_merge.synth_math import Options, synth_math
+
+    options = dict(st.config)
+    data = options.pop("data")
+    return synth_math(data, st.out_dir, Options(**options))
+
+
+RUNNERS["synth_math"] = _run_synth_math
+
+
 def stage_done(st: StagePlan) -> bool:
     """Complete and stamped with this very config hash."""
     if not is_complete(st.out_dir):
@@ -178,6 +189,9 @@ def _write_final_card(p: Plan, final: Path, metrics: dict) -> None:
         if st.kind == "eval":
             continue
         lineage.append({"stage": name, "kind": st.kind, "inputs": st.inputs})
+        if st.kind == "synth_math":  # its seed data is a data set, its generator no base model
+            datasets += [st.inputs[0]] if st.inputs[0] not in datasets else []
+            continue
         bases += [i for i in st.inputs if i not in p.stages and i not in bases]
         if st.kind == "train":
             datasets += [d["path"] for d in st.config.get("datasets") or []

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from solar_merge.errors import UserError, did_you_mean
 
-KINDS = ("upscale", "train", "merge", "eval")
+KINDS = ("upscale", "train", "merge", "eval", "synth_math")
 
 
 # -- schema ----------------------------------------------------------------------------------
@@ -64,6 +64,7 @@ class SynthMathSpec(_Strict):  # issue 17: solar_merge.synth_math (checks the va
     max_new_tokens: int = Field(default=384, ge=1)
     seed: int = 0
     engine: Literal["auto", "transformers", "vllm"] = "auto"
+    threads: int | None = Field(default=None, ge=1)
 
 
 class Stage(_Strict):
@@ -71,6 +72,7 @@ class Stage(_Strict):
     train: dict[str, Any] | None = None  # a stage config (solar_merge.stages), minus `output`
     merge: dict[str, Any] | None = None  # a mergekit config, or {file: ...} (+ overrides)
     eval: dict[str, Any] | None = None   # {models: [...], <solar_merge.evaluate spec>}
+    synth_math: SynthMathSpec | None = None  # rephrased math data; train stages name its files
 
     @property
     def kind(self) -> str:
@@ -100,7 +102,8 @@ def _schema_error(e: ValidationError, label: str) -> UserError:
         loc = [str(p) for p in err["loc"]]
         path = ".".join(loc)
         if err["type"] == "extra_forbidden":
-            model = Recipe if len(loc) == 1 else Stage if len(loc) == 3 else UpscaleSpec
+            model = Recipe if len(loc) == 1 else Stage if len(loc) == 3 else \
+                {"synth_math": SynthMathSpec}.get(loc[2], UpscaleSpec)
             lines.append(f"{path}: unknown key{did_you_mean(loc[-1], model.model_fields)}; "
                          f"allowed here: {', '.join(model.model_fields)}")
         elif err["type"] == "missing":

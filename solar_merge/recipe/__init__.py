@@ -18,6 +18,11 @@ path (relative to the recipe file; for `merge: {file: ...}`, relative to that fi
 id. A `merge` stage is a mergekit config, inline or `file:` (inline keys replace the file's
 top-level keys, `key: null` removes one) plus optional mergekit `options:`.
 
+A `synth_math` stage (solar_merge.synth_math) writes rephrased math data, not a model: train
+stages name its files in `datasets:` as `<stage>/math_instruct.jsonl` (sft) or
+`<stage>/math_alignment.jsonl` (dpo), which makes it a dependency as a stage named in a model
+field does.
+
 Resume: each stage's config is resolved (paths absolute, stage references replaced by their
 output folder *and* their hash) and hashed. A stage whose output is complete and stamped
 with the same hash (`recipe_stage.json`) is skipped; a changed stage re-runs, and so does

@@ -4,15 +4,21 @@ Heavy libraries (torch, mergekit, trl) are imported inside commands, never at mo
 so that `--help`, `validate` and `dus -o` stay instant.
 """
 
+import shlex
 import sys
+import traceback
 
 import click
 
-from solar_merge.errors import UserError
+from solar_merge.errors import UserError, described
 
 
 class _Group(click.Group):
     """Turns a user mistake into exit code 2 and one clear message; --debug shows the trace."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["solar_merge.argv"] = list(args)  # what the user typed, for messages
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:
@@ -28,10 +34,38 @@ class _Group(click.Group):
         except Exception as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            error = _as_user_error(e)
+            error = _as_user_error(e) or _library_failure(e, ctx)
             if error is None:
                 raise
             raise error from None
+
+
+# Where a failure comes from: a library we call (its message, phrased for the user, exit 2),
+# or solar-merge itself (a bug: the traceback stays, so that it is reported and fixed).
+_OURS = {"solar_merge", "__main__", "click"}
+
+
+def _library_failure(e: Exception, ctx) -> UserError | None:
+    """A failure raised inside a library we call (mergekit, TRL, transformers, safetensors,
+    ...): which command, stage and input failed, the library's own words, and --debug."""
+    library = None
+    for frame, _ in reversed(list(traceback.walk_tb(e.__traceback__))):
+        top = str(frame.f_globals.get("__name__", "")).split(".")[0]
+        if top in sys.stdlib_module_names or not top:
+            continue  # json, struct, ... decide nothing: who called them does
+        library = None if top in _OURS else top
+        break
+    if library is None:
+        return None
+    command = shlex.join(["solar-merge", *ctx.meta.get("solar_merge.argv", [])])
+    doing = described(e)
+    text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return UserError(f"`{command}` failed inside {library}"
+                     + (f" during {doing}" if doing else "")
+                     + f": {type(e).__name__}" + (f": {text}" if text else ""),
+                     fix="check the input named above: a damaged or unsupported file is the "
+                         "usual cause (re-download it, e.g. `hf download REPO --force`); "
+                         "`solar-merge --debug ...` shows the full traceback")
 
 
 def _as_user_error(e: Exception) -> UserError | None:
@@ -110,12 +144,32 @@ def _merge_options(ctx, mergekit_args, run_out) -> dict:
                         fix="`solar-merge yaml --help` lists mergekit's options") from None
 
 
+def _write_file(path, text: str) -> None:
+    """Write a small text output (a config, a recipe) whole or not at all: its folder is
+    created, and a failed write leaves no half-written file."""
+    import contextlib
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.partial"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}",
+                        fix="choose a writable path (and not an existing folder)") from None
+
+
 def _emit_config(text: str, config_out, run_out) -> None:
     """Write the config to -o, else print it unless the merge is run right away."""
     from pathlib import Path
 
     if config_out:
-        Path(config_out).write_text(text)
+        _write_file(Path(config_out), text)
         click.echo(f"wrote {config_out}", err=True)
     elif not run_out:
         click.echo(text)
@@ -318,7 +372,7 @@ def recipe_extract(source, output):
 
     text, label = hub.recipe_for(source, Path(output).absolute().parent if output else Path.cwd())
     if output:
-        Path(output).write_text(text)
+        _write_file(Path(output), text)
         click.echo(f"wrote the recipe of {label} to {output}", err=True)
     else:
         click.echo(text, nl=not text.endswith("\n"))

@@ -63,47 +63,94 @@ def load_records(path_or_name, *, split: str = "train", max_samples: int | None 
 
 
 def _load_file(path: Path, max_samples: int | None) -> list[dict]:
+    """The records of one local file; any damage (not UTF-8, not JSON, not Parquet, empty, a
+    record that is not an object) is a UserError naming the file and, for .jsonl, the line."""
     suffix = path.suffix
+    if suffix not in FILE_SUFFIXES:
+        raise UserError(f"{path}: unsupported data file type `{suffix}`",
+                        fix=f"use one of {', '.join(FILE_SUFFIXES)}")
     try:
-        if suffix == ".txt":
-            text = path.read_text(encoding="utf-8")
-            paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")]
-            records = [{"text": p} for p in paragraphs if p]
-        elif suffix == ".jsonl":
-            records = []
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if max_samples is not None and len(records) >= max_samples:
-                        break
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except ValueError as e:
-                            raise UserError(f"{path}, line {n}: not valid JSON ({e})",
-                                            fix="one JSON object per line") from None
-        elif suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
-                lists = [v for v in data.values() if isinstance(v, list)]
-                data = lists[0] if len(lists) == 1 else None
-            if not isinstance(data, list):
-                raise UserError(f"{path} is not a JSON list of records",
-                                fix="write a list of objects (or use .jsonl)")
-            records = data
+        if suffix == ".jsonl":
+            records = _load_jsonl(path, max_samples)
         elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            records = pq.read_table(path).to_pylist()
+            records = _load_parquet(path)
         else:
-            raise UserError(f"{path}: unsupported data file type `{suffix}`",
-                            fix=f"use one of {', '.join(FILE_SUFFIXES)}")
+            text = path.read_bytes().decode("utf-8")
+            if suffix == ".txt":
+                paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")]
+                records = [{"text": p} for p in paragraphs if p]
+            else:
+                records = _json_records(path, json.loads(text) if text.strip() else [])
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason})", fix="re-encode as UTF-8") from None
-    except ValueError as e:
-        raise UserError(f"{path} cannot be read ({e})", fix="check the file") from None
-    if any(not isinstance(r, dict) for r in records[:100]):
-        raise UserError(f"{path}: records must be JSON objects", fix="one object per record")
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})",
+                        fix="re-encode it as UTF-8, or check that it is the file you meant"
+                        ) from None
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path} is not valid {suffix[1:].upper()} ({str(e)[:200]})",
+                        fix="check the file (a cut-short download or a file renamed to "
+                            f"{suffix}?)") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}",
+                        fix="check that the file is readable") from None
+    if not records:
+        raise UserError(f"{path} is empty: it holds no records",
+                        fix="fill it, or remove it from the dataset")
+    if suffix != ".jsonl":  # .jsonl names the line of a non-object itself
+        bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise UserError(f"{path}: records must be JSON objects, record {bad} is a "
+                            f"{type(records[bad]).__name__}",
+                            fix="make every record an object {\"key\": ...}")
     return records if max_samples is None else records[:max_samples]
+
+
+def _load_jsonl(path: Path, max_samples: int | None) -> list[dict]:
+    records = []
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named by its number
+        for n, raw in enumerate(f, 1):
+            if max_samples is not None and len(records) >= max_samples:
+                break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}, line {n}: not UTF-8 text ({e.reason})",
+                                fix="re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                raise UserError(f"{path}, line {n}: not valid JSON ({str(e)[:200]})",
+                                fix="one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}, line {n}: records must be JSON objects, this is a "
+                                f"{type(record).__name__}", fix="one JSON object per line")
+            records.append(record)
+    return records
+
+
+def _json_records(path: Path, data) -> list:
+    if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else None
+    if not isinstance(data, list):
+        raise UserError(f"{path} is not a JSON list of records",
+                        fix="write a list of objects (or use .jsonl)")
+    return data
+
+
+def _load_parquet(path: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError, TypeError, NotImplementedError,
+            IndexError, KeyError) as e:  # pyarrow's errors for a file that is not Parquet
+        raise UserError(f"{path} is not a readable Parquet file ({type(e).__name__}: "
+                        f"{str(e)[:200]})",
+                        fix="check the file (a cut-short download or a file renamed to "
+                            ".parquet?)") from None
 
 
 def _load_hub(name: str, split: str, max_samples: int | None) -> list[dict]:

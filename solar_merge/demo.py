@@ -65,7 +65,13 @@ def embedded_model(cache_dir=None) -> Path:
     want = config_hash({"gguf": gguf.name, "bytes": gguf.stat().st_size,
                         "format": "fp32-safetensors", "version": IMPORT_VERSION})
     if is_complete(out, want):
-        return out
+        from solar_merge.checkpoints import safetensors_headers
+
+        try:  # reading the headers costs milliseconds; a damaged cache is imported again
+            safetensors_headers(out)
+            return out
+        except UserError as e:
+            _say(f"the cached import is damaged, importing again: {e.message.splitlines()[0]}")
     with atomic_output(out, want) as work:
         _say(f"importing {gguf.name} into {out} (once; 30-90 s)")
         tokenizer, model = _load_gguf(gguf)
@@ -74,16 +80,32 @@ def embedded_model(cache_dir=None) -> Path:
 
 
 def _load_gguf(gguf: Path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(tokenizer, model) de-quantized from a GGUF file by transformers. A damaged file (a
+    broken install, a disk error) is a UserError naming it, never a traceback."""
+    from solar_merge.checkpoints import check_gguf, check_gguf_header
 
+    reinstall = f"pip install --force-reinstall {PIP_COMMAND.removeprefix('pip install ')}"
     try:
+        check_gguf_header(gguf)  # 24 bytes; the full check runs only to explain a failure
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype=torch.float32)
     except ImportError as e:
         raise UserError(f"reading {gguf.name} needs the `gguf` package ({e})",
                         fix="pip install gguf") from None
+    except UserError as e:
+        raise UserError(e.message.split("\n  fix:")[0], fix=reinstall) from None
+    except Exception as e:  # transformers/gguf on a file they cannot read
+        try:
+            check_gguf(gguf)
+        except UserError as damaged:
+            raise UserError(damaged.message.split("\n  fix:")[0], fix=reinstall) from None
+        raise UserError(f"transformers cannot import {gguf} ({type(e).__name__}: "
+                        f"{str(e)[:200]})", fix=reinstall + "; `solar-merge --debug` shows the "
+                        "traceback") from e
     return tokenizer, model
 
 

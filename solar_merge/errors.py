@@ -4,6 +4,8 @@ The CLI turns it into exit code 2 and a one-line message (no traceback unless --
 Every message names what is wrong (file, field, tensor) and how to fix it.
 """
 
+from contextlib import contextmanager
+
 import click
 
 
@@ -20,3 +22,27 @@ def did_you_mean(word: str, choices) -> str:
 
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+# -- naming the work in progress, for failures inside the libraries we call --------------------
+
+@contextmanager
+def during(what: str):
+    """`with during("stage `avg` (merge)"):` names the stage and inputs being worked on. An
+    exception other than UserError that leaves the block carries the description (with those
+    of the enclosing blocks: `described(e)`), so that the CLI can say which stage and input
+    failed."""
+    try:
+        yield
+    except Exception as e:
+        if not isinstance(e, click.ClickException):
+            try:  # outer blocks come first: "stage `avg` (merge): the merge of a, b"
+                e._solar_merge_during = [what, *getattr(e, "_solar_merge_during", [])]
+            except AttributeError:  # an exception type without __dict__: no description
+                pass
+        raise
+
+
+def described(error: BaseException) -> str | None:
+    """What was being done when `error` was raised (see `during`), if known."""
+    return ": ".join(getattr(error, "_solar_merge_during", [])) or None

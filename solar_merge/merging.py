@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from solar_merge.checkpoints import local_dir, model_info
-from solar_merge.errors import UserError, did_you_mean
+from solar_merge.errors import UserError, did_you_mean, during
 from solar_merge.outputs import (
     atomic_output,
     check_replaceable,
@@ -27,6 +27,7 @@ from solar_merge.outputs import (
     is_complete,
     portable,
 )
+from solar_merge.readers import load_yaml, read_text
 
 # mergekit 0.1.5's MergeConfiguration and its nested models, as allowed keys per level.
 TOP_KEYS = {"modules", "slices", "models", "merge_method", "base_model", "dtype",
@@ -47,13 +48,9 @@ def load_config(config, *, label: str = "merge config") -> dict:
         if not path.is_file():
             what = "merge config" if label == str(config) else label
             raise UserError(f"{what} file {path} not found", fix="check the path")
-        label, config = str(path), path.read_text()
+        label, config = str(path), read_text(path, what="merge config")
     if isinstance(config, str):
-        try:
-            config = yaml.safe_load(config)
-        except yaml.YAMLError as e:
-            raise UserError(f"{label} is not valid YAML: {e}",
-                            fix="fix the YAML syntax at the line shown") from None
+        config = load_yaml(config, label)
     if not isinstance(config, dict):
         raise UserError(f"{label} must be a YAML mapping with `merge_method` and "
                         f"`models` or `slices`, not {type(config).__name__}",
@@ -431,7 +428,8 @@ def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
     with atomic_output(out_dir, digest) as work:
         try:
             layer_types = _output_layer_types(resolved, bool(options.get("trust_remote_code")))
-            with _mergekit_fixes(layer_types, _all_models(resolved)):
+            with _mergekit_fixes(layer_types, _all_models(resolved)), \
+                    during(f"the merge of {', '.join(_all_models(resolved))}"):
                 mergekit.merge.run_merge(merge_config, str(work), options=merge_options,
                                          config_source=source)
         except (ValueError, TypeError, RuntimeError) as e:
@@ -541,10 +539,10 @@ def multi_command():
 
 
 def _check_multi(config_file: str):
-    text = Path(config_file).read_text()
+    text = read_text(config_file, what="merge config")
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, RecursionError) as e:
         raise UserError(f"{config_file} is not valid YAML: {e}", fix="fix the YAML syntax") \
             from None
     names = {d.get("name") for d in docs if isinstance(d, dict)}

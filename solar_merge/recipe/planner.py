@@ -14,6 +14,7 @@ import yaml
 from solar_merge.checkpoints import ModelInfo, human, is_hub_id, read_config
 from solar_merge.errors import UserError, did_you_mean
 from solar_merge.outputs import config_hash
+from solar_merge.readers import read_yaml
 from solar_merge.recipe.schema import Loaded, load
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -373,9 +374,9 @@ class _Planner:
                 self.problems.append(f"{where}.file: {file} not found")
             else:
                 try:
-                    loaded = yaml.safe_load(file.read_text())
-                except yaml.YAMLError as e:
-                    self.problems.append(f"{where}.file: {file} is not valid YAML: {e}")
+                    loaded = read_yaml(file, what="merge config")
+                except UserError as e:
+                    self.problems.append(f"{where}.file: {_first(e)}")
             file_cfg = loaded if isinstance(loaded, dict) else {}
             file_cfg.pop("name", None)
             from_file = set(file_cfg) - set(spec)

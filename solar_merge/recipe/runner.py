@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from solar_merge.errors import UserError
+from solar_merge.errors import UserError, during
 from solar_merge.outputs import (
     MARKER,
     atomic_output,
@@ -143,7 +143,8 @@ def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = N
             skipped.append(name)
         else:
             _prepare(st, p.out)
-            runners[st.kind](st)
+            with during(f"stage `{name}` ({st.kind}) of {', '.join(st.inputs) or '-'}"):
+                runners[st.kind](st)
             if not is_complete(st.out_dir):
                 raise UserError(f"stage {name} finished without a complete output in "
                                 f"{st.out_dir}", fix="re-run; report a bug if it persists")

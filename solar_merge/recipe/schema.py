@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from solar_merge.errors import UserError, did_you_mean
+from solar_merge.readers import load_yaml, read_text
 
 KINDS = ("upscale", "train", "merge", "eval", "synth_math")
 
@@ -136,7 +136,7 @@ def load(source, overrides=(), *, base_dir=None) -> Loaded:
     else:
         path = Path(os.path.expanduser(str(source)))
         if path.is_file():
-            text, label = path.read_text(), str(source)
+            text, label = read_text(path, what="recipe"), str(source)
             base = path.absolute().parent
         else:
             try:
@@ -146,11 +146,7 @@ def load(source, overrides=(), *, base_dir=None) -> Loaded:
             text, label = load_recipe_text(str(source))
             base = Path(os.getcwd())  # a recipe from a folder, URL or Hub repo: paths are ours
             remote = not Path(os.path.expanduser(str(source))).exists()
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise UserError(f"{label} is not valid YAML: {e}",
-                            fix="fix the YAML syntax at the line shown") from None
+        data = load_yaml(text, label)
         if base_dir is not None:
             base = Path(base_dir)
     if not isinstance(data, dict):

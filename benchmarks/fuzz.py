@@ -1,0 +1,53 @@
+"""The long fuzzing run of issue 15: tests/test_fuzz_*.py under hypothesis' `long` profile.
+
+    python benchmarks/fuzz.py            # all three files (~1 h on 2 busy cores)
+    python benchmarks/fuzz.py -k recipes # pytest options pass through
+
+Writes benchmarks/fuzz_results.json (inputs tried per entry point, wall time, load, command,
+date, pytest's summary) and prints a Markdown table for README's Reliability section.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FILES = ["tests/test_fuzz_models.py", "tests/test_fuzz_configs.py", "tests/test_fuzz_data.py"]
+
+
+def main(argv: list[str]) -> int:
+    report = ROOT / "benchmarks" / "fuzz_counts.json"
+    report.unlink(missing_ok=True)
+    env = {**os.environ, "SOLAR_MERGE_FUZZ": "long", "SOLAR_MERGE_FUZZ_REPORT": str(report)}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
+               *FILES, *argv]
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False)
+    wall = time.perf_counter() - start
+    counts = json.loads(report.read_text()) if report.is_file() else {}
+    report.unlink(missing_ok=True)
+    summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    result = {"command": "SOLAR_MERGE_FUZZ=long " + " ".join(["pytest", *FILES, *argv]),
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "wall_s": round(wall), "load_before": load_before, "load_after": os.getloadavg(),
+              "exit_code": proc.returncode, "summary": summary, "inputs_per_entry_point": counts}
+    out = ROOT / "benchmarks" / "fuzz_results.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print("| entry point | inputs tried |\n|---|---:|")
+    for name, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        print(f"| `{name}` | {n:,} |")
+    print(f"\n{summary}; {wall / 60:.0f} min; load {load_before[0]:.1f} -> "
+          f"{result['load_after'][0]:.1f}; {out.relative_to(ROOT)}")
+    if proc.returncode:
+        print(proc.stdout[-6000:])
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -477,5 +477,82 @@ def synth_math_command(seed_data, out_dir, model, limit, samples_per_problem, ba
     click.echo(synth_math(seed_data, out_dir, options).summary())
 
 
+# -- evaluation through lm-eval (issue 13): eval, contamination --
+
+_TASKS = click.option("--tasks", required=True,
+                      help="Comma-separated lm-eval tasks or groups: ours (solar_manual_ppl, "
+                           "solar_manual_qa, solar_arith; tag `solar`), `h6` (the paper's Open "
+                           "LLM Leaderboard set), any lm-eval task.")
+_INCLUDE = click.option("--include-path", multiple=True, type=click.Path(),
+                        help="Folder of extra lm-eval task YAMLs (repeatable); its tasks sit "
+                             "beside ours.")
+
+
+@main.command("eval")
+@click.argument("models", nargs=-1)
+@_TASKS
+@_INCLUDE
+@click.option("--num-fewshot", type=int, help="Shots for every task (lm-eval's override).")
+@click.option("--limit", type=float, help="First N documents of each task (< 1: a share).")
+@click.option("--batch-size", default="8", show_default=True, help="lm-eval's batch size.")
+@click.option("--device", help="cpu, cuda, cuda:0, ... (default: cuda if available).")
+@click.option("--apply-chat-template", is_flag=True,
+              help="Render prompts with the model's chat template (lm-eval's option).")
+@click.option("--model-args", help="More arguments of lm-eval's `hf` model, "
+                                   "e.g. dtype=bfloat16,max_length=2048.")
+@click.option("--prefetch", is_flag=True,
+              help="Only read the tasks' data into the datasets cache (no model): run once "
+                   "online, then evaluate offline.")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
+              default="runs/eval", show_default=True,
+              help="Folder for each model's lm-eval results.json and results.md/.csv/.png.")
+@_may_overwrite
+def eval_command(models, tasks, include_path, num_fewshot, limit, batch_size, device,
+                 apply_chat_template, model_args, prefetch, out_dir):
+    """Evaluate MODELS (folders or Hub ids) with lm-evaluation-harness: lm-eval's own JSON per
+    model, one table of models x metrics, a plot."""
+    from solar_merge import eval as lm
+
+    if prefetch:
+        click.echo(lm.prefetch(tasks, include_path=list(include_path) or None))
+        return
+    if not models:
+        raise UserError("no model given", fix="solar-merge eval MODEL [MODEL ...] --tasks ...")
+    lm.evaluate(list(models), tasks, out=out_dir, include_path=list(include_path) or None,
+                num_fewshot=num_fewshot, limit=int(limit) if limit and limit >= 1 else limit,
+                batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
+                device=device, apply_chat_template=apply_chat_template,
+                model_args=lm.parse_model_args(model_args))
+    from pathlib import Path
+
+    click.echo((Path(out_dir) / "results.md").read_text())
+    click.echo(f"lm-eval results per model and the table in {out_dir}", err=True)
+
+
+@main.command("contamination")
+@click.option("--train", "train", multiple=True, required=True,
+              help="A training set: data file (.jsonl/.json/.parquet/.txt), folder or Hub data "
+                   "set (repeatable).")
+@_TASKS
+@_INCLUDE
+@click.option("-n", "ngram", type=int, default=13, show_default=True,
+              help="n-gram length in words (lm-eval's decontamination uses 13).")
+@click.option("--fail-above", type=float,
+              help="Exit with code 1 when a (training set, task) pair has more than PCT "
+                   "percent of the task's documents contaminated.")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
+              default="runs/contamination", show_default=True,
+              help="Folder for contamination.md/.csv/.json and the offending examples.")
+@_may_overwrite
+def contamination_command(train, tasks, include_path, ngram, fail_above, out_dir):
+    """n-gram overlap between each training set and each task's evaluation documents."""
+    from solar_merge import contamination
+
+    report = contamination.run(list(train), tasks, include_path=list(include_path) or None,
+                               n=ngram, out=out_dir)
+    click.echo("\n".join(contamination.markdown(report)))
+    contamination.enforce(report, fail_above, where=out_dir)
+
+
 if __name__ == "__main__":
     sys.exit(main())

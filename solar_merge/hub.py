@@ -57,10 +57,13 @@ def write_card(out_dir, *, kind: str, source_yaml: str, source_name: str,
                license: str | None = None, merge_method: str | None = None,
                description: str | None = None,
                extra_tags: list[str] | tuple[str, ...] = (),
-               sections: dict[str, list[str]] | None = None) -> Path:
+               sections: dict[str, list[str]] | None = None,
+               eval_results: list | None = None) -> Path:
     """Write `out_dir/README.md` (a Hub model card) and `out_dir/source_name`; return the card.
 
     eval_table: row (model or stage) -> column (metric) -> value.
+    eval_results: huggingface_hub EvalResults of this model (solar_merge.eval.eval_results),
+    written as the card's `model-index`, which the Hub shows as evaluation results.
     lineage: [{"stage": name, "kind": kind, "inputs": [model refs]}], in run order.
     extra_tags: appended to the tags (mergekit, merge, solar-merge, kind), duplicates dropped.
     sections: heading -> markdown lines, placed before `## Recipe` (e.g. a training stage's
@@ -102,6 +105,8 @@ def write_card(out_dir, *, kind: str, source_yaml: str, source_name: str,
     )
 
     name = _final_name(out_dir)
+    if eval_results:
+        data.model_name, data.eval_results = name, list(eval_results)
     body = [f"# {name}", ""]
     if description:
         body += [description.strip(), ""]

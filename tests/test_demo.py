@@ -8,7 +8,6 @@ import pytest
 
 from solar_merge import demo
 from solar_merge.errors import UserError
-from solar_merge.evaluate import extract_answer
 from solar_merge.outputs import MARKER
 
 
@@ -32,11 +31,22 @@ def default_data(tmp_path_factory):
 
 # -- data ------------------------------------------------------------------------------------
 
+def _shipped(name):
+    from solar_merge.tasks import loaders
+
+    return loaders.records(name)
+
+
+def _answer(text):
+    """The number after the last '####' (what lm-eval's strict-match filter extracts)."""
+    return int(text.rsplit("####", 1)[1].strip())
+
+
 def test_demo_data_files(quick_data):
-    assert set(quick_data) == {"cpt_train", "heldout_text", "sft_python", "eval_qa",
-                               "math_train", "sft_math", "dpo_math", "eval_math", "manifest"}
+    assert set(quick_data) == {"cpt_train", "heldout", "sft_python", "math_train", "sft_math",
+                               "dpo_math", "manifest"}
     assert all(p.is_file() and p.stat().st_size > 0 for p in quick_data.values())
-    for r in _records(quick_data["sft_python"]) + _records(quick_data["eval_qa"]):
+    for r in _records(quick_data["sft_python"]):
         assert {"system_prompt", "question", "response"} <= set(r)
     for r in _records(quick_data["sft_math"]):
         assert set(r) == {"question", "response"}
@@ -50,7 +60,7 @@ def test_demo_data_deterministic(quick_data, tmp_path):
     for name, path in quick_data.items():
         assert again[name].read_bytes() == path.read_bytes(), name
     other = demo.demo_data(tmp_path / "other", quick=True, seed=1)
-    assert other["eval_math"].read_bytes() != quick_data["eval_math"].read_bytes()
+    assert other["math_train"].read_bytes() != quick_data["math_train"].read_bytes()
 
 
 def test_demo_data_reused_when_complete(quick_data):
@@ -60,65 +70,94 @@ def test_demo_data_reused_when_complete(quick_data):
 
 
 def test_heldout_text_never_in_training_data(default_data):
+    """The shipped lm-eval tasks' documents (solar_merge/tasks/data) never reach training."""
     manifest = json.loads(default_data["manifest"].read_text())
     held, train = set(manifest["heldout_topics"]), set(manifest["train_topics"])
     assert held and not held & train and not held & set(manifest["cpt_topics"])
     train_text = _norm(default_data["cpt_train"].read_text())
-    held_text = default_data["heldout_text"].read_text()
     # the manual repeats paragraphs across topics: none of the held-out ones may leak
-    for para in held_text.split("\n\n"):
-        if len(_norm(para)) > 40:
-            assert _norm(para) not in train_text, para[:80]
+    for doc in _shipped("manual_ppl.jsonl"):
+        assert doc["topic"] in held
+        for para in doc["text"].split("\n\n"):
+            if len(_norm(para)) > 40:
+                assert _norm(para) not in train_text, para[:80]
     qa_train = _records(default_data["sft_python"])
     assert not {r["topic"] for r in qa_train} & held
-    assert all(_norm(r["response"]) not in _norm(held_text) for r in qa_train)
-    qa_held = _records(default_data["eval_qa"])
+    qa_held = _shipped("manual_qa.jsonl")
     assert qa_held and {r["topic"] for r in qa_held} <= held
     assert not {r["question"] for r in qa_held} & {r["question"] for r in qa_train}
 
 
 def test_heldout_math_not_in_train(default_data):
-    held = _records(default_data["eval_math"])
+    held = {r["question"] for r in _shipped("arith.jsonl") + _shipped("arith_fewshot.jsonl")}
     train = _records(default_data["math_train"])
-    for key in ("question", "rephrased_question"):
-        assert not {r[key] for r in held} & {r[key] for r in train}
-    prompts = {r["prompt"] for r in _records(default_data["dpo_math"])}
-    prompts |= {r["question"] for r in _records(default_data["sft_math"])}
-    assert not prompts & {r["rephrased_question"] for r in held}
+    assert held and not held & {r["question"] for r in train}
     # SFT and DPO use different problems
     assert not {r["prompt"] for r in _records(default_data["dpo_math"])} & \
         {r["question"] for r in _records(default_data["sft_math"])}
 
 
+def test_demo_training_data_pass_the_contamination_check(default_data):
+    """No training file shares a 13-gram with any shipped task's documents (the check the
+    demo's eval stages run with fail_above: 0)."""
+    from solar_merge import contamination
+
+    files = [str(p) for name, p in default_data.items() if name not in ("manifest", "heldout")]
+    report = contamination.run(files, "solar")
+    assert len(report.rows) == len(files) * 3
+    assert report.worst()["percent"] == 0 and report.hits == []
+
+
 def test_rephrased_answers_end_with_the_same_final_number(default_data):
-    recs = _records(default_data["math_train"]) + _records(default_data["eval_math"])
+    recs = _records(default_data["math_train"])
     assert len({r["question"] for r in recs}) == len(recs)
     for r in recs:
         assert set(r) == {"question", "answer", "rephrased_question", "rephrased_answer", "final"}
         assert isinstance(r["final"], int)
         assert r["answer"] == f"#### {r['final']}"
         assert r["rephrased_answer"].endswith(f"#### {r['final']}")
-        assert extract_answer(r["answer"]) == extract_answer(r["rephrased_answer"]) == r["final"]
+        assert _answer(r["answer"]) == _answer(r["rephrased_answer"]) == r["final"]
         # the worked steps compute the final number
         assert f"= {r['final']}" in r["rephrased_answer"]
         assert r["rephrased_question"] != r["question"]
+    for r in _shipped("arith.jsonl") + _shipped("arith_fewshot.jsonl"):
+        assert _answer(r["answer"]) == r["final"] and f"= {r['final']}" in r["answer"]
 
 
 def test_math_steps_are_correct_arithmetic(default_data):
-    for r in _records(default_data["math_train"]):
-        for a, op, b, c in re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", r["rephrased_answer"]):
-            assert eval(f"{a} {op} {b}") == int(c), r
+    answers = [r["rephrased_answer"] for r in _records(default_data["math_train"])]
+    answers += [r["answer"] for r in _shipped("arith.jsonl")]
+    for answer in answers:
+        for a, op, b, c in re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", answer):
+            assert eval(f"{a} {op} {b}") == int(c), answer
 
 
 def test_quick_is_smaller_than_default(quick_data, default_data):
     q = json.loads(quick_data["manifest"].read_text())
     d = json.loads(default_data["manifest"].read_text())
     assert q["chars"]["cpt_train"] < d["chars"]["cpt_train"]
-    for name in ("sft_python", "sft_math", "dpo_math", "eval_math"):
+    for name in ("sft_python", "sft_math", "dpo_math"):
         assert 0 < q["records"][name] < d["records"][name], name
-    assert d["records"]["eval_math"] == 20
-    # enough held-out text for 16 chunks of 256 tokens (at < 8 characters per token)
-    assert d["chars"]["heldout_text"] > 16 * 256 * 8
+
+
+def test_shipped_task_data_rebuilds_identically(tmp_path):
+    """solar_merge/tasks/data is what build_task_data writes (on the Python that built it:
+    another Python's reference manual differs)."""
+    import sys
+
+    from solar_merge.tasks import loaders
+
+    manifest = json.loads((loaders.DATA_DIR / "manifest.json").read_text())
+    if sys.version.split()[0] != manifest["python"]:
+        pytest.skip(f"the task data were built on Python {manifest['python']}")
+    demo.build_task_data(tmp_path)
+    for name in [*manifest["sha256"], "manifest.json"]:
+        assert (tmp_path / name).read_bytes() == (loaders.DATA_DIR / name).read_bytes(), name
+    ppl = _shipped("manual_ppl.jsonl")
+    assert {d["topic"] for d in ppl[:4]} == set(manifest["heldout_topics"][:4])  # round-robin
+    assert all(len(d["text"]) <= demo.PPL_CHUNK_CHARS or "\n\n" not in d["text"] for d in ppl)
+    for q in _shipped("manual_qa.jsonl"):
+        assert len(q["choices"]) == 4 == len(set(q["choices"])) and 0 <= q["gold"] < 4
 
 
 def test_data_loads_through_the_data_module(quick_data):
@@ -314,27 +353,31 @@ def test_save_plain_drops_gguf_leftovers(tmp_path, tiny_model):
 # -- report ----------------------------------------------------------------------------------
 
 def test_report(tmp_path):
-    results = {"base": {"layers": 30, "params": 134_515_008, "perplexity": 15.06,
-                        "math_exact_match": 0.05, "answer_loss": 2.1},
-               "dus": {"layers": 44, "params": 196_000_000, "perplexity": 22.57},
-               "cpt": {"layers": 44, "params": 196_000_000, "perplexity": 12.61,
-                       "math_exact_match": 0.1}}
+    ppl, qa, em = demo.PPL, demo.QA, demo.ARITH
+    results = {"base": {"layers": 30, "params": 134_515_008, ppl: 15.06, em: 0.05, qa: 0.5,
+                        "solar_arith exact_match,strict-match": 0.0},
+               "dus": {"layers": 44, "params": 196_000_000, ppl: 22.57},
+               "cpt": {"layers": 44, "params": 196_000_000, ppl: 12.61, em: 0.1}}
     loss = tmp_path / "loss.jsonl"
     loss.write_text("".join(json.dumps({"step": s, "loss": 3.0 - s / 20}) + "\n"
                             for s in range(1, 21)) + json.dumps({"step": 20, "train_runtime": 9})
                     + "\n")
-    md = demo.report(results, tmp_path / "rep", cpt_curve=loss, command="solar-merge demo")
+    md = demo.report(results, tmp_path / "rep", cpt_curve=loss, command="solar-merge demo",
+                     sections={"Contamination check": ["| a | b |", "|---|---|", "| x | 0.0 |"]})
     text = md.read_text()
     assert md.name == "report.md" and (md.parent / "report.png").stat().st_size > 5000
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert [r.split("|")[1].strip() for r in rows[1:]] == ["base", "dus", "cpt"]
+    assert [r.split("|")[1].strip() for r in rows[1:4]] == ["base", "dus", "cpt"]
     assert "134.5M" in text and "15.060" in text and "5.0%" in text and "–" in text
+    assert "held-out word PPL" in text and "strict-match" not in text  # other metrics: stage
+    assert "## Contamination check" in text and "lm-evaluation-harness" in text
     assert "solar-merge demo" in text and "cores" in text and "torch" in text
     assert "at step 20" in text
     # a plain list works too, and no curve at all
     demo.report(results, tmp_path / "rep2", cpt_curve=[(1, 3.0), (2, 2.5)])
-    demo.report({"only": {"perplexity": 3.0}}, tmp_path / "rep3")
+    demo.report({"only": {"custom metric": 3.0}}, tmp_path / "rep3")
     assert (tmp_path / "rep3" / "report.png").is_file()
+    assert "custom metric" in (tmp_path / "rep3" / "report.md").read_text()
 
 
 def test_shipped_demo_recipe_plans_in_the_demo_layout(tiny_model, tmp_path):

@@ -49,9 +49,8 @@ def _pipeline(model: Path, folder: Path) -> dict:
                               "models": [{"model": "cpt", "parameters": {"weight": 0.4}},
                                          {"model": "dus", "parameters": {"weight": 0.6}}]}},
             "slerp": {"merge": {"file": "slerp.yaml"}},
-            "eval": {"eval": {"models": ["dus", "avg", "slerp"],
-                              "perplexity": {"text": "corpus.txt", "seq_len": 32,
-                                             "max_chunks": 2}}},
+            "eval": {"eval": {"models": ["dus", "avg", "slerp"], "tasks": "solar_manual_ppl",
+                              "limit": 2}},
         },
     }
 
@@ -95,7 +94,7 @@ def fake_recipe(tmp_path, tiny_model):
             "avg": {"merge": {"merge_method": "solar_average",
                               "models": [{"model": "sft", "parameters": {"weight": 0.4}},
                                          {"model": "other", "parameters": {"weight": 0.6}}]}},
-            "eval": {"eval": {"models": ["avg"], "perplexity": {"text": "corpus.txt"}}},
+            "eval": {"eval": {"models": ["avg"], "tasks": "solar_manual_ppl"}},
         },
     }
     return _recipe(tmp_path, data)
@@ -223,7 +222,7 @@ def test_validate_catches_an_unknown_stage(tmp_path, tiny_model):
     data = {"stages": {
         "cpt": {"train": {"stage": "cpt", "model": str(tiny_model), "datasets": ["corpus.txt"]}},
         "sft": {"train": {"stage": "sft", "model": "cptt", "datasets": ["corpus.txt"]}},
-        "ev": {"eval": {"models": ["sft", "spt"], "perplexity": {"text": "corpus.txt"}}},
+        "ev": {"eval": {"models": ["sft", "spt"], "tasks": "solar_manual_ppl"}},
     }}
     with pytest.raises(UserError) as e:
         recipe.plan(_recipe(tmp_path, data))
@@ -340,7 +339,8 @@ def test_tiny_recipe_end_to_end_with_resume(tmp_path, tiny_model):
     assert cfg["num_hidden_layers"] == 6
     assert (runs / "cpt" / "model.safetensors").is_file()
     ppl = result.metrics["eval"]
-    assert set(ppl) == {"dus", "avg", "slerp"} and all(v["perplexity"] > 1 for v in ppl.values())
+    key = "solar_manual_ppl word_perplexity,none"  # lm-eval's metric, solar_merge.eval's table
+    assert set(ppl) == {"dus", "avg", "slerp"} and all(v[key] > 1 for v in ppl.values())
     assert json.loads((runs / "eval" / "metrics.json").read_text()) == ppl
     assert result.final == runs / "avg"
     card = (runs / "avg" / "README.md").read_text()

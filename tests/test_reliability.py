@@ -35,6 +35,7 @@ if limit >= 0:
 if uid >= 0:  # the interpreter lives under /root: import what the command needs first
     import difflib, errno, filelock, hashlib, json, shutil, yaml
     import solar_merge.cli, solar_merge.outputs, solar_merge.stages.common, solar_merge.data
+    import solar_merge.stages.launch, solar_merge.memory  # [TRAIN] train's launch/memory check
     solar_merge.stages.trl_fields("sft")  # reads TRL's source files
     os.setgid(uid)
     os.setuid(uid)
@@ -296,8 +297,8 @@ CASES = {
                                           ["nothere.yaml", "not found"], c.t / "runs"),
     "recipe-eval-unknown-key": lambda c: recipe_case(
         c, {"stages": {"avg": _merge_stage(str(c.a), str(c.b)),
-                       "ev": {"eval": {"models": ["avg"], "perplexity": {"txt": "x.txt"}}}}},
-        ["unknown key `perplexity.txt`", "did you mean `text`"], command="run"),
+                       "ev": {"eval": {"models": ["avg"], "tasks": "solar_arith", "limt": 3}}}},
+        ["unknown key `limt`", "did you mean `limit`"], command="run"),
     "recipe-bad-override": lambda c: Case(
         ["run", write(c.t / "recipe.yaml", {"stages": {"avg": _merge_stage(str(c.a))}}),
          "stages.avg", "--out", c.t / "runs"], ["override `stages.avg` is not key=value"],
@@ -380,7 +381,7 @@ def test_hub_token_never_written_or_shown(models, tmp_path, monkeypatch):
     outputs = []
     merge_cfg = write(tmp_path / "merge.yaml", avg(a, b))
     outputs.append(cli(["yaml", merge_cfg, tmp_path / "merged"]))
-    corpus = _corpus(tmp_path / "corpus.txt")
+    _corpus(tmp_path / "corpus.txt")
     stage = write(tmp_path / "cpt.yaml", {"stage": "cpt", "model": str(a),
                                           "datasets": ["corpus.txt"], "seq_len": 32,
                                           "args": {**FAST, "max_steps": 2, "save_steps": 1}})
@@ -389,9 +390,7 @@ def test_hub_token_never_written_or_shown(models, tmp_path, monkeypatch):
         "name": "tokens", "stages": {
             "avg": {"merge": avg(a, b)},
             "up": {"upscale": {"model": "avg", "drop": 1}},
-            "ev": {"eval": {"models": ["up"], "perplexity": {"text": str(corpus),
-                                                             "seq_len": 16,
-                                                             "max_chunks": 1}}}}})
+            "ev": {"eval": {"models": ["up"], "tasks": "solar_manual_ppl", "limit": 1}}}})
     outputs.append(cli(["run", recipe, "--out", tmp_path / "runs"]))
     for code, output in outputs:
         assert code == 0, output
@@ -429,20 +428,21 @@ def test_remote_code_is_never_run(model_type, models, tmp_path, monkeypatch):
     code, output = cli(["yaml", config, tmp_path / "out"])
     if model_type == "llama":  # transformers' own code serves it: the merge just works
         assert code == 0, output
-        from solar_merge.evaluate import load_model
+        from solar_merge.stages import common
 
-        load_model(tmp_path / "out")
+        common.load_model(str(tmp_path / "out"))
     else:  # only the custom code could load it: a clear refusal
         assert code == 2, output
         assert "Traceback" not in output and "fix:" in output
         assert f"{m} needs custom Python code" in output, output
     from solar_merge.checkpoints import model_info
     from solar_merge.errors import UserError
-    from solar_merge.evaluate import load_model
+    from solar_merge.eval import evaluate_one
     from solar_merge.stages import common
 
     model_info(str(m))
-    loaders = [lambda: load_model(m), lambda: common.load_model(str(m))]
+    loaders = [lambda: evaluate_one(str(m), "solar_manual_ppl", limit=1, batch_size=1),
+               lambda: common.load_model(str(m))]
     for load in loaders:
         if model_type == "llama":
             load()

@@ -10,13 +10,15 @@
       avg:   {merge: {merge_method: solar_average, models: [{model: cpt, ...}, ...]}}
       slerp: {merge: {file: ../merge_configs/sft_slerp.yaml, models: [...]}}
       dpo:   {train: {stage: dpo, model: avg, datasets: [...]}}
-      eval:  {eval: {models: [dus, cpt, dpo], perplexity: {text: data/heldout.txt}}}
+      eval:  {eval: {models: [dus, cpt, dpo], tasks: [solar_manual_ppl, solar_arith]}}
 
 Each stage has exactly one kind. A model field whose value is a stage name stands for that
 stage's output folder `<out>/<stage>` and makes it a dependency; any other value is a local
 path (relative to the recipe file; for `merge: {file: ...}`, relative to that file) or a Hub
 id. A `merge` stage is a mergekit config, inline or `file:` (inline keys replace the file's
-top-level keys, `key: null` removes one) plus optional mergekit `options:`.
+top-level keys, `key: null` removes one) plus optional mergekit `options:`. An `eval`
+stage runs lm-evaluation-harness (solar_merge.eval.EvalSpec: tasks, num_fewshot, limit,
+include_path, batch_size, ..., contamination).
 
 A `synth_math` stage (solar_merge.synth_math) writes rephrased math data, not a model: train
 stages name its files in `datasets:` as `<stage>/math_instruct.jsonl` (sft) or

@@ -479,22 +479,70 @@ class _Planner:
             models = []
         resolved_models = {str(m): self.ref(f"{where}.models", m, deps, self.base)
                            for m in models}
-        try:
-            from solar_merge.evaluate import parse_spec
+        from solar_merge import eval as lm
 
-            parsed = parse_spec(spec, where=where, base_dir=self.base)
-            spec = parsed.model_dump(mode="json", exclude_none=True)
-            for metric, opts in spec.items():
-                for v in opts.values():
-                    if isinstance(v, str) and os.path.isabs(v) and not os.path.exists(v):
-                        self.notes.append(f"{where}.{metric}: {os.path.normpath(v)} does "
-                                          "not exist yet")
-        except ImportError:  # pragma: no cover - evaluate.py not there
-            pass
+        try:
+            parsed = lm.parse_spec(spec, where=where)
         except UserError as e:
             self.problems.append(_first(e))
+            parsed = None
+        config = {"models": resolved_models, "tasks": [], "options": {}, "fingerprints": {}}
+        if parsed is not None:
+            config = {**config, **self._eval_options(where, parsed)}
         return StagePlan(name, "eval", self.out / name, deps, [str(m) for m in models],
-                         {"models": resolved_models, "spec": spec})
+                         config)
+
+    def _eval_options(self, where, parsed) -> dict:
+        """An eval stage's lm-eval options with paths resolved: include_path against the
+        recipe, contamination `train: auto` to every training set of the recipe; tasks are
+        checked now (lm-eval's index), not after hours of training."""
+        from solar_merge.outputs import fingerprint
+        from solar_merge.tasks import catalog
+
+        options = parsed.model_dump(exclude={"tasks", "include_path", "contamination"})
+        paths = parsed.include_path
+        paths = [paths] if isinstance(paths, str) else paths or []
+        include = [os.path.normpath(self.base / os.path.expanduser(p)) for p in paths]
+        tasks = catalog.split_names(parsed.tasks)
+        try:
+            catalog.task_manager(tasks, include or None)
+        except UserError as e:
+            self.problems.append(f"{where}: {_first(e)}")
+        contamination = None
+        if parsed.contamination is not None:
+            c = parsed.contamination
+            train = self._train_datasets() if c.train == "auto" else (
+                [c.train] if isinstance(c.train, str) else c.train)
+            train = [t if is_hub_id(t) else os.path.normpath(self.base / os.path.expanduser(t))
+                     for t in train]
+            if not train:
+                self.problems.append(f"{where}.contamination.train: auto found no training "
+                                     "set in this recipe; list the data sets to check")
+            contamination = {"train": train, "n": c.n, "fail_above": c.fail_above}
+        data = [*include, *(contamination["train"] if contamination else [])]
+        return {"tasks": tasks, "include_path": include, "contamination": contamination,
+                "options": options,
+                "fingerprints": {p: fingerprint(p) for p in data if os.path.exists(p)}}
+
+    def _train_datasets(self) -> list[str]:
+        """Every data set the recipe's train stages name (a `<stage>/<file>` of a synth_math
+        stage as its future path), in recipe order."""
+        found: list[str] = []
+        for stage in self.recipe.stages.values():
+            if stage.kind != "train":
+                continue
+            for d in stage.train.get("datasets") or []:
+                path = d.get("path") if isinstance(d, dict) else d
+                if not isinstance(path, str):
+                    continue
+                head = path.partition("/")[0]
+                if head in self.recipe.stages:
+                    path = str(self.out / path)
+                elif not is_hub_id(path):
+                    path = os.path.normpath(self.base / os.path.expanduser(path))
+                if path not in found:
+                    found.append(path)
+        return found
 
     # stage kinds: predicted output sizes, shape checks, memory -------------------------------
     def _size_upscale(self, plan, deps_plans):

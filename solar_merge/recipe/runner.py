@@ -11,7 +11,6 @@ from typing import Any
 from solar_merge.errors import UserError, during
 from solar_merge.outputs import (
     MARKER,
-    atomic_output,
     check_replaceable,
     is_complete,
     partial_dir,
@@ -51,13 +50,15 @@ def _run_merge(st: StagePlan):
 
 
 def _run_eval(st: StagePlan):
-    from solar_merge.evaluate import evaluate
+    """lm-eval on every model: their results.json, the table (metrics.json, read below) and
+    the contamination report when asked (solar_merge.eval.evaluate)."""
+    from solar_merge import eval as lm
 
-    results = {name: evaluate(path, st.config["spec"])
-               for name, path in st.config["models"].items()}
-    with atomic_output(st.out_dir, st.hash) as work:
-        (work / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    c = st.config
+    results = lm.evaluate(c["models"], c["tasks"], out=st.out_dir,
+                          include_path=c["include_path"] or None,
+                          contamination=c["contamination"], **c["options"])
+    return lm.table(results)
 
 
 RUNNERS: dict[str, Runner] = {"upscale": _run_upscale, "train": _run_train,
@@ -204,4 +205,18 @@ def _write_final_card(p: Plan, final: Path, metrics: dict) -> None:
     hub.write_card(final, kind="recipe", source_yaml=source, source_name="recipe.yaml",
                    base_models=bases, lineage=lineage, datasets=datasets,
                    eval_table=table or None, license=p.loaded.recipe.license if p.loaded
-                   else None, description=p.loaded.recipe.description if p.loaded else None)
+                   else None, description=p.loaded.recipe.description if p.loaded else None,
+                   eval_results=_final_eval_results(p))
+
+
+def _final_eval_results(p: Plan) -> list:
+    """The final model's lm-eval results as the Hub's model-index entries (EVAL)."""
+    from solar_merge import eval as lm
+
+    found = []
+    for st in p.stages.values():
+        res = st.out_dir / (p.final or "") / lm.RESULTS
+        if st.kind == "eval" and p.final in st.config.get("models", {}) and res.is_file():
+            found += lm.eval_results(json.loads(res.read_text()))
+    return found
+

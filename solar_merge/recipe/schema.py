@@ -71,7 +71,7 @@ class Stage(_Strict):
     upscale: UpscaleSpec | None = None
     train: dict[str, Any] | None = None  # a stage config (solar_merge.stages), minus `output`
     merge: dict[str, Any] | None = None  # a mergekit config, or {file: ...} (+ overrides)
-    eval: dict[str, Any] | None = None   # {models: [...], <solar_merge.evaluate spec>}
+    eval: dict[str, Any] | None = None   # {models: [...], <solar_merge.eval.EvalSpec>}
     synth_math: SynthMathSpec | None = None  # rephrased math data; train stages name its files
 
     @property

@@ -455,12 +455,6 @@ def _scaled_layers(config: dict, zero: bool = False) -> list[int]:
     return out
 
 
-def describe(model: str, drop: int, info: ModelInfo) -> str:
-    """SOLAR's layer map and parameter counts, for people."""
-    config = dus_config(info.source, drop, n_layers=info.n_layers, dtype=info.dtype)
-    return describe_config(config, model, info, f"drop m={drop} at the seam of each copy")
-
-
 def check_residual_names(info: ModelInfo, config: dict) -> None:
     """`scale` filters match tensor names; a model that names its residual projections
     otherwise would silently get nothing scaled (mergekit ignores filters that match nothing)."""

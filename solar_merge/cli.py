@@ -279,19 +279,33 @@ def multi(ctx, args):
 # -- commands are added below, one function each; keep them thin --
 
 
-@main.command("run")
+@main.command("run", context_settings=_TAKES_MERGEKIT_OPTIONS)
 @click.argument("recipe")
-@click.argument("overrides", nargs=-1)
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output root (default: the recipe's `out:`, else runs/<name>).")
+@click.pass_context
 @_may_overwrite
-def run_command(recipe, overrides, out_dir):
+def run_command(ctx, recipe, overrides, out_dir):
     """Run RECIPE (a file, an output folder, a URL or a Hub repo id) stage by stage.
     KEY=VALUE overrides address the recipe, e.g. stages.cpt.train.args.max_steps=5.
-    Re-running skips finished stages whose config is unchanged."""
-    from solar_merge.recipe import run
+    Re-running skips finished stages whose config is unchanged. mergekit-yaml options
+    (--cuda, -j 2, ...) apply to every merge stage; train stages run as their `launch:` says."""
+    import re
 
-    result = run(recipe, out_dir, list(overrides))
+    from solar_merge.recipe import run
+    from solar_merge.stages.launch import LaunchFailed
+
+    # key=value or a dotted key (a malformed override, reported as one); the rest is mergekit's
+    is_override = re.compile(r"^[A-Za-z_][\w\-]*(=|\.)")
+    mergekit_args = [o for o in overrides if not is_override.match(o)]
+    options = _merge_options(ctx, mergekit_args, True)
+    try:
+        result = run(recipe, out_dir, [o for o in overrides if is_override.match(o)],
+                     merge_options=options)
+    except LaunchFailed as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(e.returncode)
     for name, values in result.metrics.items():
         click.echo(f"{name}: {values}", err=True)
     click.echo(f"ran {len(result.ran)} stage(s), skipped {len(result.skipped)} finished; "
@@ -317,13 +331,27 @@ def validate_command(recipe, overrides, out_dir):
 @click.argument("overrides", nargs=-1)
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
               help="Output folder (default: the config's `output:`, else out/<config name>).")
+@click.option("--accelerate-config", metavar="NAME|PATH",
+              help="Start `accelerate launch` with this TRL preset (zero1, zero2, zero3, fsdp1, "
+                   "fsdp2, multi_gpu, single_gpu) or accelerate config file.")
+@click.option("--num-processes", type=int, help="Processes in all, over every machine.")
+@click.option("--num-machines", type=int, help="Machines (run the command on each one).")
+@click.option("--machine-rank", type=int, help="This machine's rank (0 .. machines-1).")
+@click.option("--main-process-ip", help="Address of machine 0.")
+@click.option("--main-process-port", type=int, help="Port of machine 0.")
+@click.option("--device-memory", metavar="SIZE",
+              help="Memory of one device, e.g. 80GB: refuse what the estimate says cannot fit.")
+@click.option("--dry-run", is_flag=True, help="Check, print the memory estimate, train nothing.")
 @_may_overwrite
-def train_command(stage_config, overrides, out_dir):
+def train_command(stage_config, overrides, out_dir, dry_run, **launch):
     """Run one training stage (cpt, sft, dpo, stepwise_dpo); KEY=VALUE overrides the YAML,
-    e.g. args.learning_rate=1e-4 seq_len=256. Re-running resumes or skips a finished stage."""
+    e.g. args.learning_rate=1e-4 seq_len=256. Re-running resumes or skips a finished stage.
+    The launch options (also `launch:` in the YAML) start accelerate launch for you."""
+    import os
     from pathlib import Path
 
-    from solar_merge.stages import load_stage_config, train
+    from solar_merge.stages import load_stage_config
+    from solar_merge.stages.launch import LaunchFailed, train
 
     path = Path(stage_config)
     config = load_stage_config(path)

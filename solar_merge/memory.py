@@ -205,6 +205,20 @@ def precision(args: dict) -> str:
     return "fp32"
 
 
+def parse_bytes(value) -> int:
+    """80GB, 80 GB, 24GiB, 512MiB or a number of bytes -> bytes (ValueError otherwise)."""
+    import re
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B|B)?\s*", str(value), re.IGNORECASE)
+    if not match:
+        raise ValueError(value)
+    unit = (match.group(2) or "B").upper()
+    scale = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+    return int(float(match.group(1)) * scale)
+
+
 def lora_params(shape: Shape, rank: int, targets=None) -> int:
     """Adapter parameters of LoRA rank `rank` on the given Linear names of every layer
     (peft's default for Llama-style models: q_proj, v_proj; "all-linear": every projection)."""

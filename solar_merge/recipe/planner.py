@@ -264,6 +264,8 @@ class _Planner:
                 if key not in DatasetSpec.model_fields:
                     self.problems.append(f"{where}.datasets[{i}].{key}: unknown key"
                                          f"{did_you_mean(str(key), DatasetSpec.model_fields)}")
+        if self.recipe.launch or cfg.get("launch"):  # [TRAIN] the stage's keys win
+            cfg["launch"] = {**(self.recipe.launch or {}), **(cfg.get("launch") or {})}
         deps: list[str] = []
         inputs = [cfg.get("model")] + ([cfg["ref_model"]] if cfg.get("ref_model") else [])
         for key in ("model", "ref_model"):
@@ -364,7 +366,8 @@ class _Planner:
 
         where = f"stages.{name}.merge"
         spec = copy.deepcopy(stage.merge)
-        options = spec.pop("options", None) or {}
+        options = {**(self.recipe.merge_options or {}),  # [TRAIN] the stage's options win
+                   **(spec.pop("options", None) or {})}
         file_base, from_file = self.base, set()
         if "file" in spec:
             file = Path(os.path.expanduser(str(spec.pop("file"))))
@@ -604,10 +607,18 @@ class _Planner:
         shape = Shape(params=info.params or 0, layers=info.n_layers, hidden=info.hidden_size,
                       intermediate=info.intermediate_size or 4 * info.hidden_size,
                       vocab=info.vocab_size, kv_dim=kv, per_layer=info.per_layer_params)
-        est = from_stage(c, shape)
+        launch = c.get("launch") or {}
+        est = from_stage(c, shape, launch)
         plan.memory = est.total + RUNTIME
         plan.memory_note = ("per device: " + " + ".join(est.terms) + " + runtime "
                             "(solar_merge/memory.py)")
+        if launch.get("device_memory") and plan.memory > launch["device_memory"]:
+            self.problems.append(
+                f"stages.{plan.name}.train: needs about {human(plan.memory, 'B')} per device "
+                f"({est.setup.strategy} on {est.setup.devices} device(s)), more than "
+                f"launch.device_memory {human(launch['device_memory'], 'B')}; use a sharded "
+                "launch (accelerate_config: zero3 or fsdp2), more processes, "
+                "args.gradient_checkpointing or peft (LoRA)")
 
     def _kv_dim(self, ref: str, deps_plans) -> int | None:
         """num_key_value_heads * head_dim of `ref`: from its config.json, or from the model

@@ -123,13 +123,19 @@ class RunResult:
 
 
 def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = None,
-        progress: bool = True, base_dir=None, card: bool = True) -> RunResult:
+        progress: bool = True, base_dir=None, card: bool = True,
+        merge_options: dict | None = None) -> RunResult:
     """Run a recipe: stages in dependency order, finished ones skipped (see the module doc).
 
     `runners` replaces the function run for a kind (tests inject fakes). Returns which
-    stages ran and which were skipped, and every eval stage's metrics."""
+    stages ran and which were skipped, and every eval stage's metrics. `merge_options`
+    (mergekit's, from the command line: --cuda, ...) apply to every merge stage as it runs;
+    they choose where a merge computes, not what it is, so they are not in the hashes."""
     p = source if isinstance(source, Plan) else plan(source, out, overrides, base_dir=base_dir)
     runners = {**RUNNERS, **(runners or {})}
+    for st in p.stages.values():  # [TRAIN] issue 12: after hashing
+        if merge_options and st.kind == "merge":
+            st.config = {**st.config, "options": {**st.config["options"], **merge_options}}
     from tqdm.auto import tqdm
 
     for name in p.order:  # refuse a user's folder before hours of earlier stages, not after

@@ -93,6 +93,11 @@ class Recipe(_Strict):
     license: str | None = None
     out: str | None = None
     final: str | None = None
+    # [TRAIN] issue 12: how train stages run (a stage's own `train.launch` wins, key by key;
+    # keys of stages.schema.LaunchSpec) and mergekit options for every merge stage (a stage's
+    # `merge.options` win), e.g. {cuda: true}
+    launch: dict[str, Any] | None = None
+    merge_options: dict[str, Any] | None = None
     stages: dict[str, Stage] = Field(min_length=1)
 
 

@@ -1,51 +1,105 @@
-"""What every stage shares: resolved config -> TRL config, data checks, model loading, layer
-freezing, the resumable run in an atomic output folder, the final save, loss log and plot.
+"""What every stage shares: resolved config -> TRL config, data checks, model loading (LoRA,
+4-bit), layer freezing, the output folder owned by global rank 0, the final save, loss log,
+plot and model card. It imports no stage module (stages/launch.py dispatches to them).
 
 The training itself is TRL's (`SFTTrainer`, `DPOTrainer`); nothing here loops over batches.
 """
 
 import json
+import os
 import re
 import shutil
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import yaml
 
 from solar_merge.errors import UserError, did_you_mean
-from solar_merge.outputs import OWNED, atomic_output, crash_point, is_complete
+from solar_merge.outputs import OWNED, atomic_output, crash_point, partial_dir
 
 HASH_FILE = "resolved_hash"
 LOSS_LOG = "loss.jsonl"
+DATA_DIR = "data"  # the converted records, saved once so that every rank reuses one cache
+ADAPTER_DIR = "adapter"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 # Test/extension hooks: each is called as hook(trainer, info) right before trainer.train();
 # info = {"stage", "work", "model", "ref_model", "step"}. Tests use it to inject an interrupt
-# or to inspect the trainer (masks, reference weights).
+# or to inspect the trainer (masks, reference weights). SOLAR_MERGE_TRAINER_HOOK=FILE.py:NAME
+# adds one in processes a test cannot reach (the ranks of a torchrun launch).
 TRAINER_HOOKS: list = []
 
 
-# -- the run -------------------------------------------------------------------------------
+# -- the output folder, owned by global rank 0 ----------------------------------------------
 
-def run(resolved: dict, out_dir: Path) -> Path:
-    """Run the stage of `resolved` into `out_dir` (skip if finished, resume if interrupted)."""
-    from solar_merge.stages import stage_hash
+def world_size() -> int:
+    """Processes of this run (torchrun and accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
-    h = stage_hash(resolved)
-    if is_complete(out_dir, h):
-        _say(f"{resolved['stage']}: {out_dir} is already complete for this config, skipping")
-        return out_dir
-    preflight(resolved)
-    if resolved["stage"] == "cpt":
-        from solar_merge.stages.cpt import run_stage
-    elif resolved["stage"] == "sft":
-        from solar_merge.stages.sft import run_stage
-    else:
-        from solar_merge.stages.dpo import run_stage
-    with atomic_output(out_dir, h, keep_partial=True) as work:
-        prepare_work(work, h)
-        facts = run_stage(resolved, work) or {}
-        finish(work, resolved, facts)
-    return out_dir
+
+def is_main() -> bool:
+    """Global rank 0: the one process that writes the output folder."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def distributed_state():
+    """accelerate's process state, set up the way TRL's TrainingArguments will use it (gloo
+    on CPU, nccl on GPUs), so that our barriers and TRL's share one process group."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def agreed(value):
+    """Global rank 0's `value` on every rank (its decisions: skip, fail, go)."""
+    if world_size() == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    distributed_state()
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        distributed_state().wait_for_everyone()
+
+
+@contextmanager
+def owned_output(out_dir: Path, h: str):
+    """The work folder of `out_dir` (outputs.atomic_output, kept for resume, emptied if another
+    config left it). Under torchrun/accelerate only global rank 0 takes the lock, makes and
+    renames the folder and marks it complete; the other ranks get the same folder once rank 0
+    has it ready (rank 0's failure to take it is raised on every rank) and return only when
+    the finished folder is in place."""
+    if world_size() == 1:
+        with atomic_output(out_dir, h, keep_partial=True) as work:
+            prepare_work(work, h)
+            yield work
+        return
+    if not is_main():
+        problem = agreed(None)
+        if problem:
+            raise UserError(problem)
+        yield partial_dir(out_dir)
+        barrier()
+        return
+    with ExitStack() as stack:
+        try:
+            work = stack.enter_context(atomic_output(out_dir, h, keep_partial=True))
+            prepare_work(work, h)
+        except UserError as e:  # e.g. another run holds the lock: every rank stops with it
+            agreed(e.message)
+            raise
+        except BaseException as e:
+            agreed(f"rank 0 could not prepare {out_dir}: {type(e).__name__}: {e}")
+            raise
+        agreed(None)
+        yield work
+    barrier()
 
 
 def preflight(resolved: dict) -> None:
@@ -71,6 +125,8 @@ def preflight(resolved: dict) -> None:
             raise UserError(f"{key}[{i}]: {spec['path']} not found",
                             fix="give an existing file or folder (relative paths resolve "
                                 "against the stage config's folder), or a Hub dataset name")
+    if resolved.get("load_in_4bit"):
+        require_4bit()
 
 
 def prepare_work(work: Path, h: str) -> None:
@@ -324,15 +380,33 @@ def chat_template_problem(resolved: dict, template_of=has_chat_template, label: 
     if chat is None:
         return None, (f"{where} has no chat template: the stage fails if its Hub data holds "
                       "chat messages")
-    return (f"its data is rendered as chat (alpaca/openorca/messages records or message "
-            f"lists), but {where} has no chat template",
-            None)
+    problem = (f"its data is rendered as chat (alpaca/openorca/messages records or message "
+               f"lists), but {where} has no chat template")
+    return problem, None
 
 
-def to_dataset(records: list[dict]):
+def to_dataset(records: list[dict], work: Path | None = None, name: str = "train"):
+    """A datasets.Dataset of the records. With a work folder it is saved there once (global
+    rank 0 first, then each node's first rank, then the others: they load what exists) and
+    loaded from disk, so that TRL's tokenization is cached beside it and done once, not on
+    every rank; a resumed run reuses it (the stage hash keeps the folder to one config)."""
     import datasets
 
-    return datasets.Dataset.from_list(records)
+    if work is None:
+        return datasets.Dataset.from_list(records)
+    folder = Path(work) / DATA_DIR / name
+    state = distributed_state() if world_size() > 1 else None
+    with ExitStack() as stack:
+        if state is not None:
+            stack.enter_context(state.main_process_first())
+            stack.enter_context(state.local_main_process_first())
+        if not (folder / "dataset_info.json").is_file():
+            tmp = folder.with_name(f".{name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            datasets.Dataset.from_list(records).save_to_disk(str(tmp))
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
+    return datasets.load_from_disk(str(folder))
 
 
 # -- models --------------------------------------------------------------------------------
@@ -409,11 +483,23 @@ def ref_tokenizer_if_any(ref: str):
 
 
 def checksum(model) -> str:
-    """sha256 of a model's parameters (sorted by name; tied weights counted once)."""
+    """sha256 of a model's parameters (sorted by name; tied weights counted once), or of the
+    tensors a saved model folder holds (the same value for the same weights)."""
     import hashlib
 
+    if isinstance(model, (str, Path)):
+        from safetensors import safe_open
+
+        tensors = {}
+        for shard in sorted(Path(model).glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                names = f.keys()
+                tensors.update({k: f.get_tensor(k) for k in names})
+        items = tensors.items()
+    else:
+        items = model.named_parameters()
     h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
+    for name, p in sorted(items, key=lambda x: x[0]):
         h.update(name.encode())
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -467,15 +553,39 @@ def loss_logger(work: Path):
 
         def on_save(self, args, state, control, **kwargs):
             # kill tests: SOLAR_MERGE_KILL_AT=after-checkpoint-<step> dies right after the save
-            crash_point(f"after-checkpoint-{state.global_step}")
+            if _kill_this_rank():
+                crash_point(f"after-checkpoint-{state.global_step}")
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            # SOLAR_MERGE_KILL_AT=before-update-<step>: dies inside that step, after its
+            # gradients were all-reduced, i.e. once every rank is past the previous checkpoint
+            if _kill_this_rank():
+                crash_point(f"before-update-{state.global_step + 1}")
 
     return LossLog()
+
+
+def _kill_this_rank() -> bool:
+    """Kill tests pick one rank with SOLAR_MERGE_KILL_RANK (default: every rank)."""
+    wanted = os.environ.get("SOLAR_MERGE_KILL_RANK")
+    return wanted is None or wanted == os.environ.get("RANK", "0")
+
+
+def _env_hooks() -> list:
+    """SOLAR_MERGE_TRAINER_HOOK=FILE.py:NAME, a hook for processes a test starts (ranks)."""
+    spec = os.environ.get("SOLAR_MERGE_TRAINER_HOOK")
+    if not spec:
+        return []
+    import runpy
+
+    file, _, name = spec.rpartition(":")
+    return [runpy.run_path(file)[name]]
 
 
 def fit(trainer, work: Path, info: dict) -> None:
     """trainer.train(), resuming from the last checkpoint in `work` if there is one."""
     trainer.add_callback(loss_logger(work))
-    for hook in TRAINER_HOOKS:
+    for hook in TRAINER_HOOKS + _env_hooks():
         hook(trainer, info)
     ckpt = last_checkpoint(work)
     if ckpt:
@@ -483,17 +593,101 @@ def fit(trainer, work: Path, info: dict) -> None:
     trainer.train(resume_from_checkpoint=ckpt)
 
 
-def save_final(trainer, tokenizer, work: Path) -> None:
-    """A clean HF checkpoint in `work`: safetensors, config, tokenizer + chat template."""
-    trainer.save_model(str(work))
+def save_final(trainer, tokenizer, work: Path, resolved: dict | None = None) -> None:
+    """A clean HF checkpoint in `work`: safetensors, config, tokenizer + chat template. With
+    LoRA the adapter is merged into the weights (a full checkpoint, as the next merge and
+    stock mergekit take it). Every rank calls it (DeepSpeed and FSDP gather the weights
+    together); only global rank 0 writes."""
+    if resolved and resolved.get("peft"):
+        save_merged_lora(trainer, resolved, work)
+    else:
+        trainer.save_model(str(work))
+    if not is_main():
+        return
     # args.chat_template_path may have replaced the tokenizer inside the trainer
     (getattr(trainer, "processing_class", None) or tokenizer).save_pretrained(str(work))
     for p in work.glob("checkpoint-*"):
         shutil.rmtree(p, ignore_errors=True)
+    shutil.rmtree(work / DATA_DIR, ignore_errors=True)
     (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; not part of the model
     # TRL's auto card names the partial folder and "None" as the base model: drop it (the
     # hub module writes real cards from stage_config.yaml).
     (work / "README.md").unlink(missing_ok=True)
+
+
+# -- LoRA / QLoRA ----------------------------------------------------------------------------
+
+def lora_config(resolved: dict):
+    """peft.LoraConfig from the stage's `peft:` (checked by name in resolve(); values here)."""
+    if not resolved.get("peft"):
+        return None
+    from peft import LoraConfig
+
+    try:
+        return LoraConfig(task_type="CAUSAL_LM", **resolved["peft"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"peft: LoraConfig refused it: {e}",
+                        fix="fix the value in the stage config's `peft:`") from None
+
+
+def describe_lora(resolved: dict) -> str:
+    """For the model card: what was trained and what was saved."""
+    peft = resolved["peft"]
+    targets = peft.get("target_modules") or "peft's default modules"
+    text = (f"rank {peft.get('r', 8)}, alpha {peft.get('lora_alpha', 8)} on {targets}"
+            + (", 4-bit base (QLoRA)" if resolved.get("load_in_4bit") else "")
+            + "; merged into the weights (merge_and_unload)")
+    return text + (f"; the adapter is kept in `{ADAPTER_DIR}/`"
+                   if resolved.get("keep_adapter") else "")
+
+
+def require_4bit() -> None:
+    """QLoRA loads the base model in 4 bits with bitsandbytes, which needs a CUDA GPU."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit weights "
+                        "do not run on this machine (no GPU found)",
+                        fix="remove load_in_4bit (LoRA on bf16/fp32 weights runs anywhere), "
+                            "or run on a machine with a GPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("load_in_4bit (QLoRA) needs the bitsandbytes package",
+                        fix="pip install bitsandbytes")
+
+
+def quantized(init_kwargs: dict) -> dict:
+    """model_init_kwargs for a 4-bit NF4 base (QLoRA's recipe: double quantization, bf16
+    compute)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return {**init_kwargs, "dtype": torch.bfloat16, "quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16)}
+
+
+def save_merged_lora(trainer, resolved: dict, work: Path) -> None:
+    """The adapter merged into the base weights (merge_and_unload), saved as a full
+    checkpoint; keep_adapter also keeps the adapter in work/adapter. A 4-bit base is not
+    merged into: the base is loaded again in bf16 and the adapter applied to it."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not is_main():
+        return
+    adapter = work / ADAPTER_DIR
+    if resolved.get("keep_adapter") or resolved.get("load_in_4bit"):
+        model.save_pretrained(str(adapter))
+    if resolved.get("load_in_4bit"):
+        from peft import PeftModel
+
+        base = load_model(resolved["model"], {"dtype": "bfloat16"})
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+        if not resolved.get("keep_adapter"):
+            shutil.rmtree(adapter)
+    else:
+        merged = model.merge_and_unload()
+    merged.save_pretrained(str(work), safe_serialization=True)
 
 
 def finish(work: Path, resolved: dict, facts: dict | None = None) -> None:
@@ -615,17 +809,20 @@ def train_sft(resolved: dict, work, args, init_kwargs: dict, records, tokenizer,
 
     from trl import SFTTrainer
 
+    if resolved.get("load_in_4bit"):
+        init_kwargs = quantized(init_kwargs)
     model = load_model(resolved["model"], init_kwargs)
     freeze_except_layers(model, resolved.get("trainable_layers"))
     own_eos = (tokenizer.eos_token, copy.deepcopy(model.config.get_text_config().eos_token_id),
                copy.deepcopy(model.generation_config.eos_token_id))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(records),
-                         eval_dataset=to_dataset(eval_records) if eval_records else None,
-                         processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(records, work),
+                         eval_dataset=to_dataset(eval_records, work, "eval") if eval_records
+                         else None, processing_class=tokenizer,
+                         peft_config=lora_config(resolved))
     fit(trainer, work, {"stage": stage, "work": work, "model": resolved["model"],
                         "ref_model": None, "step": None})
     if keep_eos:
         tokenizer.eos_token = own_eos[0]
         model.config.get_text_config().eos_token_id = own_eos[1]
         model.generation_config.eos_token_id = own_eos[2]
-    save_final(trainer, tokenizer, work)
+    save_final(trainer, tokenizer, work, resolved)

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from solar_merge.errors import UserError
-from solar_merge.outputs import MARKER, atomic_output, config_hash, is_complete
+from solar_merge.outputs import MARKER, config_hash, is_complete
 from solar_merge.stages import common
 
 KEYS = ("prompt", "chosen", "rejected")
@@ -26,6 +26,7 @@ STEP_INFO = "step.json"
 
 
 def run_stage(resolved: dict, work: Path) -> None:
+    """The dpo or stepwise_dpo stage of `resolved`, into `work`."""
     from solar_merge.data import to_preference
 
     common.trl_args(resolved, work, "DPOConfig")  # validate args before loading anything
@@ -45,11 +46,11 @@ def run_stage(resolved: dict, work: Path) -> None:
     for i, chunk in enumerate(chunks, 1):
         step_dir = work / "steps" / f"step-{i}"
         h = config_hash({"stage": resolved, "step": i, "model": model, "ref_model": ref})
-        if not is_complete(step_dir, h):
-            with atomic_output(step_dir, h, keep_partial=True) as sw:
-                common.prepare_work(sw, h)
+        if not common.agreed(is_complete(step_dir, h)):  # global rank 0 decides
+            with common.owned_output(step_dir, h) as sw:
                 train_once(resolved, sw, model, ref, chunk, step=i)
-                (sw / common.HASH_FILE).unlink(missing_ok=True)
+                if common.is_main():
+                    (sw / common.HASH_FILE).unlink(missing_ok=True)
         else:
             common._say(f"stepwise_dpo: step {i} already complete, skipping")
         info = json.loads((step_dir / STEP_INFO).read_text())
@@ -65,6 +66,8 @@ def run_stage(resolved: dict, work: Path) -> None:
             last = step
         offset += last
         model = ref = str(step_dir)
+    if not common.is_main():
+        return
     # The final model is the last step's: copy its files (not the step folders) to the root.
     last_dir = work / "steps" / f"step-{k}"
     for f in last_dir.iterdir():
@@ -113,18 +116,25 @@ def train_once(resolved: dict, work: Path, model_path: str, ref_path: str, recor
         common.check_same_vocab(model_path, tokenizer, ref_path,
                                 common.ref_tokenizer_if_any(ref_path))
     records = common.unify_chat(records, KEYS, tokenizer, args, resolved["stage"])
-    dataset = common.to_dataset(records)
+    dataset = common.to_dataset(records, work)
+    if resolved.get("load_in_4bit"):
+        init_kwargs = common.quantized(init_kwargs)
     model = common.load_model(model_path, init_kwargs)
-    ref = common.load_model(ref_path, init_kwargs, field="ref_model")
-    ref.requires_grad_(False)
+    lora = common.lora_config(resolved)
+    ref = None  # with LoRA, TRL scores the reference with the adapter switched off
+    if lora is None:
+        ref = common.load_model(ref_path, init_kwargs, field="ref_model")
+        ref.requires_grad_(False)
     common.freeze_except_layers(model, resolved.get("trainable_layers"))
+    ref_sum = common.checksum(model) if lora is not None and step is not None else None
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset,
-                         processing_class=tokenizer)
-    ref_sum = common.checksum(trainer.ref_model)  # the reference TRL really uses
+                         processing_class=tokenizer, peft_config=lora)
+    if ref is not None and step is not None:
+        ref_sum = common.checksum(trainer.ref_model)  # the reference TRL really uses
     common.fit(trainer, work, {"stage": resolved["stage"], "work": work, "model": model_path,
                                "ref_model": ref_path, "step": step})
-    common.save_final(trainer, tokenizer, work)
-    if step is not None:
+    common.save_final(trainer, tokenizer, work, resolved)
+    if step is not None and common.is_main():  # the result as saved (any strategy)
         (work / STEP_INFO).write_text(json.dumps({
             "model": model_path, "ref_model": ref_path, "ref_checksum": ref_sum,
-            "result_checksum": common.checksum(trainer.model)}) + "\n")
+            "result_checksum": common.checksum(work)}) + "\n")

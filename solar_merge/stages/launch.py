@@ -1,0 +1,320 @@
+"""Where a training stage runs: in this process, or on N processes and machines that
+`accelerate launch` starts (DDP, DeepSpeed ZeRO, FSDP), the way `trl sft --accelerate_config`
+does it; and the run of one stage in one process, where global rank 0 owns the output folder.
+
+    train(config, out_dir, overrides=(), base_dir=None, dry_run=False) -> Path
+        resolve the stage; check that it fits the device memory (memory.py); then either
+        start `accelerate launch [--config_file PRESET] --num_processes N ... -m solar_merge
+        train STAGE.yaml -o OUT` and wait (the stage's `launch:` asks for more than this
+        process), or run() here.
+    run(resolved, out_dir) -> Path
+        one process, or one rank of a torchrun / accelerate launch (WORLD_SIZE > 1): rank 0
+        takes the lock and the `.partial` folder, renames it, writes the marker, card and
+        loss log; the others wait on barriers (stages/common.py: owned_output, agreed).
+
+Inside a launched process (WORLD_SIZE set, or SOLAR_MERGE_LAUNCHED from the parent) a stage
+never launches again: `launch:` only says how the parent starts it.
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from solar_merge.errors import UserError, during
+from solar_merge.stages.schema import resolve, stage_hash
+
+LAUNCHED = "SOLAR_MERGE_LAUNCHED"
+STAGE_MODULES = {"cpt": "solar_merge.stages.cpt", "sft": "solar_merge.stages.sft",
+                 "dpo": "solar_merge.stages.dpo", "stepwise_dpo": "solar_merge.stages.dpo"}
+
+
+class LaunchFailed(Exception):
+    """The launched training processes exited with an error (their output was shown)."""
+
+    def __init__(self, returncode: int, out_dir: Path):
+        self.returncode = returncode
+        super().__init__(f"the training processes exited with code {returncode} (their output "
+                         f"is above); re-run the same command to resume {out_dir} from its last "
+                         "checkpoint")
+
+
+def train(config: dict, out_dir=None, *, overrides=(), base_dir=None, dry_run: bool = False
+          ) -> Path:
+    """Run one stage described by `config`; return the finished output folder.
+
+    A finished stage with the same resolved config and inputs is not re-run; an interrupted
+    one resumes from its last checkpoint. dry_run: resolve, check and print the memory
+    estimate, run nothing."""
+    resolved = resolve(config, overrides, base_dir)
+    out_dir = out_dir or resolved.get("output")
+    if not out_dir:
+        raise UserError("no output folder for the stage",
+                        fix="pass -o OUT (or set `output:` in the stage config)")
+    out_dir = Path(out_dir).absolute()
+    launch = resolved.get("launch") or {}
+    if not inside_launch():
+        estimate = check_fit(resolved, launch)
+        if dry_run:
+            _say(describe(resolved, launch, estimate, out_dir))
+            return out_dir
+        if wants_processes(launch):
+            return spawn(resolved, out_dir)
+    return run(resolved, out_dir)
+
+
+# -- one process (or one rank) -----------------------------------------------------------------
+
+def run(resolved: dict, out_dir: Path) -> Path:
+    """Run the stage into `out_dir` here: skip if finished, resume if interrupted."""
+    import importlib
+
+    from solar_merge.outputs import is_complete
+    from solar_merge.stages import common
+
+    h = stage_hash(resolved)
+    n = common.world_size()
+    if n > 1:
+        common.distributed_state()  # one process group for our barriers and TRL's
+    if common.agreed(is_complete(out_dir, h)):  # global rank 0 decides for everyone
+        _say(f"{resolved['stage']}: {out_dir} is already complete for this config, skipping")
+        return out_dir
+    common.preflight(resolved)
+    stage = importlib.import_module(STAGE_MODULES[resolved["stage"]])
+    with common.owned_output(out_dir, h) as work:
+        with during(f"{resolved['stage']} training of {resolved['model']}"):  # [HARDEN]
+            facts = stage.run_stage(resolved, work) or {}
+        if common.is_main():
+            if n > 1:
+                facts["processes"] = (f"{n} ({common.distributed_state().distributed_type.value}"
+                                      ", launched by torchrun/accelerate)")
+            if resolved.get("peft"):
+                facts["LoRA"] = common.describe_lora(resolved)
+            common.finish(work, resolved, facts)
+    return out_dir
+
+
+def inside_launch() -> bool:
+    """True in a process that torchrun / accelerate launch started."""
+    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+            or os.environ.get(LAUNCHED) == "1")
+
+
+def wants_processes(launch: dict) -> bool:
+    return bool(launch.get("accelerate_config") or (launch.get("num_processes") or 1) > 1
+                or launch.get("num_machines", 1) > 1)
+
+
+# -- launching ---------------------------------------------------------------------------------
+
+def spawn(resolved: dict, out_dir: Path) -> Path:
+    """`accelerate launch ... -m solar_merge train STAGE.yaml -o OUT`, waited for. The stage
+    config handed to the processes is the resolved one (absolute paths), so they resolve it
+    to the same hash."""
+    import tempfile
+
+    import yaml
+
+    from solar_merge import outputs
+    from solar_merge.stages import common
+
+    if outputs.is_complete(out_dir, stage_hash(resolved)):
+        _say(f"{resolved['stage']}: {out_dir} is already complete for this config, skipping")
+        return out_dir
+    common.preflight(resolved)  # missing models/data, QLoRA without a GPU: before any process
+    outputs.check_replaceable(out_dir)  # a folder that is not ours: refused before launching
+    with tempfile.TemporaryDirectory(prefix="solar-merge-launch-") as folder:
+        config_file = Path(folder) / "stage.yaml"
+        config_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        cmd = launch_command(resolved, config_file, out_dir)
+        if outputs._OVERWRITE.get():  # the user's --overwrite reaches rank 0
+            cmd.append("--overwrite")
+        _say("launching: " + " ".join(shlex.quote(c) for c in cmd))
+        code = subprocess.run(cmd, env={**os.environ, LAUNCHED: "1"}, check=False).returncode
+    if code != 0:
+        raise LaunchFailed(code, out_dir)
+    return out_dir
+
+
+def launch_command(resolved: dict, config_file: Path, out_dir: Path) -> list[str]:
+    """The accelerate launch command line for the stage's `launch:`. A TRL preset name is
+    resolved by TRL's own resolver (trl/cli/accelerate_config.py); without a config file,
+    more than one process means plain DDP (--multi_gpu: gloo on CPU, nccl on GPUs). Mixed
+    precision follows the stage's args (bf16/fp16), over the preset's."""
+    launch = resolved.get("launch") or {}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if launch.get("accelerate_config"):
+        cmd += accelerate_config_args(launch["accelerate_config"])
+    elif (launch.get("num_processes") or 1) > 1 or launch.get("num_machines", 1) > 1:
+        cmd.append("--multi_gpu")
+    for key in ("num_processes", "num_machines", "machine_rank", "main_process_ip",
+                "main_process_port"):
+        if launch.get(key) is not None:
+            cmd += [f"--{key}", str(launch[key])]
+    args = resolved.get("args") or {}
+    cmd += ["--mixed_precision", "bf16" if args.get("bf16") else "fp16" if args.get("fp16")
+            else "no"]
+    return cmd + ["-m", "solar_merge", "train", str(config_file), "-o", str(out_dir)]
+
+
+def accelerate_config_args(name_or_path: str) -> list[str]:
+    """["--config_file", PATH] for a TRL preset name or a config file (TRL's resolver)."""
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+
+    try:
+        return resolve_accelerate_config_argument(["--accelerate_config", str(name_or_path)])
+    except ValueError as e:
+        from solar_merge.stages.schema import PRESETS
+
+        raise UserError(f"launch.accelerate_config: {e}",
+                        fix=f"use one of {', '.join(PRESETS)} or an accelerate config file"
+                        ) from None
+
+
+def _launch_file_settings(launch: dict) -> dict:
+    """num_processes / num_machines of the accelerate config file, where `launch` has none."""
+    if not launch.get("accelerate_config"):
+        return {}
+    import yaml
+
+    path = accelerate_config_args(launch["accelerate_config"])[1]
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, ValueError):
+        return {}
+    return {k: data[k] for k in ("num_processes", "num_machines") if isinstance(data.get(k), int)}
+
+
+# -- will it fit? ------------------------------------------------------------------------------
+
+def check_fit(resolved: dict, launch: dict):
+    """memory.from_stage for this launch; a UserError when it cannot fit the device memory
+    the user gave (launch.device_memory / --device-memory), a warning when it cannot fit the
+    memory found here (GPUs by nvidia-smi, else this machine's RAM shared by its processes).
+    None when the model's size is unknown (a Hub model not in the local cache)."""
+    from solar_merge import memory
+    from solar_merge.checkpoints import human
+
+    shape = model_shape(resolved["model"])
+    if shape is None:
+        return None
+    effective = {**_launch_file_settings(launch), **launch}
+    est = memory.from_stage(resolved, shape, effective)
+    given = launch.get("device_memory")
+    available = given or detected_device_memory(effective)
+    need = est.total + memory.RUNTIME
+    if available and need > available:
+        message = (f"{resolved['stage']} of {resolved['model']} needs about {human(need, 'B')} "
+                   f"per device ({est.describe()}, + {human(memory.RUNTIME, 'B')} runtime), "
+                   f"more than the {human(available, 'B')} "
+                   + ("given (device_memory)" if given else "found on this machine"))
+        fix = _what_fits(shape, est, available)
+        if given:
+            raise UserError(message, fix=fix)
+        _say(f"warning: {message}; {fix}")
+    return est
+
+
+def _what_fits(shape, est, available: int) -> str:
+    """The first few changes that make the estimate fit, each with its own estimate."""
+    from solar_merge import memory
+    from solar_merge.checkpoints import human
+
+    s = est.setup
+    tries = []
+    if s.strategy == "ddp" and s.devices > 1:
+        tries += [("accelerate_config: zero3", {"strategy": "zero3"}),
+                  ("accelerate_config: fsdp2", {"strategy": "fsdp"})]
+    if not s.activation_checkpointing:
+        tries.append(("args.gradient_checkpointing: true", {"activation_checkpointing": True}))
+    if not s.lora:
+        r16 = memory.lora_params(shape, 16, "all-linear")
+        tries.append(("peft: {r: 16, target_modules: all-linear} (LoRA)",
+                      {"lora": True, "trainable": r16}))
+    if s.precision == "fp32":
+        tries.append(("args.bf16: true", {"precision": "bf16"}))
+    fits = []
+    for label, change in tries:
+        other = memory.with_strategy(est, shape, **change)
+        if other.total + memory.RUNTIME <= available:
+            fits.append(f"{label} (~{human(other.total + memory.RUNTIME, 'B')} per device)")
+    if fits:
+        return "any of these fits: " + "; ".join(fits)
+    return ("none of ZeRO-3/FSDP, activation checkpointing, LoRA or bf16 alone fits: combine "
+            "them, use more devices (launch.num_processes) or devices with more memory")
+
+
+def model_shape(model: str):
+    """memory.Shape of a local model folder (exact parameter count from its weights) or of a
+    Hub model whose config.json is in the local cache; None when unknown."""
+    from solar_merge import memory
+    from solar_merge.checkpoints import is_hub_id, model_info, read_config
+
+    folder = Path(model)
+    if not folder.is_dir():
+        if not is_hub_id(model):
+            return None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:  # noqa: BLE001 - a broken cache is an unknown size
+            return None
+        if not isinstance(cached, str):
+            return None
+        return memory.Shape.from_config(read_config(str(Path(cached).parent)))
+    if not (folder / "config.json").is_file():
+        return None
+    info = model_info(str(folder))
+    return memory.Shape.from_config(read_config(str(folder)), params=info.params)
+
+
+def detected_device_memory(launch: dict) -> int | None:
+    """The smallest GPU's memory (nvidia-smi), else this machine's RAM divided among the
+    processes that run on it."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout
+        sizes = [int(x) for x in out.split()]
+        if sizes:
+            return min(sizes) * 2**20
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    per_machine = max(1, (launch.get("num_processes") or 1) // max(1, launch.get(
+        "num_machines") or 1))
+    return ram // per_machine
+
+
+def describe(resolved: dict, launch: dict, estimate, out_dir: Path) -> str:
+    """What `solar-merge train --dry-run` prints."""
+    from solar_merge import memory
+    from solar_merge.checkpoints import human
+
+    where = ("in this process" if not wants_processes(launch) else
+             f"on {launch.get('num_processes') or 'the config file’s'} processes"
+             + (f" over {launch['num_machines']} machines"
+                if launch.get("num_machines", 1) > 1 else "")
+             + (f" ({launch['accelerate_config']})" if launch.get("accelerate_config") else ""))
+    lines = [f"{resolved['stage']}: {resolved['model']} -> {out_dir}, {where}"]
+    if estimate is None:
+        lines.append("memory: unknown (the model's config.json is not available offline)")
+    else:
+        lines.append(f"memory: about {human(estimate.total + memory.RUNTIME, 'B')} per device "
+                     f"({estimate.setup.strategy}, {estimate.setup.precision}, "
+                     f"{estimate.setup.devices} device(s)): {estimate.describe()}")
+    if wants_processes(launch):
+        lines.append("would run: " + " ".join(shlex.quote(c) for c in launch_command(
+            resolved, Path("STAGE.yaml"), out_dir)))
+    return "\n".join(lines)
+
+
+def _say(msg: str) -> None:
+    import click
+
+    click.echo(msg, err=True)

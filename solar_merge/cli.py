@@ -467,6 +467,42 @@ def plan_command(model, drop, layers, every, launch, devices, stage, precision, 
                     seq_len=seq_len, checkpointing=checkpointing).format())
 
 
+@main.command("sweep")
+@click.argument("candidates", nargs=-1, required=True)
+@click.option("--method", type=click.Choice(["solar_average", "solar_slerp"]), required=True,
+              help="solar_slerp: t in [0, 1] between two models; solar_average: t is the "
+                   "second model's weight (three or more: every grid combination summing "
+                   "to 1).")
+@click.option("--grid", default="0,0.25,0.5,0.75,1", show_default=True,
+              help="Comma-separated grid values.")
+@click.option("--tasks", required=True, help="lm-eval tasks scoring each merge, e.g. "
+                                             "solar_manual_ppl,solar_arith.")
+@click.option("--include-path", multiple=True, type=click.Path(file_okay=False),
+              help="Folder of extra lm-eval task YAMLs (repeatable).")
+@click.option("--num-fewshot", type=int, help="lm-eval's num_fewshot.")
+@click.option("--limit", type=float, help="lm-eval's limit (documents per task).")
+@click.option("--batch-size", default="1", show_default=True, help="lm-eval's batch size.")
+@click.option("--metric", help="The metric that picks the best (a `task/metric,filter` name "
+                               "or an unambiguous part; default: the first reported).")
+@click.option("--dtype", help="dtype of the merges (default: the candidates').")
+@click.option("--keep-all", is_flag=True, help="Keep every merge under DIR/points.")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for sweep.csv, sweep.png, scores/, evals/ and best/.")
+def sweep_command(candidates, method, grid, tasks, include_path, num_fewshot, limit,
+                  batch_size, metric, dtype, keep_all, out_dir):
+    """Merge CANDIDATES at every grid point, score each merge with lm-eval, keep the best in
+    DIR/best (with its card); the others are deleted unless --keep-all. Resumable: a re-run
+    never merges a scored point again."""
+    from solar_merge.sweep import sweep
+
+    batch = int(batch_size) if batch_size.isdigit() else batch_size
+    result = sweep(list(candidates), out_dir, method=method, grid=grid, tasks=tasks,
+                   include_path=list(include_path) or None, num_fewshot=num_fewshot,
+                   limit=limit, batch_size=batch, metric=metric, keep_all=keep_all,
+                   dtype=dtype)
+    click.echo(result.summary())
+
+
 @main.command("synth-math")
 @click.argument("seed_data", metavar="SEED")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), required=True,

@@ -815,6 +815,59 @@ class _Planner:
             plan.memory_note = "the generating model in fp32 (bf16 on a GPU) + overhead"
     # -- end of the synth_math stage --
 
+    # -- the sweep stage (issue 14): merge at every grid point, keep the best ----------------
+    def _sweep(self, name, stage):
+        where = f"stages.{name}.sweep"
+        spec = copy.deepcopy(stage.sweep)
+        models = spec.pop("models", None)
+        deps: list[str] = []
+        if not isinstance(models, list) or len(models) < 2:
+            self.problems.append(f"{where}.models: list two or more stages or model folders "
+                                 "to merge")
+            models = models if isinstance(models, list) else []
+        resolved = [self.ref(f"{where}.models[{i}]", m, deps, self.base)
+                    for i, m in enumerate(models)]
+        from solar_merge.sweep import grid_points, stage_spec
+
+        try:
+            spec = stage_spec(spec, where)
+            if len(models) >= 2:
+                grid_points(spec["method"], len(models), spec["grid"])
+            include = spec.get("include_path")
+            if include:
+                spec["include_path"] = [os.path.normpath(self.base / os.path.expanduser(p))
+                                        for p in ([include] if isinstance(include, str)
+                                                  else include)]
+        except UserError as e:
+            message = _first(e)
+            self.problems.append(message if message.startswith(where) else
+                                 f"{where}: {message}")
+        return StagePlan(name, "sweep", self.out / name, deps, [str(m) for m in models],
+                         {"models": resolved, **spec})
+
+    def _size_sweep(self, plan, deps_plans):
+        refs = plan.config["models"]
+        infos = [self.info(r, deps_plans) for r in refs]
+        if not infos or any(i is None for i in infos):
+            return
+        first = infos[0]
+        for ref, i in zip(refs[1:], infos[1:]):
+            if i.shape_key() != first.shape_key() or i.n_layers != first.n_layers:
+                self.problems.append(
+                    f"stages.{plan.name}.sweep.models: `{ref}` (hidden {i.hidden_size}, "
+                    f"{i.n_layers} layers) cannot be merged with `{refs[0]}` (hidden "
+                    f"{first.hidden_size}, {first.n_layers} layers)")
+                return
+        plan.info = _resized(first, first.n_layers, plan.out_dir)
+        plan.params_estimated = self.estimated(refs, deps_plans)
+        layer = (first.per_layer_params or 0) * first.dtype_bytes
+        merging = _out_bytes(plan.info) + len(refs) * layer + _OVERHEAD
+        scoring = (first.params or 0) * 4 + _OVERHEAD
+        plan.memory = max(merging, scoring)
+        plan.memory_note = ("the larger of one merge (output + one layer per input) and one "
+                            "lm-eval run (the merge in fp32)")
+    # -- end of the sweep stage --
+
 
 def _check_remote_out(out: str, label: str) -> None:
     parts = Path(out).parts

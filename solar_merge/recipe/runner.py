@@ -76,6 +76,16 @@ def _run_synth_math(st: StagePlan):  # issue 17: a data folder that train stages
 RUNNERS["synth_math"] = _run_synth_math
 
 
+def _run_sweep(st: StagePlan):  # issue 14: the best merge is the stage's output folder
+    from solar_merge.sweep import run_stage
+
+    spec = dict(st.config)
+    return run_stage(spec.pop("models"), st.out_dir, spec)
+
+
+RUNNERS["sweep"] = _run_sweep
+
+
 def stage_done(st: StagePlan) -> bool:
     """Complete and stamped with this very config hash."""
     if not is_complete(st.out_dir):
@@ -225,4 +235,3 @@ def _final_eval_results(p: Plan) -> list:
         if st.kind == "eval" and p.final in st.config.get("models", {}) and res.is_file():
             found += lm.eval_results(json.loads(res.read_text()))
     return found
-

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from solar_merge.errors import UserError, did_you_mean
 from solar_merge.readers import load_yaml, read_text
 
-KINDS = ("upscale", "train", "merge", "eval", "synth_math")
+KINDS = ("upscale", "train", "merge", "eval", "sweep", "synth_math")
 
 
 # -- schema ----------------------------------------------------------------------------------
@@ -72,6 +72,7 @@ class Stage(_Strict):
     train: dict[str, Any] | None = None  # a stage config (solar_merge.stages), minus `output`
     merge: dict[str, Any] | None = None  # a mergekit config, or {file: ...} (+ overrides)
     eval: dict[str, Any] | None = None   # {models: [...], <solar_merge.eval.EvalSpec>}
+    sweep: dict[str, Any] | None = None  # {models, method, grid, tasks, ...}: solar_merge.sweep
     synth_math: SynthMathSpec | None = None  # rephrased math data; train stages name its files
 
     @property

@@ -1,0 +1,64 @@
+"""Issue 14: the demo's control arm (held-out perplexity curves of two CPT runs, compared)."""
+
+import json
+import math
+
+import yaml
+
+from solar_merge.curves import arms_section, crossing, eval_curve
+
+
+def _log(folder, rows):
+    folder.mkdir()
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(1, '{"step": 3, "eval_lo')  # a line cut short by a kill is skipped
+    (folder / "loss.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_eval_curve_reads_eval_loss_as_perplexity(tmp_path):
+    run = _log(tmp_path / "a", [{"step": 0, "eval_loss": 2.0}, {"step": 1, "loss": 9.0},
+                                {"step": 5, "eval_loss": 1.5}, {"step": 5, "eval_loss": 1.0}])
+    assert eval_curve(run) == [(0, math.exp(2.0)), (5, math.exp(1.0))]  # a resumed step: last
+
+
+def test_crossing():
+    control = [(0, 10.0), (5, 9.0), (10, 8.0), (15, 7.0)]
+    overtakes = crossing([(0, 20.0), (5, 9.5), (10, 7.5), (15, 6.0)], control)
+    assert overtakes.first_ahead == 10 and overtakes.ahead_at_end
+    assert "overtook base at step 10" in overtakes.sentence("dus", "base")
+    never = crossing([(0, 20.0), (5, 12.0), (10, 9.0), (15, 7.5)], control)
+    assert never.first_ahead is None and not never.ahead_at_end
+    assert "has NOT overtaken base within 15 steps" in never.sentence("dus", "base")
+    back = crossing([(0, 20.0), (5, 8.0), (10, 9.0), (15, 8.0)], control)
+    assert back.first_ahead == 5 and not back.ahead_at_end
+    assert "behind again" in back.sentence("dus", "base")
+    again = crossing([(0, 20.0), (5, 8.0), (10, 9.0), (15, 6.0)], control)
+    assert again.first_ahead == 15  # ahead for good only from the last dip
+    assert crossing([(1, 1.0)], [(2, 1.0)]).last is None
+
+
+def test_arms_section_writes_one_figure_and_a_verdict(tmp_path):
+    a = _log(tmp_path / "cpt", [{"step": 0, "eval_loss": 3.0}, {"step": 5, "eval_loss": 2.0}])
+    b = _log(tmp_path / "base", [{"step": 0, "eval_loss": 2.5}, {"step": 5, "eval_loss": 2.2}])
+    lines, cross = arms_section(("DUS + CPT", a), ("base + CPT", b), tmp_path / "c.png")
+    assert cross.first_ahead == 5
+    assert lines[0] == ("**DUS + CPT overtook base + CPT at step 5 and stays ahead (at step 5: "
+                        "DUS + CPT 7.389 vs base + CPT 9.025 held-out perplexity).**")
+    assert "| 0 | 20.086 | 12.182 |" in lines
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+def test_demo_control_arm_gets_exactly_the_cpt_of_the_dus_model():
+    from solar_merge.demo import QUICK_OVERRIDES, RECIPE, control_arm_overrides
+
+    stages = yaml.safe_load(RECIPE.read_text())["stages"]
+    cpt, base = stages["cpt"]["train"], stages["base_cpt"]["train"]
+    assert cpt["model"] == "dus" and base["model"] == "smollm2-135m-instruct"
+    assert {k: v for k, v in cpt.items() if k != "model"} == \
+        {k: v for k, v in base.items() if k != "model"}
+    assert cpt["eval_datasets"] and cpt["args"]["eval_strategy"] == "steps"
+    mirrored = control_arm_overrides([*QUICK_OVERRIDES, "stages.cpt.train.model=x"])
+    assert "stages.base_cpt.train.args.max_steps=4" in mirrored
+    assert "stages.base_cpt.train.args.eval_steps=2" in mirrored
+    assert not any(m.startswith("stages.base_cpt.train.model") for m in mirrored)

@@ -115,7 +115,6 @@ def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | N
     _check_options(names, num_fewshot, limit, batch_size)
     for label, ref in labels.items():
         check_model(ref, label)
-    manager, loaded = catalog.load(names, include_path)  # reads the data: fails before any model
     device = device or _default_device()
     hf_args = {"dtype": "auto", **(model_args or {})}
     run = {"tasks": names, "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size,
@@ -124,17 +123,18 @@ def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | N
            "ours": fingerprint(catalog.TASKS_DIR), "lm_eval": _version("lm_eval")}
     keys = {label: config_hash({**run, "model": fingerprint(ref)})
             for label, ref in labels.items()}
+    checked = contamination and {**contamination, "train": [
+        fingerprint(_resolve(t, base_dir)) for t in contamination.get("train") or []]}
+    want = config_hash({"models": keys, "contamination": checked})
+    if out is not None and is_complete(out, want):
+        return read_results(out, labels)
+    manager, loaded = catalog.load(names, include_path)  # reads the data: fails before any model
     settings = {"num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size,
                 "device": device, "apply_chat_template": apply_chat_template,
                 "task_manager": manager}
-
     if out is None:
         return {label: _simple_evaluate(ref, loaded, hf_args, settings)
                 for label, ref in labels.items()}
-    out = Path(out)
-    want = config_hash({"models": keys, "contamination": contamination})
-    if is_complete(out, want):
-        return read_results(out, labels)
     results = {}
     with atomic_output(out, want, keep_partial=True) as work:
         if contamination:

@@ -228,6 +228,18 @@ def test_user_tasks_sit_beside_ours(tiny_model, tmp_path):
     assert res["results"]["my_ppl"]["word_perplexity,none"] > 1
 
 
+def test_the_command(tiny_model, tmp_path):
+    code, output = _cli(["eval", tiny_model, "--tasks", "solar_manual_qa", "--limit", "1",
+                         "--batch-size", "2", "--model-args", "dtype=float32",
+                         "-o", tmp_path / "out"])
+    assert code == 0, output
+    assert f"| {tiny_model.name} |" in output and "solar_manual_qa acc_norm" in output
+    res = json.loads((tmp_path / "out" / tiny_model.name / "results.json").read_text())
+    assert res["config"]["model_args"]["dtype"] == "float32" and res["config"]["limit"] == 1
+    code, output = _cli(["eval", "--prefetch", "--tasks", "solar"])
+    assert code == 0 and "3 task(s) ready offline" in output, output
+
+
 # -- h6 -------------------------------------------------------------------------------------------
 
 def _h6_results() -> dict:

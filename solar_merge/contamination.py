@@ -1,16 +1,19 @@
 """Contamination check: n-gram overlap between training sets and evaluation documents.
 
-The definition is lm-evaluation-harness's decontamination test (lm_eval/decontamination/,
-after GPT-3, Brown et al. 2020, Appendix C), the kind of overlap test the Open LLM
-Leaderboard's contamination discussions and the SOLAR paper refer to:
+The definition is lm-evaluation-harness's decontamination test (lm_eval/decontamination/ and
+its docs/decontamination.md, after GPT-3's Appendix C, Brown et al. 2020, which used n of 8
+to 13 by data set where lm-eval uses 13): the n-gram form of the contamination test the
+SOLAR paper ran on its training data.
 
 - text is normalized with lm-eval's `Janitor.normalize_string` (ASCII letters lowercased,
   punctuation deleted) and split on whitespace into words;
 - an n-gram is n consecutive words (`word_ngrams`), n = 13 by default;
 - an evaluation document (what the model is shown for it: lm-eval's decontamination query,
   else its prompt, plus its reference answer) is contaminated by a training set when any of
-  its n-grams occurs in any training record; a document shorter than n words counts as one
-  n-gram of its own length (GPT-3's rule for short documents);
+  its n-grams occurs in any training record;
+- our one addition: a document shorter than n words (it has no n-gram, so lm-eval's test
+  never flags it) counts as one n-gram of its own length, i.e. it is contaminated when it
+  occurs whole;
 - training records count with all their text fields (nested conversations included), each
   field on its own (no n-gram runs across two fields).
 
@@ -164,10 +167,11 @@ def check(train, docs: dict[str, list[str]], *, n: int = N, max_records: int | N
         for r_index, record in enumerate(records):
             for text in record_texts(record):
                 for task, i, gram in index.hits(text):
-                    found.setdefault((task, i), {
-                        "train": name, "task": task, "document": i, "ngram": gram,
-                        "train_record": r_index, "document_text": docs[task][i][:500],
-                        "train_text": _around(text, gram)})
+                    if (task, i) not in found:  # the first training record that shows it
+                        found[(task, i)] = {
+                            "train": name, "task": task, "document": i, "ngram": gram,
+                            "train_record": r_index, "document_text": docs[task][i][:500],
+                            "train_text": _around(text, gram)}
         for task, texts in docs.items():
             hits = sorted((h for (t, _), h in found.items() if t == task),
                           key=lambda h: h["document"])

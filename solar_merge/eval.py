@@ -506,16 +506,22 @@ def eval_results(results: dict) -> list:
     out = []
     for column, value in table({"m": results})["m"].items():
         task, _, metric = column.partition(" ")
-        if task == "h6":
+        if task == "h6":  # the leaderboard's numbers, in %, as its model cards show them
             sub = metric if metric in catalog.H6 else None
-            cfg = results.get("configs", {}).get(sub, {}) if sub else {}
+            configs, kids = results.get("configs", {}), results.get("group_subtasks", {})
+            cfg = configs.get(sub) or next(  # a group (mmlu): its subjects' data set
+                ({"dataset_path": configs[t].get("dataset_path")} for t in
+                 sorted(_descendants(sub, kids)) if t in configs), {}) if sub else {}
+            shots = catalog.H6[sub][0] if sub else None
+            kind = {"truthfulqa_mc2": "mc2"}.get(sub, catalog.H6[sub][1].split(",")[0]
+                                                 if sub else "average")
             out.append(EvalResult(
                 task_type="text-generation", dataset_type=cfg.get("dataset_path", "h6"),
-                dataset_name=f"{sub or 'Open LLM Leaderboard v1 average'} (h6)",
+                dataset_name=f"{sub} ({shots}-shot)" if sub else "Open LLM Leaderboard v1 (h6)",
                 dataset_config=cfg.get("dataset_name"),
-                dataset_args={"num_few_shot": catalog.H6[sub][0]} if sub else None,
-                metric_type=catalog.H6[sub][1].split(",")[0] if sub else "average",
-                metric_value=round(value, 2), **source))
+                dataset_split=cfg.get("test_split") or cfg.get("validation_split"),
+                dataset_args={"num_few_shot": shots} if sub else None,
+                metric_type=kind, metric_value=round(value, 2), **source))
             continue
         cfg = results.get("configs", {}).get(task, {})
         shots = results.get("n-shot", {}).get(task)

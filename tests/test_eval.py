@@ -256,7 +256,8 @@ def _h6_results() -> dict:
         "mmlu": ["mmlu_stem"], "mmlu_stem": ["mmlu_anatomy", "mmlu_astronomy"]},
         "n-shot": {"arc_challenge": 25, "gsm8k": 5},
         "configs": {"arc_challenge": {"dataset_path": "allenai/ai2_arc",
-                                      "dataset_name": "ARC-Challenge"}},
+                                      "dataset_name": "ARC-Challenge", "test_split": "test"},
+                    "mmlu_anatomy": {"dataset_path": "cais/mmlu", "dataset_name": "anatomy"}},
         "higher_is_better": {}}
 
 
@@ -273,6 +274,10 @@ def test_h6_is_the_leaderboards_average():
     arc = next(e for e in index if e.dataset_type == "allenai/ai2_arc")
     assert arc.dataset_args == {"num_few_shot": 25} and arc.metric_type == "acc_norm"
     assert arc.metric_value == 60.0 and arc.source_name == "lm-evaluation-harness"
+    assert arc.dataset_split == "test" and arc.dataset_config == "ARC-Challenge"
+    mmlu = next(e for e in index if e.dataset_name == "mmlu (5-shot)")
+    assert mmlu.dataset_type == "cais/mmlu" and mmlu.metric_value == 30.0
+    assert {e.metric_type for e in index} == {"acc_norm", "acc", "mc2", "exact_match", "average"}
 
 
 def test_h6_shots_are_the_papers():

@@ -43,9 +43,14 @@ def test_plan_shows_the_formula_the_stage_runs_with(tmp_path):
                   per_layer=info.per_layer_params)
     for name in ("cpt", "sft_orca", "dpo_avg"):
         st = p.stages[name]
-        assert st.memory == memory.from_stage(st.config, shape).total + memory.RUNTIME, name
-    # fp32 weights, gradients and two AdamW moments: 16 bytes a parameter (issue 18: ~172 GB
-    # for SOLAR's 10.7B, 215 GB with DPO's reference); validate used to say 99.5 / 121 GB
+        est = memory.from_stage(st.config, shape, st.config["launch"])
+        assert st.memory == est.total + memory.RUNTIME, name
+        # the recipe's launch: ZeRO-3 over 8 devices; DeepSpeed's own closed form for it
+        assert est.setup.strategy == "zero3" and est.setup.devices == 8
+        assert est.terms["model states shard"] == 18 * info.params // 8
+    # one device (no launch): fp32 weights, gradients and two AdamW moments: 16 bytes a
+    # parameter (issue 18: ~172 GB for SOLAR's 10.7B, 215 GB with DPO's reference); validate
+    # used to say 99.5 / 121 GB
     cpt = memory.from_stage(p.stages["cpt"].config, shape).terms
     assert cpt["weights"] + cpt["gradients"] + cpt["optimizer moments"] == 16 * info.params
     assert 171e9 < 16 * info.params < 173e9

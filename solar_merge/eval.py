@@ -291,8 +291,15 @@ def check_model(ref: str, label: str) -> None:
 
     path = Path(ref)
     if not path.exists():
-        if is_hub_id(ref):
-            return  # lm-eval reads it from the Hub (or the cache)
+        if is_hub_id(ref):  # lm-eval reads it from the Hub, or the cache
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(ref, "config.json"), str) \
+                    and catalog.offline():
+                raise UserError(f"model `{label}`: {ref} is not in the local Hugging Face "
+                                "cache and the Hub cannot be reached now",
+                                fix=f"online: `hf download {ref}` (or give a local folder)")
+            return
         raise UserError(f"model `{label}`: {ref} not found",
                         fix="give a model folder (save_pretrained) or a Hub id owner/name")
     if not (path / "config.json").is_file():

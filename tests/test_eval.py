@@ -329,14 +329,16 @@ def no_tokenizer(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("case", ["unknown task", "missing include path",
                                   "model without tokenizer", "h6 with num-fewshot",
-                                  "not a model"])
-def test_bad_input_exits_2_with_one_message(case, tiny_model, no_tokenizer, tmp_path):
+                                  "not a model", "Hub model offline"])
+def test_bad_input_exits_2_with_one_message(case, tiny_model, no_tokenizer, tmp_path,
+                                            monkeypatch):
     model, tasks, extra = tiny_model, "solar_arith", []
     expect = {"unknown task": ["unknown task: `solar_arth`", "did you mean `solar_arith`"],
               "missing include path": ["--include-path", "no such folder"],
               "model without tokenizer": ["has no tokenizer", "tokenizer.save_pretrained"],
               "h6 with num-fewshot": ["h6 fixes its own shots"],
-              "not a model": ["has no config.json"]}[case]
+              "not a model": ["has no config.json"],
+              "Hub model offline": ["not in the local Hugging Face cache", "hf download"]}[case]
     if case == "unknown task":
         tasks = "solar_arth"
     elif case == "missing include path":
@@ -345,6 +347,10 @@ def test_bad_input_exits_2_with_one_message(case, tiny_model, no_tokenizer, tmp_
         model = no_tokenizer
     elif case == "h6 with num-fewshot":
         tasks, extra = "h6", ["--num-fewshot", "3"]
+    elif case == "Hub model offline":
+        model = Path("someone/not-cached")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     else:
         model = tmp_path
     before = _sha(model)

@@ -117,7 +117,7 @@ def _offline_if_unreachable(needed):
     """When tasks need Hub data and the Hub does not answer (3 s), tell datasets and
     huggingface_hub they are offline: they then read their cache or fail at once, instead of
     retrying each request for ~25 s."""
-    if not needed or _offline_flag() or _hub_answers():
+    if not needed or _offline_flag() or not offline():
         yield
         return
     import datasets.config
@@ -129,6 +129,12 @@ def _offline_if_unreachable(needed):
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def offline() -> bool:
+    """True when the Hub cannot be used now: HF_*_OFFLINE set, or its host does not answer
+    within 3 s."""
+    return _offline_flag() or not _hub_answers()
 
 
 def _hub_answers() -> bool:

@@ -433,7 +433,8 @@ def check(problem: Problem, question: Generation, answer: Generation, *, q_limit
     if (not question.finished or not answer.finished or question.tokens > q_limit
             or answer.tokens > a_limit or _repeats(rq) or _repeats(ra)):
         return "runaway"
-    if _norm(rq) == _norm(problem.question) or _norm(ra) == _norm(problem.answer):
+    if _norm(rq) == _norm(problem.question) or _norm(ra) in (
+            _norm(problem.answer), _norm(_plain(problem.answer))):  # the prompt's own copy
         return "unchanged"
     if numbers_in(problem.question) - numbers_in(rq, words=True) or \
             numbers_in(rq) - numbers_in(problem.question, words=True):

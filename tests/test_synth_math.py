@@ -96,7 +96,10 @@ def test_checks_keep_and_drop_the_right_pairs(tmp_path):
               ("Tom owns 12 red pens, then buys 5 blue ones. How many pens now?",
                "12 + 5 = 17, so the answer is 18."),              # final: 18 != 17
               good(GSM8K[0]),                                     # duplicate of sample 0
-              ("Tom has twelve red pens and 5 blue. How many pens?", "")],  # empty
+              ("Tom has twelve red pens and 5 blue. How many pens?", ""),   # empty
+              ("Tom has 12 red pens and 5 blue pens. How many pens in all?",
+               "Tom has 12 + 5 = 17 pens.\n#### 17")],          # unchanged: the seed's answer
+
         shop: [("A shop sells cakes for 4 days. How many cakes in total?",
                 "The answer is 120."),                            # numbers: 30 lost
                ("A shop sells 30 cakes a day for 4 days, 120 in all. How many?",
@@ -111,26 +114,29 @@ def test_checks_keep_and_drop_the_right_pairs(tmp_path):
               ("Mia had one thousand two hundred... no: 1,200 dollars, spent 450. Left?",
                "The answer is $750.")],                           # kept
     }
-    result, _ = run(tmp_path, script, samples_per_problem=4, temperature=0.7)
-    assert (result.problems, result.attempts, result.kept) == (3, 12, 3)
-    assert result.dropped == {"empty": 1, "runaway": 2, "unchanged": 1, "numbers": 2,
-                              "no_question": 1, "final": 1, "duplicate": 1}
+    script[shop].append(good(GSM8K[1]))                           # kept
+    script[mia].append(script[mia][3])                            # duplicate of the 4th
+    result, _ = run(tmp_path, script, samples_per_problem=5, temperature=0.7)
+    assert (result.problems, result.attempts, result.kept) == (3, 15, 4)
+    assert result.dropped == {"empty": 1, "runaway": 2, "unchanged": 2, "numbers": 2,
+                              "no_question": 1, "final": 1, "duplicate": 2}
     attempts = lines(result.out / sm.ATTEMPTS)
     verdicts = {(a["index"], a["sample"]): a["reason"] for a in attempts}
     assert verdicts[(0, 0)] is None and verdicts[(0, 1)] == "final"
     assert verdicts[(0, 2)] == "duplicate" and verdicts[(2, 0)] == "runaway"
     assert verdicts[(1, 0)] == verdicts[(1, 1)] == "numbers"
+    assert verdicts[(0, 4)] == verdicts[(1, 3)] == "unchanged" and verdicts[(2, 4)] == "duplicate"
     instruct = lines(result.out / sm.INSTRUCT)
     alignment = lines(result.out / sm.ALIGNMENT)
     assert [r["prompt"] for r in instruct] == [r["prompt"] for r in alignment]
     assert instruct[0] == {"prompt": script[tom][0][0],
                            "completion": script[tom][0][1] + "\n#### 17"}  # GSM8K's ending
-    assert alignment[1]["chosen"].endswith("#### 750")  # the model's own #### line is kept
-    assert alignment[1]["chosen"].count("####") == 1
-    assert alignment[1]["rejected"] == GSM8K[2]["answer"]  # the original answer
+    assert alignment[2]["chosen"].endswith("#### 750")  # the model's own #### line is kept
+    assert alignment[2]["chosen"].count("####") == 1
+    assert alignment[2]["rejected"] == GSM8K[2]["answer"]  # the original answer
     report = json.loads((result.out / sm.REPORT).read_text())
-    assert report["kept_fraction"] == 0.25 and report["dropped"]["runaway"] == 2
-    assert "kept 3 of 12" in result.summary() and "runaway 2" in result.summary()
+    assert report["kept_fraction"] == 0.2667 and report["dropped"]["runaway"] == 2
+    assert "kept 4 of 15" in result.summary() and "runaway 2" in result.summary()
 
 
 @pytest.mark.parametrize("text, number", [

@@ -58,7 +58,7 @@ CARD = "README.md"
 OUTPUT_FILES = (INSTRUCT, ALIGNMENT, ATTEMPTS, REPORT, CARD)
 REASONS = ("empty", "runaway", "unchanged", "numbers", "no_question", "final", "duplicate")
 ENGINES = ("auto", "transformers", "vllm")
-VERSION = 1  # bump when prompts or checks change: finished outputs are then redone
+VERSION = 2  # bump when prompts or checks change: finished outputs are then redone
 
 # Length limits of a generated text, in tokens: FACTOR x the seed text + SLACK. A rephrasing
 # twice as long as its seed is not a rephrasing any more.

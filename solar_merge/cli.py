@@ -481,7 +481,7 @@ def plan_command(model, drop, layers, every, launch, devices, stage, precision, 
               help="Folder of extra lm-eval task YAMLs (repeatable).")
 @click.option("--num-fewshot", type=int, help="lm-eval's num_fewshot.")
 @click.option("--limit", type=float, help="lm-eval's limit (documents per task).")
-@click.option("--batch-size", default="1", show_default=True, help="lm-eval's batch size.")
+@click.option("--batch-size", default="8", show_default=True, help="lm-eval's batch size.")
 @click.option("--metric", help="The metric that picks the best (a `task/metric,filter` name "
                                "or an unambiguous part; default: the first reported).")
 @click.option("--dtype", help="dtype of the merges (default: the candidates').")

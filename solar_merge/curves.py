@@ -100,6 +100,9 @@ def plot(curves: dict[str, Curve], path, *, title: str = "held-out perplexity du
                     xytext=(6, 8), fontsize=8)
     if values and max(values) / max(min(values), 1e-9) > 5:
         ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out perplexity exp(eval_loss) ↓")
     ax.set_title(title, fontsize=10)

@@ -120,7 +120,7 @@ class EvalSpec:
     include_path: list[str] = field(default_factory=list)
     num_fewshot: int | None = None
     limit: float | None = None
-    batch_size: int | str = 1
+    batch_size: int | str = 8
     device: str | None = None
 
     def as_dict(self) -> dict:
@@ -216,7 +216,7 @@ class SweepResult:
 
 def sweep(candidates: list[str], out_dir, *, method: str, grid, tasks=None,
           include_path=None, num_fewshot: int | None = None, limit: float | None = None,
-          batch_size: int | str = 1, device: str | None = None, metric: str | None = None,
+          batch_size: int | str = 8, device: str | None = None, metric: str | None = None,
           keep_all: bool = False, dtype: str | None = None, options: dict | None = None,
           best_name: str | None = BEST, base_dir=None, scorer: Scorer | None = None,
           progress: bool = True) -> SweepResult:
@@ -267,7 +267,10 @@ def sweep(candidates: list[str], out_dir, *, method: str, grid, tasks=None,
         return SweepResult(out, best_dir, m, hib, rows, best, [], skipped=True)
 
     merged: list[str] = []
+    from solar_merge.stages.common import HASH_FILE, prepare_work
+
     with atomic_output(out, digest, keep_partial=True) as work:
+        prepare_work(work, digest)  # never resume the scores of another sweep's config
         score = scorer or lm_eval_scorer(spec, work)
         (work / "scores").mkdir(exist_ok=True)
         rows: list[Row] = []
@@ -298,6 +301,7 @@ def sweep(candidates: list[str], out_dir, *, method: str, grid, tasks=None,
         _write_table(work, rows, m, higher[m], best, candidates)
         _card(work / best_name if best_name else work, method, refs, rows, best, m,
               merge_config(method, refs, best.point, dtype))
+        (work / HASH_FILE).unlink(missing_ok=True)
     return SweepResult(out, best_dir, m, higher[m], rows, best, merged)
 
 
@@ -467,7 +471,7 @@ def stage_spec(spec: dict, where: str) -> dict:
         include_path: list[str] | str | None = None
         num_fewshot: int | None = Field(default=None, ge=0)
         limit: float | None = Field(default=None, gt=0)
-        batch_size: int | str = 1
+        batch_size: int | str = 8
         metric: str | None = None
         dtype: str | None = None
         keep_all: bool = False
@@ -493,7 +497,7 @@ def run_stage(models: list[str], out_dir, spec: dict) -> SweepResult:
     (with sweep.csv, sweep.png and scores/ beside its weights), so later stages use it."""
     return sweep(models, out_dir, method=spec["method"], grid=spec["grid"], tasks=spec["tasks"],
                  include_path=spec.get("include_path"), num_fewshot=spec.get("num_fewshot"),
-                 limit=spec.get("limit"), batch_size=spec.get("batch_size", 1),
+                 limit=spec.get("limit"), batch_size=spec.get("batch_size", 8),
                  metric=spec.get("metric"), keep_all=spec.get("keep_all", False),
                  dtype=spec.get("dtype"), options=spec.get("options") or None, best_name=None,
                  progress=False)

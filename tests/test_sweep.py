@@ -62,6 +62,33 @@ def test_sweep_endpoints_resume_and_best(tiny_model_factory, tmp_path, monkeypat
 
     again = sweep([str(a), str(b)], out, **kw)
     assert again.skipped and again.merged == [] and again.best.point.label == best
+    assert not (out / "resolved_hash").exists()
+
+
+def test_a_partial_sweep_of_another_config_is_not_resumed(tiny_model_factory, tmp_path,
+                                                          monkeypatch):
+    """Scores are only reused for the same candidates, grid, tasks and options."""
+    from solar_merge import outputs
+    from solar_merge.sweep import sweep
+
+    a, b = tiny_model_factory(seed=0), tiny_model_factory(seed=1)
+
+    def scorer_for(value):
+        return lambda folder: ({"x m,none": value}, {"x m,none": True})
+
+    def die(name):
+        if name == "sweep-scored":
+            raise Killed(name)
+
+    monkeypatch.setattr(outputs, "crash_point", die)
+    with pytest.raises(Killed):
+        sweep([str(a), str(b)], tmp_path / "s", method="solar_average", grid="0,1",
+              scorer=scorer_for(1.0), progress=False)
+    monkeypatch.undo()
+    other = sweep([str(a), str(b)], tmp_path / "s", method="solar_average", grid="0,0.5",
+                  scorer=scorer_for(2.0), progress=False)
+    assert other.merged == ["t=0", "t=0.5"]  # t=0 of the other grid is merged and scored anew
+    assert [r.metrics["x m,none"] for r in other.rows] == [2.0, 2.0]
 
 
 def test_grid_points():

@@ -312,7 +312,7 @@ def seam(model: str, data_file, out_dir, *, samples: int = 8, seq_len: int = 256
     candidates.csv and seam.json into out_dir (atomically; a finished folder for the same
     model, data and options is reused)."""
     from solar_merge.checkpoints import local_dir, model_info, read_config
-    from solar_merge.outputs import atomic_output, is_complete
+    from solar_merge.outputs import atomic_output, config_hash, is_complete
 
     if samples < 1 or seq_len < 2:
         raise UserError(f"--samples {samples} / --seq-len {seq_len}: need at least 1 sample "
@@ -334,26 +334,40 @@ def seam(model: str, data_file, out_dir, *, samples: int = 8, seq_len: int = 256
                            params_of=params_of)
     text = read_text(data_file)
     options = {"samples": samples, "seq_len": seq_len}
-    digest = _input_hash(folder, Path(data_file), options)
+    measured = _input_hash(folder, Path(data_file), options)
+    digest = config_hash({"measurement": measured, "target": target.layers})
     out = Path(out_dir).absolute()
-    if is_complete(out, digest):
-        saved = json.loads((out / "seam.json").read_text())
+    saved = _saved(out, measured)
+    if saved is not None:  # the same measurement: reuse it (for another target, re-score)
         import numpy as np
 
         dist = np.array(saved["distances"], dtype=float)
-        return _result(out, model, n, saved["tokens"], saved["samples"], dist, target,
-                       params_of, skipped=True)
-
-    model_obj, tokenizer = load_model(folder)
-    chunks = token_samples(tokenizer, text, samples, seq_len)
-    dist, tokens = angular_distances(model_obj, chunks, batch_size=batch_size)
-    if dist.shape[0] != n + 1:
-        raise UserError(f"{folder}: the model returned {dist.shape[0]} hidden states for "
-                        f"{n} layers", fix="seam supports decoder-only transformers models")
-    result = _result(out, model, n, tokens, len(chunks), dist, target, params_of)
+        result = _result(out, model, n, saved["tokens"], saved["samples"], dist, target,
+                         params_of, skipped=True)
+        if is_complete(out, digest):
+            return result
+    else:
+        model_obj, tokenizer = load_model(folder)
+        chunks = token_samples(tokenizer, text, samples, seq_len)
+        dist, tokens = angular_distances(model_obj, chunks, batch_size=batch_size)
+        if dist.shape[0] != n + 1:
+            raise UserError(f"{folder}: the model returned {dist.shape[0]} hidden states for "
+                            f"{n} layers", fix="seam supports decoder-only transformers models")
+        result = _result(out, model, n, tokens, len(chunks), dist, target, params_of)
     with atomic_output(out, digest) as work:
-        _write(work, result, dist, data_file, options)
+        _write(work, result, dist, data_file, {**options, "measurement": measured})
     return result
+
+
+def _saved(out: Path, measured: str) -> dict | None:
+    """seam.json of a finished folder holding the same measurement, else None."""
+    from solar_merge.outputs import is_complete
+
+    try:
+        saved = json.loads((out / "seam.json").read_text()) if is_complete(out) else None
+    except (OSError, ValueError):
+        return None
+    return saved if saved and saved.get("measurement") == measured else None
 
 
 def _result(out, model, n, tokens, samples, dist, target, params_of, skipped=False):

@@ -95,6 +95,11 @@ def test_odd_target_recommends_the_planted_repeat_and_no_drop(tiny_model_factory
     again = seam(str(model), _text(tmp_path), tmp_path / "out", samples=2, seq_len=32,
                  layers=9)
     assert again.skipped and again.recommendation.repeat.start == 5
+    # another target re-scores the same measurement (no forward pass) and rewrites the files
+    other = seam(str(model), _text(tmp_path), tmp_path / "out", samples=2, seq_len=32,
+                 layers=10)
+    assert other.skipped and other.recommendation.repeat.layers == 10
+    assert json.loads((tmp_path / "out" / "seam.json").read_text())["target"]["layers"] == 10
 
 
 def test_budget_picks_the_largest_stack_that_fits():

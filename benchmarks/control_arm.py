@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """The paper's control, over longer budgets: DUS + continued pretraining against the base model
 + the same continued pretraining (issue 14). Never run by the tests.
 
-    python benchmarks/control_arm.py [--steps 160] [--eval-every 10] [--lr 1e-4]
+    python benchmarks/control_arm.py [--steps 60] [--eval-every 10] [--lr 1e-4]
 
 On the embedded SmolLM2-135M-Instruct: `dus` (30 -> 44 layers, m = 8) and the base model are
 each trained with the same CPT data (Python's reference manual minus the held-out topics, the
@@ -56,7 +55,7 @@ def recipe(args) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    p.add_argument("--steps", type=int, default=160)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-chunks", type=int, default=8,
                    help="held-out chunks (~1,200 characters each) TRL evaluates on")

@@ -19,6 +19,18 @@ MISTRAL = {"architectures": ["MistralForCausalLM"], "hidden_size": 4096,
            "torch_dtype": "bfloat16"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these models are small, and the 2 cores are shared (two threads
+    spin-wait on each other under load: 3x the CPU time of one, measured on this file)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_memory_imports_no_torch():
     code = ("import sys, solar_merge.memory\n"
             "assert not {'torch', 'transformers', 'trl'} & set(sys.modules)\n")

@@ -54,6 +54,18 @@ print("PEAKS", json.dumps(peaks))
 """
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these models are small, and the 2 cores are shared (two threads
+    spin-wait on each other under load: 3x the CPU time of one, measured on this file)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _corpus(folder: Path) -> Path:
     from pydoc_data.topics import topics
 
@@ -335,3 +347,33 @@ def test_recipe_launches_train_stages_and_merges_in_process(tiny_model, tmp_path
     assert torch.allclose(avg[key], (cpt[key] + base[key]) / 2, atol=1e-6)
     again = CliRunner().invoke(main, ["run", str(path), "--out", str(runs)])
     assert again.exit_code == 0 and "ran 0 stage(s), skipped 2" in again.output, again.output
+
+
+
+def test_run_passes_mergekit_options_to_every_merge(tiny_model_factory, tmp_path, monkeypatch):
+    """`solar-merge run RECIPE --lazy-unpickle -j 2`: mergekit's own options reach each merge
+    stage, over the recipe's `merge_options:` (which are over nothing: stages may override)."""
+    import yaml
+    from click.testing import CliRunner
+
+    from solar_merge import merging
+    from solar_merge.cli import main
+
+    seen = []
+
+    def fake_merge(config, out_dir, *, options=None, **kwargs):
+        seen.append(options)  # nothing merged for real: the options are what we test
+
+    monkeypatch.setattr(merging, "merge", fake_merge)
+    a, b = tiny_model_factory(seed=0), tiny_model_factory(seed=1)
+    recipe = {"name": "opts", "merge_options": {"out_shard_size": 10**9, "lazy_unpickle": False},
+              "stages": {"avg": {"merge": {"merge_method": "solar_average", "models": [
+                  {"model": str(a)}, {"model": str(b)}]}}}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["run", str(path), "--out", str(tmp_path / "runs"),
+                                       "--lazy-unpickle", "-j", "2", "name=opts2"])
+    assert "finished without a complete output" in result.output  # the fake wrote nothing
+    (options,), = [seen]
+    assert options["out_shard_size"] == 10**9 and options["lazy_unpickle"] is True
+    assert options["num_threads"] == 2

@@ -35,6 +35,18 @@ def _losses(out: Path) -> list[float]:
     return [loss for _, loss in common.read_loss(out / "loss.jsonl")]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these models are small, and the 2 cores are shared (two threads
+    spin-wait on each other under load: 3x the CPU time of one, measured on this file)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def hooks(monkeypatch):
     """Calls of the pre-train hook: (trainer, info) for every trainer.train() of a stage."""
@@ -112,6 +124,35 @@ def test_overrides_and_relative_paths(tmp_path, tiny_model):
     r = resolve({"stage": "dpo", "model": "m", "datasets": ["qa.jsonl"], "beta": 0.3},
                 base_dir=tmp_path)
     assert r["args"]["beta"] == 0.3 and r["ref_model"] == r["model"] and "beta" not in r
+
+
+def test_launch_is_checked_and_not_part_of_the_hash(tmp_path, tiny_model):
+    from solar_merge.stages import stage_hash
+
+    _jsonl(tmp_path / "qa.jsonl", QA)
+    config = {"stage": "sft", "model": str(tiny_model), "datasets": ["qa.jsonl"]}
+    plain = resolve(config, base_dir=tmp_path)
+    launched = resolve({**config, "launch": {"accelerate_config": "zero3", "num_processes": 8,
+                                             "device_memory": "80GB"}}, base_dir=tmp_path)
+    assert launched["launch"] == {"accelerate_config": "zero3", "num_processes": 8,
+                                  "num_machines": 1, "machine_rank": 0,
+                                  "device_memory": 80 * 10**9}
+    assert "launch" not in plain and stage_hash(plain) == stage_hash(launched)
+    for bad, message in (({"num_machines": 2}, "need the address of machine 0"),
+                         ({"machine_rank": 1}, "machine_rank 1 of num_machines 1"),
+                         ({"num_processes": 1, "num_machines": 2, "main_process_ip": "h"},
+                          "cannot cover 2 machines"),
+                         ({"device_memory": "lots"}, "is not a size"),
+                         ({"num_proceses": 2}, "did you mean `num_processes`")):
+        with pytest.raises(UserError, match=message):
+            resolve({**config, "launch": bad}, base_dir=tmp_path)
+    with pytest.raises(UserError, match="LoRA setting"):
+        resolve({**config, "keep_adapter": True}, base_dir=tmp_path)
+    with pytest.raises(UserError, match="trainable_layers and peft"):
+        resolve({**config, "peft": {"r": 4}, "trainable_layers": [1]}, base_dir=tmp_path)
+    with pytest.raises(UserError, match="adapter switched off"):
+        resolve({**config, "stage": "dpo", "ref_model": str(tmp_path), "peft": {"r": 4}},
+                base_dir=tmp_path)
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -428,7 +469,7 @@ def test_killed_stage_resumes_to_the_same_weights(tmp_path, tiny_model, hooks, c
     killed = tmp_path / "killed"
     script = ("import json, sys\nfrom solar_merge.stages import train\n"
               "train(json.loads(sys.argv[1]), sys.argv[2])\n")
-    env = dict(os.environ, SOLAR_MERGE_KILL_AT="after-checkpoint-3")
+    env = dict(os.environ, SOLAR_MERGE_KILL_AT="after-checkpoint-3", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(config), str(killed)],
                           env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]

@@ -39,7 +39,9 @@ fp32), B sequences of S tokens per device (DPO: 2B, chosen and rejected):
 
 Sharded strategies change where the model states live (activations and logits stay per device):
 
-- ddp (also one device): as above; every device holds everything.
+- ddp (also one device): as above; every device holds everything, and with more than one
+  device DDP's gradient buckets too: T*w (accelerate's DDP keeps gradient_as_bucket_view off,
+  so the buckets are a second copy of the gradients).
 - zero1 / zero2 / zero3 (DeepSpeed, bf16 mixed precision as TRL's presets set it: bf16 weights,
   fp32 master weights and moments kept by DeepSpeed's optimizer): zero1 shards the 12 bytes of
   fp32 optimizer state per trained parameter (master 4 + moments 8) over N: 2P + 2T + 12T/N;
@@ -52,8 +54,8 @@ Sharded strategies change where the model states live (activations and logits st
   in fp32, so weights 4P/N, gradients 4T/N, moments 8T/N, plus the bf16 weights of two
   gathered units (the one computing and the one prefetched): 2*2*max(layer, embedding).
 
-Not counted: the CUDA context / interpreter (`RUNTIME`, shown separately), DDP's gradient
-buckets (views into the gradients), the data loader, allocator fragmentation.
+Not counted: the CUDA context / interpreter (`RUNTIME`, shown separately), the data loader,
+allocator fragmentation.
 """
 
 from __future__ import annotations
@@ -161,6 +163,8 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
         terms["optimizer moments"] = 2 * t * w
         if setup.precision == "mixed":
             terms["16-bit weight copies"] = p * 2
+        if n > 1:
+            terms["gradient buckets"] = t * w
         terms["optimizer step temporaries"] = 2 * min(t, shape.largest_module) * w
     elif s in ("zero1", "zero2"):
         terms["weights"] = 2 * p

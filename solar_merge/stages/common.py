@@ -637,7 +637,7 @@ def describe_lora(resolved: dict) -> str:
     text = (f"rank {peft.get('r', 8)}, alpha {peft.get('lora_alpha', 8)} on {targets}"
             + (", 4-bit base (QLoRA)" if resolved.get("load_in_4bit") else "")
             + "; merged into the weights (merge_and_unload)")
-    return text + (f"; the adapter is kept in `{ADAPTER_DIR}/`"
+    return text + (f"; the adapter is kept in {ADAPTER_DIR}/"
                    if resolved.get("keep_adapter") else "")
 
 

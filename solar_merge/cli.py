@@ -421,6 +421,7 @@ def recipe_extract(source, output):
                                "within it (default: SOLAR's m = n/4).")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Folder for seam.csv, seam.png, candidates.csv, seam.json.")
+@_may_overwrite
 def seam_command(model, data_file, samples, seq_len, layers, budget, out_dir):
     """Where to cut MODEL for depth up-scaling, from its hidden states on a text sample.
 
@@ -482,12 +483,14 @@ def plan_command(model, drop, layers, every, launch, devices, stage, precision, 
 @click.option("--num-fewshot", type=int, help="lm-eval's num_fewshot.")
 @click.option("--limit", type=float, help="lm-eval's limit (documents per task).")
 @click.option("--batch-size", default="8", show_default=True, help="lm-eval's batch size.")
-@click.option("--metric", help="The metric that picks the best (a `task/metric,filter` name "
-                               "or an unambiguous part; default: the first reported).")
+@click.option("--metric", help="The metric that picks the best: a `task metric,filter` column "
+                               "of `solar-merge eval`'s table, or an unambiguous part of one "
+                               "(default: the first task's main metric).")
 @click.option("--dtype", help="dtype of the merges (default: the candidates').")
 @click.option("--keep-all", is_flag=True, help="Keep every merge under DIR/points.")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Folder for sweep.csv, sweep.png, scores/, evals/ and best/.")
+@_may_overwrite
 def sweep_command(candidates, method, grid, tasks, include_path, num_fewshot, limit,
                   batch_size, metric, dtype, keep_all, out_dir):
     """Merge CANDIDATES at every grid point, score each merge with lm-eval, keep the best in

@@ -138,6 +138,19 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(tiny_model, tmp_p
     assert text.read_bytes() == before
 
 
+def test_seam_never_replaces_a_folder_it_did_not_write(tiny_model, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    args = ["seam", str(tiny_model), "--data", str(_text(tmp_path)), "--samples", "1",
+            "--seq-len", "16", "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert CliRunner().invoke(main, [*args, "--overwrite"]).exit_code == 0
+    assert (out / "seam.csv").is_file() and not (out / "notes.txt").exists()
+
+
 def test_seam_help_states_the_definition():
     result = subprocess.run([sys.executable, "-m", "solar_merge.cli", "seam", "--help"],
                             capture_output=True, text=True, check=True)

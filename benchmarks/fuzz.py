@@ -1,10 +1,11 @@
 """The long fuzzing run of issue 15: tests/test_fuzz_*.py under hypothesis' `long` profile.
 
     python benchmarks/fuzz.py            # all three files (~1 h on 2 busy cores)
-    python benchmarks/fuzz.py -k recipes # pytest options pass through
+    python benchmarks/fuzz.py -k recipes # pytest options pass through: a partial run
 
-Writes benchmarks/fuzz_results.json (inputs tried per entry point, wall time, load, command,
-date, pytest's summary) and prints a Markdown table for README's Reliability section.
+Writes benchmarks/fuzz_results.json: one entry per run (command, date, wall time, load,
+pytest's summary, inputs tried per entry point) and their totals. A full run starts the file
+afresh; a partial run (any option) is added to it. Prints a Markdown table for README.
 """
 
 import json
@@ -38,9 +39,16 @@ def main(argv: list[str]) -> int:
               "wall_s": round(wall), "load_before": load_before, "load_after": os.getloadavg(),
               "exit_code": proc.returncode, "summary": summary, "inputs_per_entry_point": counts}
     out = ROOT / "benchmarks" / "fuzz_results.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    old = json.loads(out.read_text()) if argv and out.is_file() else {"runs": []}
+    runs = old.get("runs", [old])  # (a file from before runs were kept: one run)
+    runs.append(result)
+    totals: dict[str, int] = {}
+    for run in runs:
+        for name, n in run["inputs_per_entry_point"].items():
+            totals[name] = totals.get(name, 0) + n
+    out.write_text(json.dumps({"runs": runs, "totals": totals}, indent=1) + "\n")
     print("| entry point | inputs tried |\n|---|---:|")
-    for name, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+    for name, n in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"| `{name}` | {n:,} |")
     print(f"\n{summary}; {wall / 60:.0f} min; load {load_before[0]:.1f} -> "
           f"{result['load_after'][0]:.1f}; {out.relative_to(ROOT)}")

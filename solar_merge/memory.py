@@ -251,11 +251,12 @@ def from_stage(resolved: dict, shape: Shape, launch: dict | None = None) -> Esti
     layers = resolved.get("trainable_layers") or []
     trainable = None
     if peft:
-        trainable = lora_params(shape, int(peft.get("r", 8)), peft.get("target_modules"))
+        trainable = lora_params(shape, _count(peft.get("r"), 8), peft.get("target_modules"))
     elif layers:
         trainable = (shape.per_layer or 0) * len(layers)
-    batch = int(args.get("per_device_train_batch_size", 8))
-    seq = int(resolved.get("seq_len") or args.get("max_length") or 1024)
+    # [HARDEN] args are TRL's to check when the stage runs: an estimate never crashes on them
+    batch = _count(args.get("per_device_train_batch_size"), 8)
+    seq = _count(resolved.get("seq_len") or args.get("max_length"), 1024)
     checkpointing = bool(args.get("gradient_checkpointing") or
                          args.get("activation_checkpointing"))
     setup = Setup(stage=resolved.get("stage", "sft"), precision=precision(args), batch=batch,
@@ -265,6 +266,15 @@ def from_stage(resolved: dict, shape: Shape, launch: dict | None = None) -> Esti
                   reference=None if not args.get("precompute_ref_log_probs") else False,
                   strategy=strategy, devices=devices)
     return estimate(shape, setup)
+
+
+def _count(value, default: int) -> int:
+    """A positive integer from a user's value, else `default` (None, \"abc\", -1, inf)."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return n if n > 0 else default
 
 
 def strategy_of(accelerate_config) -> str:

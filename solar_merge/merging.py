@@ -208,12 +208,15 @@ def _check_slices(c: _Checker, where, slices, allowed, method):
                 continue
             written = source["model"]
             source["model"] = c.model(ws + ".model", written)
-            if source["model"] in folders and isinstance(written, str) and ".." in written:
-                # One folder twice in a slice (upscale.twin: an average of two of its layers)
-                # keeps its second spelling `DIR/../NAME`: mergekit tells models apart by
-                # their spelling and refuses one model twice ("Duplicate merge inputs").
-                source["model"] = str(Path(c.base_dir, os.path.expanduser(written)).absolute())
-            folders.add(source["model"])
+            if isinstance(source["model"], str):  # [HARDEN] not a list or mapping (unhashable)
+                if source["model"] in folders and isinstance(written, str) and ".." in written:
+                    # One folder twice in a slice (upscale.twin: an average of two of its
+                    # layers) keeps its second spelling `DIR/../NAME`: mergekit tells models
+                    # apart by their spelling and refuses one model twice ("Duplicate merge
+                    # inputs").
+                    source["model"] = str(Path(c.base_dir,
+                                               os.path.expanduser(written)).absolute())
+                folders.add(source["model"])
             c.parameters(ws + ".parameters", source.get("parameters"), allowed, method)
             lr = source.get("layer_range")
             if (not isinstance(lr, list) or len(lr) != 2

@@ -162,9 +162,17 @@ DOCUMENT = st.one_of(
     st.tuples(st.just("bytes"), st.binary(max_size=512)),
 )
 # Regressions pinned from the fuzzer's and the report's findings.
-ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
-    for p, c in zip("abcdefgh", "bcdefghi"))
+def _alias_bomb() -> str:
+    """577 bytes of YAML whose aliases stand for 10**9 values, inside a field every schema
+    accepts: `validate` ran for over 10 minutes on it before issue 15 (killed)."""
+    level = "&a0 [x, x, x, x, x, x, x, x, x, x]"
+    for k in range(1, 9):
+        level = f"&a{k} [{level}" + f", *a{k - 1}" * 9 + "]"
+    return ("stages:\n  up:\n    merge:\n      merge_method: passthrough\n      parameters:\n"
+            f"        t: {level}\n      models: [{{model: m}}]\n")
+
+
+ALIAS_BOMB = _alias_bomb()
 DEEP = "[" * 5000 + "]" * 5000
 
 
@@ -346,3 +354,92 @@ def test_recipe_extract(card_folder, card, recipe_file, target):
                                    inputs=[folder], outputs=[out])
         if code == 0:
             assert out.is_file()
+
+
+# -- the lm-eval task YAMLs we ship, through `eval --include-path` -----------------------------------
+
+TASKS_DIR = REPO / "solar_merge" / "tasks"
+OUR_TASKS = sorted(p.stem for p in TASKS_DIR.glob("solar_*.yaml"))
+
+
+def _task_copy(root: Path) -> Path:
+    """Our task folder copied (YAMLs, their loader module, data) with the tasks renamed
+    fz_* and untagged, so that a user's include path holding them does not clash with ours."""
+    import re
+    import shutil
+
+    out = root / "tasks"
+    shutil.copytree(TASKS_DIR, out, ignore=shutil.ignore_patterns("__pycache__", "h6.yaml",
+                                                                  "catalog.py", "__init__.py"))
+    for f in out.glob("*.yaml"):
+        text = re.sub(r"^task: solar_", "task: fz_", f.read_text(), flags=re.MULTILINE)
+        f.write_text(re.sub(r"^tag: .*\n", "", text, flags=re.MULTILINE))
+    return out
+
+
+TASK_DAMAGE = st.one_of(
+    st.tuples(st.just("yaml"), st.sampled_from(OUR_TASKS), text_edits()),
+    st.tuples(st.just("yaml bytes"), st.sampled_from(OUR_TASKS), st.binary(max_size=256)),
+    st.tuples(st.just("data"), st.sampled_from(["arith.jsonl", "manual_qa.jsonl",
+                                                "manual_ppl.jsonl"]), text_edits()),
+)
+
+
+@examples(ci=0, long=100)
+@given(damage=TASK_DAMAGE)
+@example(damage=("data", "arith.jsonl", [(0, 10**6, "{oops")]))
+def test_task_yamls(world, damage):
+    """A mutated copy of one of our lm-eval tasks (its YAML or its data) evaluated with
+    `solar-merge eval --limit 1` on a tiny model: exit 0 or 2, never a traceback. A task
+    lm-eval cannot index costs its full index (~12 s): the ci profile runs the example only."""
+    kind, name, value = damage
+    with tempfile.TemporaryDirectory() as t:
+        tasks = _task_copy(Path(t))
+        target = tasks / (f"{name}.yaml" if kind != "data" else f"data/{name}")
+        text = target.read_text()
+        target.write_bytes(value if kind == "yaml bytes" else edit_text(text, value).encode())
+        task = "fz_" + (name.removeprefix("solar_") if kind != "data" else
+                        {"arith.jsonl": "arith", "manual_qa.jsonl": "manual_qa",
+                         "manual_ppl.jsonl": "manual_ppl"}[name])
+        model = world["models"][4][0]
+        check_entry("eval (task YAMLs)", ["eval", model, "--tasks", task, "--include-path",
+                                          tasks, "--limit", "1", "--output", Path(t) / "out"],
+                    inputs=[tasks, model], outputs=[Path(t) / "out"])
+
+
+@pytest.mark.skipif(PROFILE == "ci", reason="tests/test_eval.py runs our tasks; ~14 s")
+def test_shipped_task_yamls_are_valid(world, tmp_path):
+    """The un-mutated copies evaluate (the fuzz base is real)."""
+    tasks = _task_copy(tmp_path)
+    code, output = check_entry("eval (task YAMLs)", [
+        "eval", world["models"][4][0], "--tasks", ",".join("fz_" + n.removeprefix("solar_")
+                                                             for n in OUR_TASKS),
+        "--include-path", tasks, "--limit", "1", "--output", tmp_path / "out"],
+        inputs=[tasks], outputs=[tmp_path / "out"])
+    assert code == 0, output
+
+
+# -- failures the long profile found, pinned ---------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["list-model-in-slice", "null-batch-size", "text-batch-size"])
+def test_long_profile_regressions(world, tmp_path, case):
+    """Each was a traceback: a slice source whose model is a list (TypeError: unhashable, in
+    merging._check_slices); a train stage whose args.per_device_train_batch_size is null or
+    text (TypeError/ValueError in the memory estimate of `validate`/`run`)."""
+    a = str(world["models"][4][0])
+    if case == "list-model-in-slice":
+        path = tmp_path / "merge.yaml"
+        path.write_text(_dump({"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}]},
+            {"sources": [{"model": [], "layer_range": [1, 3]}]}]}))
+        argv, expect = ["yaml", path, tmp_path / "out"], 2
+    else:
+        batch = None if case == "null-batch-size" else "eight"
+        path = tmp_path / "recipe.yaml"
+        path.write_text(_dump({"stages": {"t": {"train": {
+            "stage": "sft", "model": a, "datasets": [str(world["qa"])],
+            "args": {"per_device_train_batch_size": batch}}}}}))
+        argv, expect = ["validate", path, "--out", tmp_path / "runs"], 0
+    code, output = check_entry(case, argv, inputs=[path, *_inputs(world)],
+                               outputs=[tmp_path / "out"])
+    assert code == expect, output

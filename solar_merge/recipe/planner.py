@@ -516,8 +516,7 @@ class _Planner:
             c = parsed.contamination
             train = self._train_datasets() if c.train == "auto" else (
                 [c.train] if isinstance(c.train, str) else c.train)
-            train = [t if is_hub_id(t) else os.path.normpath(self.base / os.path.expanduser(t))
-                     for t in train]
+            train = [self._data_path(t) for t in train]
             if not train:
                 self.problems.append(f"{where}.contamination.train: auto found no training "
                                      "set in this recipe; list the data sets to check")
@@ -539,13 +538,22 @@ class _Planner:
                 if not isinstance(path, str):
                     continue
                 head = path.partition("/")[0]
-                if head in self.recipe.stages:
-                    path = str(self.out / path)
-                elif not is_hub_id(path):
-                    path = os.path.normpath(self.base / os.path.expanduser(path))
+                path = str(self.out / path) if head in self.recipe.stages \
+                    else self._data_path(path)
                 if path not in found:
                     found.append(path)
         return found
+
+    def _data_path(self, value: str) -> str:
+        """A data set named in the recipe: a local file or folder (relative to the recipe),
+        else a Hub data set name. `data/x.jsonl` has the shape of a Hub id: a data file's
+        suffix or an existing path decides."""
+        from solar_merge.data import FILE_SUFFIXES
+
+        local = self.base / os.path.expanduser(value)
+        if local.exists() or Path(value).suffix in FILE_SUFFIXES or not is_hub_id(value):
+            return os.path.normpath(local)
+        return value
 
     # stage kinds: predicted output sizes, shape checks, memory -------------------------------
     def _size_upscale(self, plan, deps_plans):

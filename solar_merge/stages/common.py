@@ -551,6 +551,16 @@ def loss_logger(work: Path):
                 with open(work / LOSS_LOG, "a") as f:
                     f.write(json.dumps(row, default=float) + "\n")
 
+        def on_step_end(self, args, state, control, **kwargs):
+            # transformers saves a full checkpoint (weights + optimizer state: 14 bytes a
+            # parameter in bf16) after the last step; save_final writes the model right after
+            # and deletes checkpoints, so that one is skipped. A periodic save at the last step
+            # stays; a crash before save_final resumes from the checkpoint before.
+            if (state.global_step >= state.max_steps and args.save_strategy == "steps"
+                    and (not state.save_steps or state.global_step % state.save_steps)):
+                control.should_save = False
+            return control
+
         def on_save(self, args, state, control, **kwargs):
             # kill tests: SOLAR_MERGE_KILL_AT=after-checkpoint-<step> dies right after the save
             if _kill_this_rank():

@@ -358,8 +358,15 @@ def train_command(stage_config, overrides, out_dir, dry_run, **launch):
     if not out_dir and not any(o.startswith("output=") for o in overrides) \
             and not config.get("output"):
         out_dir = Path("out") / path.stem
-    done = train(config, out_dir, overrides=list(overrides), base_dir=path.parent)
-    click.echo(f"trained model in {done}", err=True)
+    overrides = list(overrides) + [f"launch.{k}={v}" for k, v in launch.items() if v is not None]
+    try:
+        done = train(config, out_dir, overrides=overrides, base_dir=path.parent,
+                     dry_run=dry_run)
+    except LaunchFailed as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(e.returncode)
+    if not dry_run and os.environ.get("RANK", "0") == "0":  # once, not by every rank
+        click.echo(f"trained model in {done}", err=True)
 
 
 @main.command("push")

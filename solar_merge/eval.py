@@ -56,7 +56,7 @@ class EvalSpec(_Strict):
     """A recipe eval stage, besides `models:` (the same options as `evaluate`)."""
     tasks: list[str] | str
     num_fewshot: int | None = Field(None, ge=0)
-    limit: float | None = Field(None, gt=0)
+    limit: int | float | None = Field(None, gt=0)  # documents per task; < 1: a share
     include_path: list[str] | str | None = None
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 8
     device: str | None = None

@@ -8,6 +8,7 @@ from it). Loading a task reads its data: ours from data/, lm-eval's from the Hub
 datasets cache; offline without a cache that is one UserError that names the data sets.
 """
 
+import logging
 import os
 from contextlib import contextmanager
 from functools import lru_cache
@@ -98,6 +99,7 @@ def load(names, include_path=None) -> tuple:
     ...}) for `names`; their data are read now, so a missing data set fails here, before any
     model is loaded."""
     tm = task_manager(names, include_path)
+    logging.getLogger("lm_eval.api.task").addFilter(_no_metadata_hint)
     try:
         with _offline_if_unreachable(hub_datasets(names, tm)):
             return tm, tm.load(list(names))
@@ -105,6 +107,12 @@ def load(names, include_path=None) -> tuple:
         if not _is_missing_data(e):
             raise
         raise missing_data_error(names, tm, e) from None
+
+
+def _no_metadata_hint(record) -> bool:
+    """lm-eval warns about `--metadata` for every task that loads its data with a function
+    (`custom_dataset`): all of ours do, and they take no metadata."""
+    return "Custom kwargs can be passed" not in record.getMessage()
 
 
 def _offline_flag() -> bool:

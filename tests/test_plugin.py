@@ -38,9 +38,17 @@ STARTUP = ("import sys; print(sorted(m for m in ('solar_merge', 'mergekit', 'tor
 def wheel_venv(tmp_path_factory):
     """A venv holding only the built solar-merge wheel; the other packages come from this
     interpreter's site-packages as a plain path (so its own .pth files are not run)."""
+    import shutil
+
     tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"  # a copy: building in the checkout leaves build/ (and stale files)
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "solar_merge", source / "solar_merge",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                            "--no-build-isolation", "-q", "-w", str(tmp / "dist"), str(ROOT)],
+                            "--no-build-isolation", "-q", "-w", str(tmp / "dist"), str(source)],
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr
     venv = tmp / "venv"

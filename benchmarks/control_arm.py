@@ -67,18 +67,19 @@ def main():
                    help="report path without suffix (.md, .json, .png)")
     args = p.parse_args()
 
-    from solar_merge import curves, demo
+    from solar_merge import curves, embedded
     from solar_merge import recipe as recipes
+    from solar_merge.demo import data
     from solar_merge.tasks import loaders
 
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    model = demo.embedded_model()
-    link = out / demo.EMBEDDED_NAME
+    model = embedded.embedded_model()
+    link = out / embedded.EMBEDDED_NAME
     if not link.exists():
         link.symlink_to(model, target_is_directory=True)
-    demo.SIZES = {**demo.SIZES, False: {**demo.SIZES[False], "cpt_chars": args.cpt_chars}}
-    paths = demo.demo_data(out / "data")
+    data.SIZES = {**data.SIZES, False: {**data.SIZES[False], "cpt_chars": args.cpt_chars}}
+    paths = data.demo_data(out / "data")
     # one record per held-out chunk (max_samples counts chunks), as solar_manual_ppl has them
     (out / "heldout.jsonl").write_bytes((loaders.DATA_DIR / "manual_ppl.jsonl").read_bytes())
     spec = recipe(args)

@@ -3,7 +3,7 @@
 - mistral_7b_shape(): random bf16 weights with Mistral-7B's shapes, written shard by shard
   (never the whole model in RAM).
 - smollm2(): the embedded SmolLM2-135M-Instruct as fp32 safetensors
-  (solar_merge.demo.embedded_model() when it exists, else our own GGUF conversion).
+  (solar_merge.embedded.embedded_model() when it exists, else our own GGUF conversion).
 - perturbed(src): a copy of `src` with small noise added to every tensor (a second model).
 """
 
@@ -87,7 +87,7 @@ def _flush(tmp: Path, shards: list, k: int) -> None:
 def smollm2() -> Path:
     """The embedded SmolLM2 as fp32 safetensors."""
     try:
-        from solar_merge.demo import embedded_model  # written by another engineer
+        from solar_merge.embedded import embedded_model  # written by another engineer
         return Path(embedded_model())
     except (ImportError, AttributeError):
         pass

@@ -2,7 +2,7 @@
 #
 # Speed and yield of `solar-merge synth-math` on the embedded SmolLM2-135M-Instruct (greedy):
 # problems per minute, kept fraction, tokens/s, with the machine load before and after.
-# The seed problems are the demo's arithmetic problems (solar_merge.demo.math_problems, seed 0)
+# The seed problems are the demo's arithmetic problems (solar_merge.demo.data.math_problems, seed 0)
 # written in GSM8K's layout (step-by-step answer ending in `#### N`), so the figure says
 # whether the demo's math sets could come from this command within its time budget.
 # Writes benchmarks/synth_math.json (every run appended) and prints a markdown row.
@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def seed_file(path: Path, n: int) -> Path:
-    from solar_merge.demo import math_problems
+    from solar_merge.demo.data import math_problems
 
     _, problems = math_problems(0, n, seed=0)
     with open(path, "w") as f:

@@ -50,7 +50,8 @@ def load() -> list[float]:
 
 def prepare(out: Path) -> Path:
     """OUT with the model link, the data and the recipe; returns the recipe copy."""
-    from solar_merge.demo import demo_data, embedded_model
+    from solar_merge.demo.data import demo_data
+    from solar_merge.embedded import embedded_model
     from solar_merge.tasks import loaders
 
     out.mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,10 @@ so that `--help`, `validate` and `dus -o` stay instant.
 
 import shlex
 import sys
-import traceback
 
 import click
 
-from solar_merge.errors import UserError, described
+from solar_merge.errors import UserError, described, failing_library
 
 
 class _Group(click.Group):
@@ -40,21 +39,11 @@ class _Group(click.Group):
             raise error from None
 
 
-# Where a failure comes from: a library we call (its message, phrased for the user, exit 2),
-# or solar-merge itself (a bug: the traceback stays, so that it is reported and fixed).
-_OURS = {"solar_merge", "__main__", "click"}
-
-
 def _library_failure(e: Exception, ctx) -> UserError | None:
     """A failure raised inside a library we call (mergekit, TRL, transformers, safetensors,
-    ...): which command, stage and input failed, the library's own words, and --debug."""
-    library = None
-    for frame, _ in reversed(list(traceback.walk_tb(e.__traceback__))):
-        top = str(frame.f_globals.get("__name__", "")).split(".")[0]
-        if top in sys.stdlib_module_names or not top:
-            continue  # json, struct, ... decide nothing: who called them does
-        library = None if top in _OURS else top
-        break
+    ...): which command, stage and input failed, the library's own words, and --debug.
+    A failure of our own code returns None: its traceback stays (a bug to report)."""
+    library = getattr(e, "solar_merge_library", None) or failing_library(e)
     if library is None:
         return None
     command = shlex.join(["solar-merge", *ctx.meta.get("solar_merge.argv", [])])
@@ -290,7 +279,8 @@ def run_command(ctx, recipe, overrides, out_dir):
     """Run RECIPE (a file, an output folder, a URL or a Hub repo id) stage by stage.
     KEY=VALUE overrides address the recipe, e.g. stages.cpt.train.args.max_steps=5.
     Re-running skips finished stages whose config is unchanged. mergekit-yaml options
-    (--cuda, -j 2, ...) apply to every merge stage; train stages run as their `launch:` says."""
+    (--cuda, -j 2, ...) apply to every merge stage; train stages run as their `launch:` says.
+    Each stage runs in a fresh process, so that no stage's memory outlives it."""
     import re
 
     from solar_merge.recipe import run
@@ -302,7 +292,7 @@ def run_command(ctx, recipe, overrides, out_dir):
     options = _merge_options(ctx, mergekit_args, True)
     try:
         result = run(recipe, out_dir, [o for o in overrides if is_override.match(o)],
-                     merge_options=options)
+                     merge_options=options, isolate=True)
     except LaunchFailed as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(e.returncode)

@@ -46,3 +46,22 @@ def during(what: str):
 def described(error: BaseException) -> str | None:
     """What was being done when `error` was raised (see `during`), if known."""
     return ": ".join(getattr(error, "_solar_merge_during", [])) or None
+
+
+# Where a failure comes from: a library we call, or solar-merge itself (a bug: its traceback
+# must stay visible, so that it is reported and fixed).
+_OURS = {"solar_merge", "__main__", "__mp_main__", "click"}
+
+
+def failing_library(error: BaseException) -> str | None:
+    """The top-level package of the innermost non-standard-library frame that raised `error`
+    (mergekit, transformers, trl, safetensors, ...), or None when that frame is ours."""
+    import sys
+    import traceback
+
+    for frame, _ in reversed(list(traceback.walk_tb(error.__traceback__))):
+        top = str(frame.f_globals.get("__name__", "")).split(".")[0]
+        if top in sys.stdlib_module_names or not top:
+            continue  # json, struct, ... decide nothing: who called them does
+        return None if top in _OURS else top
+    return None

@@ -543,7 +543,7 @@ def synth_math(source, out_dir, options: Options | None = None, *,
     model = o.model
     engine = generator.name if generator is not None else pick_engine(o.engine)
     if model is None and generator is None:
-        from solar_merge.demo import embedded_model
+        from solar_merge.embedded import embedded_model
 
         model = str(embedded_model())
     model_id = model or generator.name

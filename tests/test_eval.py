@@ -75,7 +75,7 @@ def evaluated(two_models, tmp_path_factory):
 
 @pytest.mark.smollm2
 def test_our_json_equals_simple_evaluate_on_smollm2(tmp_path):
-    from solar_merge.demo import embedded_model
+    from solar_merge.embedded import embedded_model
 
     model = embedded_model()
     lm.evaluate([model], "solar_manual_qa", out=tmp_path / "out", limit=2, batch_size=4,

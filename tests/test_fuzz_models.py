@@ -493,7 +493,7 @@ def test_damaged_gguf_import(tiny_gguf, tmp_path, damage):
     """demo._load_gguf (the embedded model's import) ends in a UserError naming the file and
     the reinstall command, for damage the header check catches and for damage only
     transformers meets."""
-    from solar_merge.demo import _load_gguf
+    from solar_merge.embedded import _load_gguf
 
     f = tmp_path / "model.gguf"
     f.write_bytes(apply(damage, tiny_gguf, 24))

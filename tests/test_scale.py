@@ -80,7 +80,7 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from solar_merge.demo import embedded_model
+    from solar_merge.embedded import embedded_model
 
     return embedded_model()
 

@@ -259,7 +259,7 @@ def test_cpt_separator_of_an_instruct_tokenizer_is_not_its_end_of_turn():
     """SmolLM2-Instruct's EOS is the chat's <|im_end|>: cpt packs with <|endoftext|>."""
     from transformers import AutoTokenizer
 
-    from solar_merge.demo import embedded_model
+    from solar_merge.embedded import embedded_model
     from solar_merge.stages.cpt import document_separator
 
     tok = AutoTokenizer.from_pretrained(embedded_model())

@@ -3,7 +3,7 @@ import sys
 import time
 
 t = time.time()
-from solar_merge.demo import embedded_model
+from solar_merge.embedded import embedded_model
 
 p = embedded_model(sys.argv[1])
 print(f"import: {time.time() - t:.1f} s -> {p}")

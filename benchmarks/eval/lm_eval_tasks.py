@@ -2,7 +2,7 @@
 
     python benchmarks/eval/lm_eval_tasks.py [--threads N] [--batch-size B]
 
-One process; the model is the embedded SmolLM2-135M-Instruct (solar_merge.demo.embedded_model).
+One process; the model is the embedded SmolLM2-135M-Instruct (solar_merge.embedded.embedded_model).
 Each row is one `solar_merge.eval.evaluate` call on one task (a fresh model load each time, as
 the demo's eval stages do per model), wall time by perf_counter, the machine's 1-minute load
 average before and after: the machine is shared, so compare rows of one run only.
@@ -22,7 +22,7 @@ t0 = time.perf_counter()
 import torch  # noqa: E402
 
 from solar_merge import eval as lm  # noqa: E402
-from solar_merge.demo import embedded_model  # noqa: E402
+from solar_merge.embedded import embedded_model  # noqa: E402
 
 if args.threads:
     torch.set_num_threads(args.threads)

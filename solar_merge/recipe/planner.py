@@ -810,7 +810,7 @@ class _Planner:
         return StagePlan(name, "synth_math", self.out / name, deps, inputs, spec)
 
     def _size_synth_math(self, plan, deps_plans):
-        from solar_merge.demo import EMBEDDED_NAME, cache_root
+        from solar_merge.embedded import EMBEDDED_NAME, cache_root
 
         model = plan.config["model"]
         if model is None:  # the embedded model, once imported

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from solar_merge.errors import UserError, during
+from solar_merge.errors import UserError, during, failing_library
 from solar_merge.outputs import (
     MARKER,
     check_replaceable,
@@ -86,6 +86,69 @@ def _run_sweep(st: StagePlan):  # issue 14: the best merge is the stage's output
 RUNNERS["sweep"] = _run_sweep
 
 
+# -- one stage, in this process or in a fresh one ------------------------------------------------
+
+def run_stage(run: Runner, st: StagePlan, *, isolate: bool = False) -> dict:
+    """Run one stage; return what it cost: wall seconds, and with `isolate` the peak resident
+    memory of its process (MB; its largest child process if larger, e.g. accelerate ranks).
+
+    `isolate` runs the stage in a fresh Python process (spawned, not forked: torch's thread
+    pools do not survive a fork) that exits when the stage is done, so that no stage's models,
+    optimizer state or allocator caches outlive it: the recipe's peak memory is its largest
+    stage's, not their sum. It costs the imports (torch, transformers: ~3 s) once per stage."""
+    import time
+
+    start = time.perf_counter()
+    if not isolate:
+        run(st)
+        return {"seconds": round(time.perf_counter() - start, 1)}
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_stage_process, args=(run, st, send), name=st.name)
+    process.start()
+    send.close()
+    try:
+        report = receive.recv()
+    except EOFError:  # died without a word: killed (the OOM killer, a signal)
+        report = None
+    process.join()
+    if report is None:
+        raise UserError(f"stage `{st.name}` was killed (exit code {process.exitcode}) before "
+                        "it finished", fix="if the machine ran out of memory, give the stage "
+                        "a smaller batch or sequence length; then re-run (finished stages are "
+                        "kept, training resumes from its last checkpoint)")
+    if "error" in report:
+        raise report["error"]
+    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": report["peak_rss_mb"]}
+
+
+def _stage_process(run: Runner, st: StagePlan, send) -> None:
+    """The body of an isolated stage's process: run it, report its peak memory or its error
+    (as an exception the parent can raise: a UserError as it is, anything else with the
+    library it came from and its traceback in the message)."""
+    import resource
+    import traceback
+
+    try:
+        run(st)
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        send.send({"peak_rss_mb": round(max(own, children) / 1024)})
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+        if not isinstance(e, UserError):
+            library = failing_library(e)
+            error = RuntimeError(f"{type(e).__name__}: {e}\n\n(in the process of stage "
+                                 f"`{st.name}`)\n{traceback.format_exc()}")
+            error.solar_merge_library = library
+            error._solar_merge_during = getattr(e, "_solar_merge_during", [])
+            e = error
+        send.send({"error": e})
+    finally:
+        send.close()
+
+
 def stage_done(st: StagePlan) -> bool:
     """Complete and stamped with this very config hash."""
     if not is_complete(st.out_dir):
@@ -134,13 +197,15 @@ class RunResult:
 
 def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = None,
         progress: bool = True, base_dir=None, card: bool = True,
-        merge_options: dict | None = None) -> RunResult:
+        merge_options: dict | None = None, isolate: bool = False) -> RunResult:
     """Run a recipe: stages in dependency order, finished ones skipped (see the module doc).
 
     `runners` replaces the function run for a kind (tests inject fakes). Returns which
     stages ran and which were skipped, and every eval stage's metrics. `merge_options`
     (mergekit's, from the command line: --cuda, ...) apply to every merge stage as it runs;
-    they choose where a merge computes, not what it is, so they are not in the hashes."""
+    they choose where a merge computes, not what it is, so they are not in the hashes.
+    `isolate` runs every stage in a fresh process (see `run_stage`); each stage's cost (wall
+    time, peak memory, training tokens/s) is kept in its stamp, `stage_costs` reads them."""
     p = source if isinstance(source, Plan) else plan(source, out, overrides, base_dir=base_dir)
     runners = {**RUNNERS, **(runners or {})}
     for st in p.stages.values():  # [TRAIN] issue 12: after hashing
@@ -161,12 +226,13 @@ def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = N
         else:
             _prepare(st, p.out)
             with during(f"stage `{name}` ({st.kind}) of {', '.join(st.inputs) or '-'}"):
-                runners[st.kind](st)
+                cost = run_stage(runners[st.kind], st, isolate=isolate)
             if not is_complete(st.out_dir):
                 raise UserError(f"stage {name} finished without a complete output in "
                                 f"{st.out_dir}", fix="re-run; report a bug if it persists")
-            (st.out_dir / STAMP).write_text(json.dumps({"stage": name,
-                                                        "recipe_hash": st.hash}) + "\n")
+            cost.update(_tokens_per_second(st.out_dir))
+            (st.out_dir / STAMP).write_text(json.dumps({"stage": name, "recipe_hash": st.hash,
+                                                        "kind": st.kind, **cost}) + "\n")
             ran.append(name)
         if st.kind == "eval":
             metrics[name] = json.loads((st.out_dir / "metrics.json").read_text())
@@ -175,6 +241,33 @@ def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = N
     if card and final is not None:
         _write_final_card(p, final, metrics)
     return RunResult(p.out, final, ran, skipped, metrics)
+
+
+def _tokens_per_second(out_dir: Path) -> dict:
+    """A training stage's throughput as TRL logged it (num_tokens / train_runtime)."""
+    tokens = runtime = None
+    log = out_dir / "loss.jsonl"
+    for line in log.read_text().splitlines() if log.is_file() else ():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        tokens = row.get("num_tokens", tokens)
+        runtime = row.get("train_runtime", runtime)
+    return {"tokens_per_second": round(tokens / runtime, 1)} if tokens and runtime else {}
+
+
+def stage_costs(p: Plan) -> dict[str, dict]:
+    """stage -> {kind, seconds, peak_rss_mb, tokens_per_second} of the run that made it."""
+    costs = {}
+    for name in p.order:
+        try:
+            stamp = json.loads((p.stages[name].out_dir / STAMP).read_text())
+        except (OSError, ValueError):
+            continue
+        costs[name] = {k: stamp[k] for k in ("kind", "seconds", "peak_rss_mb",
+                                             "tokens_per_second") if k in stamp}
+    return costs
 
 
 def travelling_recipe(p: Plan, folder: Path) -> str:

@@ -6,5 +6,5 @@
 - h6                the Open LLM Leaderboard v1 preset the SOLAR paper reports (Hub data)
 `tag: solar` names the first three. `catalog` finds tasks (ours, a user's --include-path,
 lm-eval's own); `loaders` is what the YAMLs call to read data/ (no download). data/ is built
-by `solar_merge.demo.build_task_data()` (see data/manifest.json).
+by `solar_merge.demo.data.build_task_data()` (see data/manifest.json).
 """

@@ -23,7 +23,10 @@ FILES = ["tests/test_fuzz_models.py", "tests/test_fuzz_configs.py", "tests/test_
 def main(argv: list[str]) -> int:
     report = ROOT / "benchmarks" / "fuzz_counts.json"
     report.unlink(missing_ok=True)
-    env = {**os.environ, "SOLAR_MERGE_FUZZ": "long", "SOLAR_MERGE_FUZZ_REPORT": str(report)}
+    # 8 GiB of address space (imports take 2.3): a runaway allocation fails its example with
+    # a MemoryError hypothesis reports, instead of the kernel's OOM killer ending the run.
+    env = {**os.environ, "SOLAR_MERGE_FUZZ": "long", "SOLAR_MERGE_FUZZ_REPORT": str(report),
+           "SOLAR_MERGE_FUZZ_AS_LIMIT": os.environ.get("SOLAR_MERGE_FUZZ_AS_LIMIT", "8")}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
                *FILES, *argv]
     load_before = os.getloadavg()

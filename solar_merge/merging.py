@@ -154,7 +154,11 @@ def check_config(config, base_dir=None, *, label: str = "merge config") -> dict:
                           + (f" (found {', '.join(groups)})" if groups else ""))
     _check_models(c, "models", config.get("models"), allowed, method)
     _check_slices(c, "slices", config.get("slices"), allowed, method)
-    for name, module in (config.get("modules") or {}).items():
+    modules = config.get("modules") or {}
+    if not isinstance(modules, dict):  # [HARDEN] `modules: true` was an AttributeError
+        c.problems.append("modules: expected a mapping of module names to {models|slices}")
+        modules = {}
+    for name, module in modules.items():
         where = f"modules.{name}"
         if c.keys(where, module, MODULE_KEYS):
             _check_models(c, where + ".models", module.get("models"), allowed, method)
@@ -199,7 +203,8 @@ def _check_slices(c: _Checker, where, slices, allowed, method):
             out_slice["base_model"] = c.model(w + ".base_model", out_slice["base_model"])
         c.parameters(w + ".parameters", out_slice.get("parameters"), allowed, method)
         lengths, folders = set(), set()
-        for j, source in enumerate(out_slice.get("sources") or []):
+        # [HARDEN] `sources: true` was a TypeError: a non-list is a problem, not a crash
+        for j, source in enumerate(_listed(c, f"{w}.sources", out_slice.get("sources"))):
             ws = f"{w}.sources[{j}]"
             if not c.keys(ws, source, SOURCE_KEYS):
                 continue
@@ -238,8 +243,10 @@ def _check_slices(c: _Checker, where, slices, allowed, method):
 
 
 def _model_path(ref) -> str:
-    if isinstance(ref, dict):
-        return ref.get("model", {}).get("path", "")
+    if isinstance(ref, dict):  # mergekit's expanded form {model: {path: ...}} (else: "")
+        inner = ref.get("model")
+        path = inner.get("path") if isinstance(inner, dict) else None
+        return path if isinstance(path, str) else ""
     return ref.partition("+")[0] if isinstance(ref, str) else ""
 
 

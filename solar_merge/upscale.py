@@ -277,24 +277,29 @@ def new_layers(config: dict) -> list[int]:
 def new_layers_of(folder) -> list[int] | None:
     """new_layers() of the mergekit_config.yml mergekit wrote into `folder`, None without one
     (a folder not made by a merge, e.g. a training stage's output)."""
+    from solar_merge.readers import read_yaml
+
     path = Path(folder) / "mergekit_config.yml"
     if not path.is_file():
         return None
+    fix = "restore it from the up-scale command, or list trainable_layers as indices"
     try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML ({e})",
-                        fix="restore it from the up-scale command, or list trainable_layers "
-                            "as indices") from None
+        config = read_yaml(path, what="mergekit config")
+    except UserError as e:  # [HARDEN] not UTF-8, too deep, an alias bomb: with this fix
+        raise UserError(e.message.split("\n  fix:")[0], fix=fix) from None
     if not isinstance(config, dict):
         return None
     base = path.parent
-    for s in config.get("slices") or []:  # relative paths in the file: relative to it
-        for src in s.get("sources") or []:
-            if isinstance(src.get("model"), str) and not os.path.isabs(src["model"]) \
-                    and not is_hub_id(src["model"]):
-                src["model"] = str(base / src["model"])
-    return new_layers(config)
+    try:  # [HARDEN] a damaged file (a slice that is not a mapping, a range that is not two
+        for s in config.get("slices") or []:  # numbers) is named, not a traceback
+            for src in s.get("sources") or []:  # relative paths: relative to the file
+                if isinstance(src.get("model"), str) and not os.path.isabs(src["model"]) \
+                        and not is_hub_id(src["model"]):
+                    src["model"] = str(base / src["model"])
+        return new_layers(config)
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
+        raise UserError(f"{path} is not a mergekit config of slices solar-merge can read "
+                        f"({type(e).__name__}: {str(e)[:120]})", fix=fix) from None
 
 
 def resolve_new_layers(model: str) -> list[int] | str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fuzzing import (
+    PIPELINE_MEMORY_BOUND,
     PROFILE,
     check_entry,
     edit_text,
@@ -192,7 +193,11 @@ def build(document, variants) -> bytes:
 def _pin(**more):
     def pin(test):
         for text in (ALIAS_BOMB, DEEP, "!!python/object/apply:os.system [echo hi]", "- 1\n- 2",
-                     "merge_method: [1, 2]\nmodels: {a: 1}", "\xff\xfe"):
+                     "merge_method: [1, 2]\nmodels: {a: 1}", "\xff\xfe",
+                     # found by the long profile: AttributeError, TypeError
+                     "merge_method: linear\nmodules: true\n",
+                     "merge_method: passthrough\nslices: [{sources: true}]\n",
+                     "merge_method: linear\nmodels: [{model: {model: x}}]\n"):
             test = example(document=("text", text), **more)(test)
         return example(document=("bytes", b"\xff\xfe\x00"), **more)(test)
     return pin
@@ -284,7 +289,7 @@ def test_whole_recipes_run(world, edits):
         recipe = Path(t) / "recipe.yaml"
         recipe.write_text(_dump(mutate(variants[edits[0][0] % len(variants)], edits)))
         check_entry("run (whole recipe)", ["run", recipe, "--out", Path(t) / "runs"],
-                    inputs=[recipe, *_inputs(world)])
+                    inputs=[recipe, *_inputs(world)], memory_bound=PIPELINE_MEMORY_BOUND)
         _check_run_outputs(Path(t) / "runs")
 
 
@@ -404,7 +409,8 @@ def test_task_yamls(world, damage):
         model = world["models"][4][0]
         check_entry("eval (task YAMLs)", ["eval", model, "--tasks", task, "--include-path",
                                           tasks, "--limit", "1", "--output", Path(t) / "out"],
-                    inputs=[tasks, model], outputs=[Path(t) / "out"])
+                    inputs=[tasks, model], outputs=[Path(t) / "out"],
+                    memory_bound=PIPELINE_MEMORY_BOUND)
 
 
 @pytest.mark.skipif(PROFILE == "ci", reason="tests/test_eval.py runs our tasks; ~14 s")
@@ -415,7 +421,7 @@ def test_shipped_task_yamls_are_valid(world, tmp_path):
         "eval", world["models"][4][0], "--tasks", ",".join("fz_" + n.removeprefix("solar_")
                                                              for n in OUR_TASKS),
         "--include-path", tasks, "--limit", "1", "--output", tmp_path / "out"],
-        inputs=[tasks], outputs=[tmp_path / "out"])
+        inputs=[tasks], outputs=[tmp_path / "out"], memory_bound=PIPELINE_MEMORY_BOUND)
     assert code == 0, output
 
 

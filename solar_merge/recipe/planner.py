@@ -442,7 +442,11 @@ class _Planner:
                         continue
                     if s.get("base_model"):
                         s["base_model"] = one(f"{ws}[{i}].base_model", s["base_model"])
-                    for j, src in enumerate(s.get("sources") or []):
+                    sources = s.get("sources") or []
+                    if not isinstance(sources, list):  # [HARDEN] `sources: true`: TypeError
+                        self.problems.append(f"{ws}[{i}].sources: expected a list")
+                        continue
+                    for j, src in enumerate(sources):
                         wj = f"{ws}[{i}].sources[{j}]"
                         if keys(wj, src, SOURCE_KEYS):
                             if "model" not in src:

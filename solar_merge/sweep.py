@@ -206,6 +206,10 @@ class SweepResult:
             mark = "  <- best" if r is self.best else ""
             lines.append(f"{r.point.label:>18}  {r.metrics.get(self.metric, float('nan')):.6g}"
                          f"{mark}")
+        values = {r.metrics.get(self.metric) for r in self.rows}
+        if len(values) == 1:
+            lines.append(f"every point scores the same {self.metric}: the data do not decide; "
+                         "the first point is kept")
         lines.append(f"best: {self.best.point.label} ({arrow} {self.metric} is better) -> "
                      f"{self.best_dir}")
         lines.append(f"table: {self.out / 'sweep.csv'}, plot: {self.out / 'sweep.png'}"

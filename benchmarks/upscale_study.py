@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """The up-scaling study (issue 19): every up-scaling method at 40 layers, same CPT, curves.
 
-    python benchmarks/upscale_study.py [--out runs/upscale_study] [--steps 30] [--eval-steps 5]
+    python benchmarks/upscale_study.py [--out runs/upscale_study] [--steps N] [--eval-steps K]
     python benchmarks/upscale_study.py --render       # re-write the report from a finished run
+    python benchmarks/upscale_study.py --timing       # + seconds per step by trained layers
 
 Prepares OUT (a link to the embedded SmolLM2-135M-Instruct, the demo's training text, the
 shipped held-out topics as data/heldout.jsonl, a copy of training/upscale_study.yaml), runs the
@@ -158,6 +159,51 @@ def collect(out: Path) -> dict:
     return {"recipe": recipe, "arms": arms}
 
 
+# -- what one training step costs, by where the trained layers sit ---------------------------
+
+TIMED = [("base, all layers", BASE, False), ("pro (interleaved), all layers", "pro", False),
+         ("pro (interleaved), new only", "pro", True), ("pro_top, all layers", "pro_top", False),
+         ("pro_top, new only", "pro_top", True)]
+
+
+def step_times(out: Path, rounds: int = 3) -> dict:
+    """Seconds per training step (forward, backward, AdamW update; 4 x 128 tokens of the
+    training text) of the base and the identity-block models, trained whole or only in their
+    new layers. The arms take turns, one step each, `rounds` times (median kept), so that load
+    from other jobs falls on all of them alike: the ratios hold where the study's wall times
+    (each arm alone, minutes apart) do not."""
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from solar_merge.stages.common import freeze_except_layers
+    from solar_merge.upscale import new_layers_of
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(out / BASE)
+    ids = tok((out / "data" / "cpt_train.txt").read_text()[:20_000],
+              return_tensors="pt").input_ids[0][: 4 * 128].reshape(4, 128)
+    arms = []
+    for label, folder, new_only in TIMED:
+        model = AutoModelForCausalLM.from_pretrained(out / folder, dtype=torch.float32)
+        freeze_except_layers(model, new_layers_of(out / folder) if new_only else None)
+        params = [p for p in model.parameters() if p.requires_grad]
+        arms.append((label, model, torch.optim.AdamW(params, lr=1e-6),
+                     sum(p.numel() for p in params)))
+    times = {label: [] for label, *_ in arms}
+    for _ in range(rounds + 1):  # the first round warms up and is dropped
+        for label, model, optimizer, _n in arms:
+            start = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times[label].append(time.perf_counter() - start)
+    return {label: {"s_per_step": round(statistics.median(times[label][1:]), 2),
+                    "trainable_params": n, "samples": [round(t, 2) for t in times[label]]}
+            for label, _m, _o, n in arms}
+
+
 # -- the report ------------------------------------------------------------------------------
 
 def ranking(arms: dict, step: int) -> list[tuple[str, float]]:
@@ -214,6 +260,14 @@ def render(data: dict, dest: list[Path]) -> None:
     if lm:
         lines.append("- Ranking by lm-eval word perplexity at the end: "
                      + ", ".join(f"{n} {v:.2f}" for n, v in lm) + ".")
+    timing = data.get("step_times")
+    if timing:
+        base = timing["base, all layers"]["s_per_step"]
+        lines += ["", f"Seconds per training step, arms taking turns ({data.get('timing_note')}):",
+                  "", "| model, trained layers | trainable params | s/step | vs base |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k} | {v['trainable_params'] / 1e6:.1f}M | {v['s_per_step']:.2f} | "
+                  f"{v['s_per_step'] / base:.2f}x |" for k, v in timing.items()]
     text = "\n".join(lines) + "\n"
     for folder in dest:
         (folder / f"{NAME}.md").write_text(text)
@@ -280,13 +334,21 @@ def main():
     parser.add_argument("--steps", type=int, help="override max_steps of every arm")
     parser.add_argument("--eval-steps", type=int, help="override eval_steps of every arm")
     parser.add_argument("--render", action="store_true", help="only re-write the report")
+    parser.add_argument("--timing", action="store_true",
+                        help="measure seconds per step by trained layers (after a run)")
     parser.add_argument("overrides", nargs="*", help="more recipe key=value overrides")
     a = parser.parse_args()
     out = Path(a.out).absolute()
     saved = out / f"{NAME}.json"
-    if a.render:
+    if a.render or a.timing:
         data = json.loads(saved.read_text())
         data.update(collect(out))
+        if a.timing:
+            before = load()
+            data["step_times"] = step_times(out)
+            data["timing_note"] = (f"{datetime.datetime.now():%Y-%m-%d %H:%M}, load average "
+                                   f"{before} before, {load()} after; `python "
+                                   "benchmarks/upscale_study.py --timing`")
         render(data, [out, HERE])
         return
     recipe = prepare(out)

@@ -20,10 +20,14 @@ fp32), B sequences of S tokens per device (DPO: 2B, chosen and rejected):
 - weights: P*w (a 4-bit QLoRA base: P*0.5625, NF4 plus its block scales);
 - gradients: T*w (the Trainer keeps gradients in the weights' dtype);
 - optimizer moments: 2*T*w (torch AdamW: exp_avg and exp_avg_sq, in the weights' dtype);
+  with `args.optim: adafactor` (transformers' Adafactor as the Trainer builds it: no first
+  moment, the second one factored into a row and a column vector per matrix) only those
+  vectors: 4 bytes per row and column of every weight matrix, a few MB for a 1B model;
 - 16-bit weight copies (mixed precision only): P*2. Autocast casts every weight to bf16/fp16
   for the matmuls and the backward pass keeps those copies;
-- reference model (DPO, unless args.precompute_ref_log_probs; with LoRA TRL uses the base
-  with the adapter switched off, so none): P*w (bf16 under DeepSpeed/FSDP, sharded by zero3
+- reference model (DPO, unless it is the model's own start and args.precompute_ref_log_probs
+  scores it once before training; with LoRA TRL uses the base with the adapter switched off,
+  so none): P*w (bf16 under DeepSpeed/FSDP, sharded by zero3
   and fsdp as TRL prepares it like the policy);
 - activations: B*S*L*(8h + 4i + 4kv)*a, i.e. what autograd saves per token and decoder layer
   of a Llama-style block with SDPA attention (norm inputs and outputs, q, rotated q and k,
@@ -123,6 +127,7 @@ class Setup:
     load_in_4bit: bool = False          # QLoRA base weights
     activation_checkpointing: bool = False
     reference: bool | None = None       # DPO's reference in memory (None: for dpo stages)
+    optimizer: str = "adamw"            # adamw | adafactor (args.optim)
     strategy: str = "ddp"
     devices: int = 1
 
@@ -160,7 +165,8 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     if s == "ddp":
         terms["weights"] = base
         terms["gradients"] = t * w
-        terms["optimizer moments"] = 2 * t * w
+        terms["optimizer moments"] = (_factored(shape, t) if setup.optimizer == "adafactor"
+                                      else 2 * t * w)
         if setup.precision == "mixed":
             terms["16-bit weight copies"] = p * 2
         if n > 1:
@@ -191,6 +197,15 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     terms["logits"] = 3 * tokens * shape.vocab * 4
     ints = {k: int(v) for k, v in terms.items()}
     return Estimate(sum(ints.values()), ints, setup)
+
+
+def _factored(shape: Shape, trainable: int) -> int:
+    """Adafactor's factored second moments: a row and a column vector (fp32) per weight
+    matrix (embedding; per layer q, k, v, o, gate, up, down), scaled to the trained share."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv
+    per_layer = (h + h) * 2 + (h + kv) * 2 + (h + i) * 3
+    full = 4 * (shape.vocab + h + shape.layers * per_layer)
+    return int(full * min(1.0, trainable / max(1, shape.params)))
 
 
 # -- from a stage config ---------------------------------------------------------------------
@@ -263,8 +278,11 @@ def from_stage(resolved: dict, shape: Shape, launch: dict | None = None) -> Esti
                   seq_len=seq, trainable=trainable, lora=bool(peft),
                   load_in_4bit=bool(resolved.get("load_in_4bit")),
                   activation_checkpointing=checkpointing,
-                  reference=None if not args.get("precompute_ref_log_probs") else False,
-                  strategy=strategy, devices=devices)
+                  # the reference is the policy's own start: scored once, not kept in memory
+                  reference=False if args.get("precompute_ref_log_probs") and resolved.get(
+                      "ref_model") in (None, resolved.get("model")) else None,
+                  optimizer="adafactor" if str(args.get("optim", "")).startswith("adafactor")
+                  else "adamw", strategy=strategy, devices=devices)
     return estimate(shape, setup)
 
 

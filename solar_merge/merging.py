@@ -494,10 +494,24 @@ def parse_merge_options(args: list[str], prog: str) -> dict:
     @click.command()
     @add_merge_options
     def parse(merge_options: MergeOptions):
-        merge_options.apply_global_options()
+        _apply_global_options(merge_options)
         return merge_options.model_dump(exclude_defaults=True)
 
     return parse.main(list(args), prog_name=prog, standalone_mode=False)
+
+
+def _apply_global_options(merge_options) -> None:
+    """mergekit's apply_global_options, except that torch's inter-op pool, which can be sized
+    only before the first parallel op (a RuntimeError after it: e.g. a second command in one
+    Python process), is left as it is: -j is a speed knob, never a reason to fail."""
+    import torch
+
+    try:
+        merge_options.apply_global_options()
+    except RuntimeError as e:
+        if "interop" not in str(e):
+            raise
+        torch.set_num_threads(merge_options.num_threads)
 
 
 def yaml_command():
@@ -518,7 +532,7 @@ def yaml_command():
         """Run a mergekit YAML config, with solar_average/solar_slerp and our fixes."""
         from solar_merge.outputs import overwriting
 
-        merge_options.apply_global_options()
+        _apply_global_options(merge_options)
         options = merge_options.model_dump(exclude_defaults=True)
         if allow_pickle:
             options["allow_pickle"] = True

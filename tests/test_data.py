@@ -73,9 +73,11 @@ def test_alpaca_openorca_messages_to_conversations():
         {"role": "user", "content": "2+2?"}]
     chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
-    out = to_prompt_completion(chat)
-    assert [m["content"] for m in out["prompt"]] == ["a", "b", "c"]
-    assert out["completion"] == [{"role": "assistant", "content": "d"}]
+    # several assistant turns: kept as a conversation, so that every turn is trained
+    assert to_prompt_completion(chat) == {"messages": chat["messages"]}
+    single = {"messages": chat["messages"][2:]}
+    assert to_prompt_completion(single) == {"prompt": [{"role": "user", "content": "c"}],
+                                            "completion": [{"role": "assistant", "content": "d"}]}
     plain = {"prompt": "p", "completion": "c"}
     assert to_prompt_completion(plain) == plain
 

@@ -516,7 +516,8 @@ def test_killed_recipe_reruns_to_the_uninterrupted_result(models, tmp_path):
     ref = {s: _tensors(tmp_path / "straight" / s) for s in ("avg", "up", "cpt")}
     for point, proc in procs.items():
         _, err = proc.communicate(timeout=600)
-        assert proc.returncode == -signal.SIGKILL, (point, err[-3000:])
+        # each stage runs in its own process: that one is killed, `run` says so and stops
+        assert proc.returncode == 2 and "was killed (exit code -9)" in err, (point, err[-3000:])
         root = tmp_path / point
         complete = [s for s in ref if is_complete(root / s)]
         # nothing looks finished unless it is: complete stages hold the final weights

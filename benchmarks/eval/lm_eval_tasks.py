@@ -19,10 +19,10 @@ parser.add_argument("--batch-size", type=int, default=8)
 args = parser.parse_args()
 
 t0 = time.perf_counter()
-import torch  # noqa: E402
+import torch
 
-from solar_merge import eval as lm  # noqa: E402
-from solar_merge.embedded import embedded_model  # noqa: E402
+from solar_merge import eval as lm
+from solar_merge.embedded import embedded_model
 
 if args.threads:
     torch.set_num_threads(args.threads)

@@ -8,7 +8,7 @@ in its own process) and writes the report (demo/report.py).
 from pathlib import Path
 
 from solar_merge.demo.data import demo_data
-from solar_merge.demo.report import write_report
+from solar_merge.demo.report import cost_table, write_report
 from solar_merge.embedded import EMBEDDED_NAME, embedded_model
 from solar_merge.errors import UserError
 
@@ -35,8 +35,11 @@ def run_demo(out_dir=None, *, quick: bool = False, overrides=()) -> Path:
     by hand), one folder per stage (the final model is Hub-ready in final/) and the report.
     Re-running resumes: finished stages are skipped.
     """
+    import time
+
     from solar_merge import recipe
 
+    started = time.perf_counter()
     out = Path(out_dir or ("runs/demo-quick" if quick else "runs/demo")).absolute()
     if not RECIPE.is_file():
         raise UserError(f"the demo recipe {RECIPE} is missing",
@@ -52,7 +55,8 @@ def run_demo(out_dir=None, *, quick: bool = False, overrides=()) -> Path:
     recipe_file.write_text(RECIPE.read_text())
     command = "solar-merge demo" + (" --quick" if quick else "")
     overrides = control_arm_overrides([*(QUICK_OVERRIDES if quick else []), *overrides])
-    result = recipe.run(str(recipe_file), overrides=overrides)
+    plan = recipe.plan(str(recipe_file), overrides=overrides)
+    result = recipe.run(plan, isolate=True)  # each stage in its own process: memory freed
     merged = {}
     for metrics in result.metrics.values():
         for model_name, values in metrics.items():
@@ -81,6 +85,8 @@ def run_demo(out_dir=None, *, quick: bool = False, overrides=()) -> Path:
               "continued pretraining (data, steps, learning rate) as the up-scaled one. Held-out "
               "perplexity = exp(TRL's eval_loss) on held-out reference-manual chunks (128-token "
               "blocks), measured every few steps during CPT."))
+    sections["What each stage cost"] = cost_table(
+        recipe.stage_costs(plan), ran=result.ran, total=time.perf_counter() - started)
     return write_report(table, out, cpt_curve=out / "cpt" / "loss.jsonl", command=command,
                         sections=sections)
 

@@ -58,6 +58,32 @@ def write_report(results: dict, out_dir, *, cpt_curve=None, command: str | None 
     return md
 
 
+def cost_table(costs: dict[str, dict], *, ran: list[str], total: float) -> list[str]:
+    """Markdown lines: wall time, peak resident memory and training throughput of every stage
+    (each ran in its own process: recipe.run(isolate=True)), then this run's total."""
+    lines = ["| stage | kind | wall | peak RSS | tokens/s |", "|---|---|---:|---:|---:|"]
+    for name, c in costs.items():
+        seconds = c.get("seconds")
+        lines.append(f"| {name}{'' if name in ran else ' (earlier run)'} | {c.get('kind', '')} | "
+                     f"{_duration(seconds) if seconds is not None else '–'} | "
+                     f"{_mb(c.get('peak_rss_mb'))} | {c.get('tokens_per_second', '–')} |")
+    peak = max((c.get("peak_rss_mb") or 0 for c in costs.values()), default=0)
+    lines += ["", (f"This run: {_duration(total)} wall, the embedded model's import and the data "
+                   f"included; the largest stage process peaked at {_mb(peak)}. Peak RSS is the "
+                   "stage process's own (getrusage), tokens/s what TRL logged (num_tokens / "
+                   "train_runtime).")]
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+def _mb(value) -> str:
+    return f"{value / 1024:.2f} GB" if value else "–"
+
+
 def _fmt(metric: str, v) -> str:
     if v is None:
         return "–"

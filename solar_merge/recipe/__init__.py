@@ -33,8 +33,8 @@ and never downloads weights (Hub models: config.json at most).
 """
 
 from solar_merge.recipe.planner import Plan, StagePlan, format_plan, plan
-from solar_merge.recipe.runner import RUNNERS, RunResult, run, stage_done
+from solar_merge.recipe.runner import RUNNERS, RunResult, run, stage_costs, stage_done
 from solar_merge.recipe.schema import KINDS, Loaded, Recipe, load
 
 __all__ = ["KINDS", "RUNNERS", "Loaded", "Plan", "Recipe", "RunResult", "StagePlan",
-           "format_plan", "load", "plan", "run", "stage_done"]
+           "format_plan", "load", "plan", "run", "stage_costs", "stage_done"]

@@ -121,12 +121,17 @@ def train_once(resolved: dict, work: Path, model_path: str, ref_path: str, recor
         init_kwargs = common.quantized(init_kwargs)
     model = common.load_model(model_path, init_kwargs)
     lora = common.lora_config(resolved)
-    ref = None  # with LoRA, TRL scores the reference with the adapter switched off
-    if lora is None:
+    # No second model where the policy can score the reference itself: with LoRA (TRL switches
+    # the adapter off), or when the reference IS the starting model and its log-probabilities
+    # are computed once before training (args.precompute_ref_log_probs): one model in memory.
+    self_reference = lora is not None or (args.precompute_ref_log_probs
+                                          and ref_path == model_path)
+    ref = None
+    if not self_reference:
         ref = common.load_model(ref_path, init_kwargs, field="ref_model")
         ref.requires_grad_(False)
     common.freeze_except_layers(model, resolved.get("trainable_layers"))
-    ref_sum = common.checksum(model) if lora is not None and step is not None else None
+    ref_sum = common.checksum(model) if self_reference and step is not None else None
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset,
                          processing_class=tokenizer, peft_config=lora)
     if ref is not None and step is not None:

@@ -17,7 +17,7 @@ RECIPE = Path(__file__).resolve().parents[2] / "training" / "smollm2_demo.yaml"
 # --quick: the same pipeline with fewer steps and smaller evaluations (about 5 minutes).
 QUICK_OVERRIDES = [
     "stages.cpt.train.args.max_steps=4",
-    "stages.cpt.train.args.eval_steps=2",
+    "stages.cpt.train.args.eval_steps=4",
     "stages.sft_python.train.datasets.0.max_samples=8",
     "stages.sft_python.train.datasets.1.max_samples=4",
     "stages.sft_math.train.datasets.0.max_samples=8",

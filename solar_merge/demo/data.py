@@ -22,7 +22,7 @@ SYSTEM_PROMPT = "You are a helpful assistant who knows the Python reference manu
 # default ~20 min for the whole demo, quick ~5 min. See `demo_data`'s docstring. The evaluation
 # sets are the shipped lm-eval tasks; the recipe's `limit:` sizes them.
 SIZES = {
-    False: {"cpt_chars": 80_000, "sft_python": 64, "sft_math": 64, "dpo_math": 32},
+    False: {"cpt_chars": 80_000, "sft_python": 48, "sft_math": 48, "dpo_math": 24},
     True: {"cpt_chars": 16_000, "sft_python": 16, "sft_math": 16, "dpo_math": 8},
 }
 

@@ -27,6 +27,8 @@ STEP_INFO = "step.json"
 
 def run_stage(resolved: dict, work: Path) -> None:
     """The dpo or stepwise_dpo stage of `resolved`, into `work`."""
+    import gc
+
     from solar_merge.data import to_preference
 
     common.trl_args(resolved, work, "DPOConfig")  # validate args before loading anything
@@ -49,6 +51,7 @@ def run_stage(resolved: dict, work: Path) -> None:
         if not common.agreed(is_complete(step_dir, h)):  # global rank 0 decides
             with common.owned_output(step_dir, h) as sw:
                 train_once(resolved, sw, model, ref, chunk, step=i)
+                gc.collect()  # step i's model and trainer hold reference cycles: free them now
                 if common.is_main():
                     (sw / common.HASH_FILE).unlink(missing_ok=True)
         else:

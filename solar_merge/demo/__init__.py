@@ -36,16 +36,20 @@ def run_demo(out_dir=None, *, quick: bool = False, overrides=()) -> Path:
     Re-running resumes: finished stages are skipped.
     """
     import time
+    from functools import partial
 
     from solar_merge import recipe
+    from solar_merge.recipe.runner import in_fresh_process
 
     started = time.perf_counter()
     out = Path(out_dir or ("runs/demo-quick" if quick else "runs/demo")).absolute()
     if not RECIPE.is_file():
         raise UserError(f"the demo recipe {RECIPE} is missing",
                         fix="run the demo from a clone of solar-merge (pip install -e .)")
-    model = embedded_model()
-    demo_data(out / "data", quick=quick)
+    # Both in a process of their own: what they import and hold (~1 GB for the model's import)
+    # leaves with it, and this process stays at ~35 MB while the stages run.
+    model = in_fresh_process(embedded_model)
+    in_fresh_process(partial(demo_data, out / "data", quick=quick))
     link = out / EMBEDDED_NAME
     if link.is_symlink() and link.resolve() != model:
         link.unlink()
@@ -55,7 +59,7 @@ def run_demo(out_dir=None, *, quick: bool = False, overrides=()) -> Path:
     recipe_file.write_text(RECIPE.read_text())
     command = "solar-merge demo" + (" --quick" if quick else "")
     overrides = control_arm_overrides([*(QUICK_OVERRIDES if quick else []), *overrides])
-    plan = recipe.plan(str(recipe_file), overrides=overrides)
+    plan = in_fresh_process(partial(recipe.plan, str(recipe_file), overrides=overrides))
     result = recipe.run(plan, isolate=True)  # each stage in its own process: memory freed
     merged = {}
     for metrics in result.metrics.values():

@@ -5,6 +5,7 @@ with the same hash, else cleared of any other config's leftovers and run."""
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,15 @@ RUNNERS["sweep"] = _run_sweep
 
 
 # -- one stage, in this process or in a fresh one ------------------------------------------------
+
+def in_fresh_process(fn):
+    """fn() in a spawned process, which exits with whatever it imported and held (this process
+    stays small while the stages run); its result, or its UserError."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn)
+
 
 def run_stage(run: Runner, st: StagePlan, *, isolate: bool = False) -> dict:
     """Run one stage; return what it cost: wall seconds, and with `isolate` the peak resident
@@ -206,7 +216,12 @@ def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = N
     they choose where a merge computes, not what it is, so they are not in the hashes.
     `isolate` runs every stage in a fresh process (see `run_stage`); each stage's cost (wall
     time, peak memory, training tokens/s) is kept in its stamp, `stage_costs` reads them."""
-    p = source if isinstance(source, Plan) else plan(source, out, overrides, base_dir=base_dir)
+    p = source
+    if not isinstance(source, Plan):
+        planning = partial(plan, source, out, overrides, base_dir=base_dir)
+        # checking eval tasks imports lm-eval (datasets, pandas: ~150 MB), kept out of this
+        # process when the stages run in their own
+        p = in_fresh_process(planning) if isolate else planning()
     runners = {**RUNNERS, **(runners or {})}
     for st in p.stages.values():  # [TRAIN] issue 12: after hashing
         if merge_options and st.kind == "merge":

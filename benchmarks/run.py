@@ -505,6 +505,11 @@ def section_demo(repeats, quick_only):
                 break
             sample["load_before"] = round(load, 2)
             sample["stages"] = _stage_costs(work / "out")
+            kept = HERE / "demo_reports" / label.replace("demo --quick", "quick")
+            kept.mkdir(parents=True, exist_ok=True)  # the last run's report is kept
+            for name in ("report.md", "report.png", "control_arm.png"):
+                if (work / "out" / name).is_file():
+                    shutil.copy2(work / "out" / name, kept / name)
             samples.append(sample)
             log(f"  {sample['wall_s']:.1f} s, tree peak {sample['peak_rss_mb']:.0f} MB RSS")
             shutil.rmtree(work, ignore_errors=True)

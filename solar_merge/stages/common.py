@@ -487,21 +487,24 @@ def checksum(model) -> str:
     tensors a saved model folder holds (the same value for the same weights)."""
     import hashlib
 
+    h = hashlib.sha256()
+
+    def add(name, tensor):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+
     if isinstance(model, (str, Path)):
         from safetensors import safe_open
 
-        tensors = {}
-        for shard in sorted(Path(model).glob("*.safetensors")):
-            with safe_open(str(shard), framework="pt") as f:
-                names = f.keys()
-                tensors.update({k: f.get_tensor(k) for k in names})
-        items = tensors.items()
+        # one tensor in memory at a time (this runs while a trained model is still loaded)
+        where = {name: shard for shard in sorted(Path(model).glob("*.safetensors"))
+                 for name in safe_open(str(shard), framework="pt").keys()}  # noqa: SIM118
+        handles = {shard: safe_open(str(shard), framework="pt") for shard in set(where.values())}
+        for name in sorted(where):
+            add(name, handles[where[name]].get_tensor(name))
     else:
-        items = model.named_parameters()
-    h = hashlib.sha256()
-    for name, p in sorted(items, key=lambda x: x[0]):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
+            add(name, p)
     return h.hexdigest()[:16]
 
 

@@ -491,17 +491,21 @@ def checksum(model) -> str:
 
     def add(name, tensor):
         h.update(name.encode())
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(memoryview(tensor.detach().float().cpu().contiguous().numpy()).cast("B"))
 
     if isinstance(model, (str, Path)):
         from safetensors import safe_open
 
-        # one tensor in memory at a time (this runs while a trained model is still loaded)
-        where = {name: shard for shard in sorted(Path(model).glob("*.safetensors"))
-                 for name in safe_open(str(shard), framework="pt").keys()}  # noqa: SIM118
-        handles = {shard: safe_open(str(shard), framework="pt") for shard in set(where.values())}
+        # One tensor in memory at a time, and the file opened anew for each: safetensors maps
+        # the file, and the pages read through one mapping stay resident until it is closed
+        # (+0.7 GB for a 184M fp32 model, while the trained model is still loaded).
+        where = {}
+        for shard in sorted(Path(model).glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                where.update(dict.fromkeys(f.keys(), shard))
         for name in sorted(where):
-            add(name, handles[where[name]].get_tensor(name))
+            with safe_open(str(where[name]), framework="pt") as f:
+                add(name, f.get_tensor(name))
     else:
         for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
             add(name, p)

@@ -8,12 +8,9 @@ blocks. The demo's control arm (DUS + CPT against the base model + the same CPT)
 up-scaling study plot several such curves on one figure and say where they cross.
 """
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-
-LOSS_LOG = "loss.jsonl"
 
 Curve = list[tuple[int, float]]  # (step, held-out perplexity), sorted by step
 
@@ -21,19 +18,12 @@ Curve = list[tuple[int, float]]  # (step, held-out perplexity), sorted by step
 def eval_curve(stage_dir_or_log) -> Curve:
     """(step, exp(eval_loss)) from a stage folder's loss.jsonl (or the file itself); a step
     logged twice (a resumed run) keeps its last value; a line cut short by a kill is skipped."""
+    from solar_merge.stages.common import LOSS_LOG, read_loss
+
     path = Path(stage_dir_or_log)
     if path.is_dir():
         path = path / LOSS_LOG
-    by_step: dict[int, float] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if "eval_loss" in row and "step" in row:
-                by_step[int(row["step"])] = math.exp(float(row["eval_loss"]))
-    return sorted(by_step.items())
+    return [(step, math.exp(loss)) for step, loss in read_loss(path, "eval_loss")]
 
 
 @dataclass

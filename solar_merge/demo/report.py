@@ -1,7 +1,6 @@
 """The demo's report: report.md (the paper-style stage x metric table, what each stage cost,
 the command and the machine) and report.png."""
 
-import json
 import os
 from pathlib import Path
 
@@ -102,21 +101,10 @@ def _curve(cpt_curve) -> list[tuple[float, float]]:
     if cpt_curve is None:
         return []
     if isinstance(cpt_curve, (str, Path)):
+        from solar_merge.stages.common import LOSS_LOG, read_loss
+
         path = Path(cpt_curve)
-        if path.is_dir():
-            path = path / "loss.jsonl"
-        if not path.is_file():
-            return []
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if "loss" in row and "step" in row:
-                rows.append((row["step"], float(row["loss"])))
-        by_step = dict(rows)  # resumed runs may log a step twice: keep the last
-        return sorted(by_step.items())
+        return read_loss(path / LOSS_LOG if path.is_dir() else path)
     return [(int(s) if float(s).is_integer() else float(s), float(v)) for s, v in cpt_curve]
 
 

@@ -779,8 +779,9 @@ def data_sha256(path: str) -> str:
     return "Hub dataset (not hashed)"
 
 
-def read_loss(log: Path) -> list[tuple[int, float]]:
-    """(step, loss) pairs, deduplicated by step (the last entry wins, e.g. after a resume)."""
+def read_loss(log: Path, key: str = "loss") -> list[tuple[int, float]]:
+    """(step, row[key]) pairs of a loss log (key "eval_loss": TRL's held-out evaluations),
+    deduplicated by step (the last entry wins, e.g. after a resume)."""
     by_step: dict[int, float] = {}
     if log.is_file():
         for line in log.read_text().splitlines():
@@ -788,8 +789,8 @@ def read_loss(log: Path) -> list[tuple[int, float]]:
                 row = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a kill
-            if "loss" in row:
-                by_step[int(row["step"])] = float(row["loss"])
+            if key in row and "step" in row:
+                by_step[int(row["step"])] = float(row[key])
     return sorted(by_step.items())
 
 

@@ -48,8 +48,8 @@ def run_demo(out_dir=None, *, quick: bool = False, overrides=()) -> Path:
                         fix="run the demo from a clone of solar-merge (pip install -e .)")
     # Both in a process of their own: what they import and hold (~1 GB for the model's import)
     # leaves with it, and this process stays at ~35 MB while the stages run.
-    model = in_fresh_process(embedded_model)
-    in_fresh_process(partial(demo_data, out / "data", quick=quick))
+    model = in_fresh_process(embedded_model, "the embedded model's import")
+    in_fresh_process(partial(demo_data, out / "data", quick=quick), "the demo data")
     link = out / EMBEDDED_NAME
     if link.is_symlink() and link.resolve() != model:
         link.unlink()
@@ -59,7 +59,8 @@ def run_demo(out_dir=None, *, quick: bool = False, overrides=()) -> Path:
     recipe_file.write_text(RECIPE.read_text())
     command = "solar-merge demo" + (" --quick" if quick else "")
     overrides = control_arm_overrides([*(QUICK_OVERRIDES if quick else []), *overrides])
-    plan = in_fresh_process(partial(recipe.plan, str(recipe_file), overrides=overrides))
+    plan = in_fresh_process(partial(recipe.plan, str(recipe_file), overrides=overrides),
+                            "planning the recipe")
     result = recipe.run(plan, isolate=True)  # each stage in its own process: memory freed
     merged = {}
     for metrics in result.metrics.values():

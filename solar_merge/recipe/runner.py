@@ -89,74 +89,80 @@ RUNNERS["sweep"] = _run_sweep
 
 # -- one stage, in this process or in a fresh one ------------------------------------------------
 
-def in_fresh_process(fn):
-    """fn() in a spawned process, which exits with whatever it imported and held (this process
-    stays small while the stages run); its result, or its UserError."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn)
+def in_fresh_process(fn, what: str = "a solar-merge step", fix: str = "re-run it"):
+    """fn() in a spawned process, which exits with whatever it imported and held, so that this
+    process stays small; fn's result (see `_in_child`)."""
+    return _in_child(fn, what, fix)[0]
 
 
-def run_stage(run: Runner, st: StagePlan, *, isolate: bool = False) -> dict:
-    """Run one stage; return what it cost: wall seconds, and with `isolate` the peak resident
-    memory of its process (MB; its largest child process if larger, e.g. accelerate ranks).
-
-    `isolate` runs the stage in a fresh Python process (spawned, not forked: torch's thread
-    pools do not survive a fork) that exits when the stage is done, so that no stage's models,
-    optimizer state or allocator caches outlive it: the recipe's peak memory is its largest
-    stage's, not their sum. It costs the imports (torch, transformers: ~3 s) once per stage."""
-    import time
-
-    start = time.perf_counter()
-    if not isolate:
-        run(st)
-        return {"seconds": round(time.perf_counter() - start, 1)}
+def _in_child(fn, what: str, fix: str):
+    """(fn(), peak RSS of its process in MB; of its largest child if larger, e.g. accelerate
+    ranks), fn run in a spawned process (not forked: torch's thread pools do not survive a
+    fork). Its UserError is raised here as it is, any other error with the library it came
+    from and its traceback; a process killed without a word (the OOM killer, a signal) is a
+    UserError naming `what`, with `fix`."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_stage_process, args=(run, st, send), name=st.name)
+    process = ctx.Process(target=_child, args=(fn, what, send))
     process.start()
     send.close()
     try:
         report = receive.recv()
-    except EOFError:  # died without a word: killed (the OOM killer, a signal)
+    except EOFError:  # died without a word
         report = None
     process.join()
     if report is None:
-        raise UserError(f"stage `{st.name}` was killed (exit code {process.exitcode}) before "
-                        "it finished", fix="if the machine ran out of memory, give the stage "
-                        "a smaller batch or sequence length; then re-run (finished stages are "
-                        "kept, training resumes from its last checkpoint)")
+        raise UserError(f"{what} was killed (exit code {process.exitcode}) before it "
+                        "finished", fix=fix)
     if "error" in report:
         raise report["error"]
-    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": report["peak_rss_mb"]}
+    return report["result"], report["peak_rss_mb"]
 
 
-def _stage_process(run: Runner, st: StagePlan, send) -> None:
-    """The body of an isolated stage's process: run it, report its peak memory or its error
-    (as an exception the parent can raise: a UserError as it is, anything else with the
-    library it came from and its traceback in the message)."""
+def _child(fn, what: str, send) -> None:
+    """The body of _in_child's process: fn(), then its result and peak memory, or its
+    error as an exception the parent can raise."""
     import resource
     import traceback
 
     try:
-        run(st)
+        result = fn()
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        send.send({"peak_rss_mb": round(max(own, children) / 1024)})
+        send.send({"result": result, "peak_rss_mb": round(max(own, children) / 1024)})
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
         if not isinstance(e, UserError):
             library = failing_library(e)
-            error = RuntimeError(f"{type(e).__name__}: {e}\n\n(in the process of stage "
-                                 f"`{st.name}`)\n{traceback.format_exc()}")
+            error = RuntimeError(f"{type(e).__name__}: {e}\n\n(in the process of {what})\n"
+                                 f"{traceback.format_exc()}")
             error.solar_merge_library = library
             error._solar_merge_during = getattr(e, "_solar_merge_during", [])
             e = error
         send.send({"error": e})
     finally:
         send.close()
+
+
+def run_stage(run: Runner, st: StagePlan, *, isolate: bool = False) -> dict:
+    """Run one stage; return what it cost: wall seconds, and with `isolate` the peak resident
+    memory of its process (MB).
+
+    `isolate` runs the stage in a fresh Python process (`in_fresh_process`) that exits when the
+    stage is done, so that no stage's models, optimizer state or allocator caches outlive it:
+    the recipe's peak memory is its largest stage's, not their sum. It costs the imports
+    (torch, transformers: ~3 s) once per stage."""
+    import time
+
+    start = time.perf_counter()
+    if not isolate:
+        run(st)
+        return {"seconds": round(time.perf_counter() - start, 1)}
+    _, peak = _in_child(partial(run, st), f"stage `{st.name}`", fix=(
+        "if the machine ran out of memory, give the stage a smaller batch or sequence length; "
+        "then re-run (finished stages are kept, training resumes from its last checkpoint)"))
+    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": peak}
 
 
 def stage_done(st: StagePlan) -> bool:
@@ -221,7 +227,7 @@ def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = N
         planning = partial(plan, source, out, overrides, base_dir=base_dir)
         # checking eval tasks imports lm-eval (datasets, pandas: ~150 MB), kept out of this
         # process when the stages run in their own
-        p = in_fresh_process(planning) if isolate else planning()
+        p = in_fresh_process(planning, "planning the recipe") if isolate else planning()
     runners = {**RUNNERS, **(runners or {})}
     for st in p.stages.values():  # [TRAIN] issue 12: after hashing
         if merge_options and st.kind == "merge":

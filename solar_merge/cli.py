@@ -224,7 +224,7 @@ def expand(ctx, model, every, blocks, where, init, config_out, run_out, mergekit
 
 
 @main.command()
-@click.option("--quick", is_flag=True, help="Fewer steps, smaller evaluations (~5 min).")
+@click.option("--quick", is_flag=True, help="Fewer steps, smaller evaluations (~3 min).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output folder (default: runs/demo or runs/demo-quick).")
 @click.argument("overrides", nargs=-1)

@@ -62,5 +62,5 @@ def test_demo_control_arm_gets_exactly_the_cpt_of_the_dus_model():
     for override in QUICK_OVERRIDES:  # every cpt override, e.g. max_steps, reaches base_cpt
         if override.startswith("stages.cpt.train."):
             assert override.replace("stages.cpt.", "stages.base_cpt.", 1) in mirrored
-    assert "stages.base_cpt.train.args.max_steps=4" in mirrored
+    assert "stages.base_cpt.train.args.max_steps=3" in mirrored
     assert not any(m.startswith("stages.base_cpt.train.model") for m in mirrored)

@@ -90,22 +90,35 @@ RUNNERS["sweep"] = _run_sweep
 # -- one stage, in this process or in a fresh one ------------------------------------------------
 
 def in_fresh_process(fn, what: str = "a solar-merge step", fix: str = "re-run it"):
-    """fn() in a spawned process, which exits with whatever it imported and held, so that this
+    """fn() in a fresh process, which exits with whatever it imported and held, so that this
     process stays small; fn's result (see `_in_child`)."""
     return _in_child(fn, what, fix)[0]
 
 
-def _in_child(fn, what: str, fix: str):
-    """(fn(), peak RSS of its process in MB; of its largest child if larger, e.g. accelerate
-    ranks), fn run in a spawned process (not forked: torch's thread pools do not survive a
-    fork). Its UserError is raised here as it is, any other error with the library it came
-    from and its traceback; a process killed without a word (the OOM killer, a signal) is a
-    UserError naming `what`, with `fix`."""
+def _context():
+    """A fork server that has imported what stages import (solar_merge.recipe.preload) where
+    the OS has one, else spawn. The server never runs torch, so a stage forked from it starts
+    with torch's thread pools unborn, as a fresh process would, in milliseconds."""
     import multiprocessing
 
-    ctx = multiprocessing.get_context("spawn")
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["solar_merge.recipe.preload"])  # read when it starts
+    return ctx
+
+
+def _in_child(fn, what: str, fix: str):
+    """(fn(), peak RSS of its process in MB; of its largest child if larger, e.g. accelerate
+    ranks), fn run in a fresh process (see `_context`). Its UserError is raised here as it is,
+    any other error with the library it came from and its traceback; a process killed without
+    a word (the OOM killer, a signal) is a UserError naming `what`, with `fix`."""
+    ctx = _context()
     receive, send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child, args=(fn, what, send))
+    import os
+
+    # a forked process has the fork server's environment and folder, from when it started
+    process = ctx.Process(target=_child, args=(fn, what, send, dict(os.environ), os.getcwd()))
     process.start()
     send.close()
     try:
@@ -121,13 +134,17 @@ def _in_child(fn, what: str, fix: str):
     return report["result"], report["peak_rss_mb"]
 
 
-def _child(fn, what: str, send) -> None:
-    """The body of _in_child's process: fn(), then its result and peak memory, or its
-    error as an exception the parent can raise."""
+def _child(fn, what: str, send, environ: dict, cwd: str) -> None:
+    """The body of _in_child's process: fn() with the caller's environment and folder, then
+    its result and peak memory, or its error as an exception the parent can raise."""
+    import os
     import resource
     import traceback
 
     try:
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
         result = fn()
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -151,8 +168,8 @@ def run_stage(run: Runner, st: StagePlan, *, isolate: bool = False) -> dict:
 
     `isolate` runs the stage in a fresh Python process (`in_fresh_process`) that exits when the
     stage is done, so that no stage's models, optimizer state or allocator caches outlive it:
-    the recipe's peak memory is its largest stage's, not their sum. It costs the imports
-    (torch, transformers: ~3 s) once per stage."""
+    the recipe's peak memory is its largest stage's, not their sum. The imports are paid once,
+    by the fork server (`_context`), not once per stage."""
     import time
 
     start = time.perf_counter()

@@ -1,0 +1,25 @@
+"""Imported by the fork server that stage processes are forked from (runner._context), never
+by anyone else: what every stage imports (~6 s and ~0.5 GB together), once instead of once per
+stage.
+
+gc.freeze() then moves every object imported here out of the garbage collector's sight: a
+forked stage's collections would otherwise write to their headers and so copy the pages they
+live on into the stage (measured: 143 MB copied per stage, 6 MB frozen)."""
+
+# ruff: noqa: F401
+import gc
+
+import datasets
+import lm_eval.evaluator
+import lm_eval.models.huggingface
+import lm_eval.tasks
+import mergekit.merge
+import peft
+import torch
+import transformers.models.llama.modeling_llama
+import trl.trainer.dpo_trainer
+import trl.trainer.sft_trainer
+
+import solar_merge.stages.common
+
+gc.freeze()

@@ -441,8 +441,8 @@ def _rss_kb(pid: int) -> int:
 def _pss_kb(pid: int) -> int:
     """PSS of one process in kB: shared pages split between the processes sharing them. Reading
     it walks the page tables (~50 ms for a 2.5 GB process, during which the process cannot map
-    memory): sampling it every 0.2 s slowed the demo by a quarter, so it is read only near the
-    tree's RSS high, at most once a second."""
+    memory): sampling it every 0.2 s slowed the demo by a quarter, so it is read only when the
+    tree's RSS sets a new high (or is within 1% of one not yet read), at most once a second."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
@@ -458,13 +458,13 @@ def run_tree_measured(cmd, *, cwd=None, env=None, log_name="cmd", every=0.2):
     """Run cmd; return {wall_s, peak_rss_mb, tree_pss_mb, largest_rss_mb}: the peak over time of
     the summed RSS of the command's whole process tree (a recipe runs each stage in a process
     forked from a fork server that holds the imports: summed RSS counts those shared pages
-    twice), the tree's PSS near its RSS highs (each page counted once: the memory the tree
+    twice), the tree's PSS at its RSS highs (each page counted once: the memory the tree
     really holds), and the largest single process's RSS (what `time -v` reports), sampled
     every `every` s."""
     logfile = SCRATCH / f"{log_name}.log"
     subprocess.run(["sync"], check=False)
     peak_rss = peak_pss = largest = 0
-    last_pss = 0.0
+    last_pss, pending = 0.0, False
     t0 = time.perf_counter()
     with open(logfile, "w") as f:
         proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=f,
@@ -474,10 +474,11 @@ def run_tree_measured(cmd, *, cwd=None, env=None, log_name="cmd", every=0.2):
             sizes = [_rss_kb(pid) for pid in pids]
             rss = sum(sizes)
             largest = max([largest, *sizes])
+            pending = pending or rss > peak_rss  # a new high: its PSS is wanted
             peak_rss = max(peak_rss, rss)
-            if rss >= 0.97 * peak_rss and time.perf_counter() - last_pss >= 1.0:  # near the top
+            if pending and rss >= 0.99 * peak_rss and time.perf_counter() - last_pss >= 1.0:
                 peak_pss = max(peak_pss, sum(_pss_kb(pid) for pid in pids))
-                last_pss = time.perf_counter()
+                last_pss, pending = time.perf_counter(), False
             time.sleep(every)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -688,7 +689,7 @@ def render_demo(dm: dict) -> list[str]:
         return L + [f"`solar-merge demo`: {dm['status']}.", ""]
     L += [("Peak memory of the command's whole process tree, sampled every 0.2 s: PSS (each "
            "page counted once, split between the processes that share it: the memory the tree "
-           "holds; read near the RSS highs, at most once a second), the summed RSS (counts the "
+           "holds; read at the RSS highs, at most once a second), the summed RSS (counts the "
            "fork server's imports twice, as each stage shares them) and the largest single "
            "process's RSS (what `/usr/bin/time -v` reports). Fresh model cache, so the GGUF "
            "import is included."), "",

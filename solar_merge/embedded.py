@@ -80,12 +80,19 @@ def _load_gguf(gguf: Path):
         # every length bounded by the file first (transformers reads it with the `gguf`
         # package, which took 4 GB on a damaged 600-byte file); the full parse explains a failure
         check_gguf_layout(gguf)
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        # transformers parses the file once for the tokenizer and twice for the model, in
+        # Python: the tokenizer's parse (~3.4 s) runs on the other core, in a forked process
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+            tokenizer = pool.submit(_gguf_tokenizer, gguf)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+            tokenizer = tokenizer.result()
     except ImportError as e:
         raise UserError(f"reading {gguf.name} needs the `gguf` package ({e})",
                         fix="pip install gguf") from None
@@ -100,6 +107,12 @@ def _load_gguf(gguf: Path):
                         f"{str(e)[:200]})", fix=reinstall + "; `solar-merge --debug` shows the "
                         "traceback") from e
     return tokenizer, model
+
+
+def _gguf_tokenizer(gguf: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
 def save_plain(model, tokenizer, work) -> None:

@@ -13,6 +13,7 @@ import datasets
 import lm_eval.evaluator
 import lm_eval.models.huggingface
 import lm_eval.tasks
+import matplotlib.pyplot
 import mergekit.merge
 import peft
 import torch

@@ -29,7 +29,14 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from solar_merge.errors import UserError, did_you_mean
-from solar_merge.outputs import atomic_output, config_hash, fingerprint, is_complete
+from solar_merge.outputs import (
+    atomic_output,
+    config_hash,
+    fingerprint,
+    is_complete,
+    partial_dir,
+    remove_partial,
+)
 from solar_merge.tasks import catalog
 
 RESULTS = "results.json"
@@ -136,6 +143,19 @@ def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | N
         return {label: _simple_evaluate(ref, loaded, hf_args, settings)
                 for label, ref in labels.items()}
     results = {}
+    try:
+        _evaluate_into(out, want, labels, keys, loaded, hf_args, settings, contamination,
+                       base_dir, results)
+    except BaseException:
+        # kept for a re-run to resume model by model; with no model done, nothing to resume
+        if not any(partial_dir(out).glob("*/results.json")):
+            remove_partial(out)
+        raise
+    return results
+
+
+def _evaluate_into(out, want, labels, keys, loaded, hf_args, settings, contamination, base_dir,
+                   results) -> None:
     with atomic_output(out, want, keep_partial=True) as work:
         if contamination:
             _contamination(contamination, loaded, work, base_dir)
@@ -150,7 +170,6 @@ def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | N
 
                 shutil.rmtree(stale)
         write_table(results, work)
-    return results
 
 
 def evaluate_one(model, tasks, *, out_dir=None, **options) -> dict:

@@ -144,32 +144,26 @@ def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | N
                 for label, ref in labels.items()}
     results = {}
     try:
-        _evaluate_into(out, want, labels, keys, loaded, hf_args, settings, contamination,
-                       base_dir, results)
+        with atomic_output(out, want, keep_partial=True) as work:
+            if contamination:
+                _contamination(contamination, loaded, work, base_dir)
+            for label, ref in labels.items():
+                results[label] = _cached(work / label, keys[label])
+                if results[label] is None:
+                    results[label] = _simple_evaluate(ref, loaded, hf_args, settings)
+                    _write_results(work / label, results[label], keys[label])
+            for stale in work.iterdir():  # a model dropped since an interrupted run
+                if stale.is_dir() and stale.name not in labels:
+                    import shutil
+
+                    shutil.rmtree(stale)
+            write_table(results, work)
     except BaseException:
         # kept for a re-run to resume model by model; with no model done, nothing to resume
-        if not any(partial_dir(out).glob("*/results.json")):
+        if not any(partial_dir(out).glob(f"*/{RESULTS}")):
             remove_partial(out)
         raise
     return results
-
-
-def _evaluate_into(out, want, labels, keys, loaded, hf_args, settings, contamination, base_dir,
-                   results) -> None:
-    with atomic_output(out, want, keep_partial=True) as work:
-        if contamination:
-            _contamination(contamination, loaded, work, base_dir)
-        for label, ref in labels.items():
-            results[label] = _cached(work / label, keys[label])
-            if results[label] is None:
-                results[label] = _simple_evaluate(ref, loaded, hf_args, settings)
-                _write_results(work / label, results[label], keys[label])
-        for stale in work.iterdir():  # a model dropped since an interrupted run
-            if stale.is_dir() and stale.name not in labels:
-                import shutil
-
-                shutil.rmtree(stale)
-        write_table(results, work)
 
 
 def evaluate_one(model, tasks, *, out_dir=None, **options) -> dict:

@@ -3,6 +3,7 @@ with the same hash, else cleared of any other config's leftovers and run."""
 
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -115,8 +116,6 @@ def _in_child(fn, what: str, fix: str):
     a word (the OOM killer, a signal) is a UserError naming `what`, with `fix`."""
     ctx = _context()
     receive, send = ctx.Pipe(duplex=False)
-    import os
-
     # a forked process has the fork server's environment and folder, from when it started
     process = ctx.Process(target=_child, args=(fn, what, send, dict(os.environ), os.getcwd()))
     process.start()
@@ -137,7 +136,6 @@ def _in_child(fn, what: str, fix: str):
 def _child(fn, what: str, send, environ: dict, cwd: str) -> None:
     """The body of _in_child's process: fn() with the caller's environment and folder, then
     its result and peak memory, or its error as an exception the parent can raise."""
-    import os
     import resource
     import traceback
 
@@ -312,8 +310,6 @@ def travelling_recipe(p: Plan, folder: Path) -> str:
     """The recipe as YAML for a copy stored in `folder`: its local paths rewritten relative to
     `folder` and `out:` pointing at the output root, so that the copy re-runs (and resumes)
     as the original did, and carries no `/home/...` paths when pushed."""
-    import os
-
     import yaml
 
     if p.loaded is None:

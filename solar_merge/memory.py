@@ -268,7 +268,7 @@ def from_stage(resolved: dict, shape: Shape, launch: dict | None = None) -> Esti
     if peft:
         trainable = lora_params(shape, _count(peft.get("r"), 8), peft.get("target_modules"))
     elif layers:
-        trainable = (shape.per_layer or 0) * len(layers)
+        trainable = (shape.per_layer or 0) * (shape.layers if layers == "all" else len(layers))
     # [HARDEN] args are TRL's to check when the stage runs: an estimate never crashes on them
     batch = _count(args.get("per_device_train_batch_size"), 8)
     seq = _count(resolved.get("seq_len") or args.get("max_length"), 1024)

@@ -389,6 +389,39 @@ def test_dpo_trains_against_explicit_reference(tmp_path, tiny_model_factory, hoo
     assert _weights(out).keys() == _weights(model).keys()
 
 
+
+def test_trainable_layers_all_freezes_only_embeddings_head_and_final_norm(tmp_path, tiny_model,
+                                                                         hooks):
+    """The demo's SFT and DPO stages: every decoder layer trains; the tied embedding (whose
+    gradient and optimizer update over the whole vocabulary were DPO's largest transients)
+    and the final norm stay as they were. With checkpointing and the reference precomputed,
+    as the demo runs them."""
+    from solar_merge import memory
+
+    data = _jsonl(tmp_path / "prefs.jsonl", PREFS)
+    config = {"stage": "dpo", "model": str(tiny_model), "datasets": [str(data)],
+              "seq_len": 64, "trainable_layers": "all",
+              "args": {**FAST, "max_steps": 3, "learning_rate": 5e-3, "optim": "adafactor",
+                       "gradient_checkpointing": True, "precompute_ref_log_probs": True}}
+    out = train(config, tmp_path / "out")
+    (trainer, _), = hooks
+    assert trainer.ref_model is None  # the reference was scored once, not kept
+    before, after = _weights(tiny_model), _weights(out)
+    layers = [n for n in before if ".layers." in n]
+    assert layers and all(not before[n].equal(after[n]) for n in layers)
+    assert [n for n in before if ".layers." not in n] == ["model.embed_tokens.weight",
+                                                          "model.norm.weight"]
+    assert all(before[n].equal(after[n]) for n in before if ".layers." not in n)
+    # the memory plan counts the same trainable parameters as the explicit list of every layer
+    n = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    shape = memory.Shape.from_config(json.loads((tiny_model / "config.json").read_text()))
+    resolved = resolve(config, base_dir=tmp_path)
+    assert resolved["trainable_layers"] == "all"
+    assert memory.from_stage(resolved, shape) == memory.from_stage(
+        {**resolved, "trainable_layers": list(range(n))}, shape)
+    assert memory.from_stage(resolved, shape).total < memory.from_stage(
+        {**resolved, "trainable_layers": None}, shape).total
+
 # HuggingFaceH4/ultrafeedback_binarized's layout: a prompt string, and conversations that
 # already start with it; trl-lib/ultrafeedback_binarized's: the conversations only.
 H4_PREFS = [{"prompt": f"What is {i} times 2?",

@@ -605,7 +605,7 @@ class _Planner:
         if info is None:
             return
         layers = c.get("trainable_layers") or []
-        if layers and max(layers) >= info.n_layers:
+        if isinstance(layers, list) and layers and max(layers) >= info.n_layers:
             self.problems.append(f"stages.{plan.name}.train.trainable_layers: layer "
                                  f"{max(layers)} does not exist, the model has "
                                  f"{info.n_layers} layers (0..{info.n_layers - 1})")

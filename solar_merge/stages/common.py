@@ -513,10 +513,13 @@ def checksum(model) -> str:
 
 
 def freeze_except_layers(model, layers) -> int:
-    """requires_grad only for parameters of the listed decoder layers; returns their count."""
+    """requires_grad only for parameters of the listed decoder layers (`all`: every one, so
+    that only embeddings, lm_head and the final norm are frozen); returns their count."""
     if not layers:
         return sum(p.numel() for p in model.parameters())
     n_layers = model.config.get_text_config().num_hidden_layers
+    if layers == "all":
+        layers = range(n_layers)
     bad = [i for i in layers if i >= n_layers]
     if bad:
         raise UserError(f"trainable_layers: layer {bad[0]} does not exist, the model has "

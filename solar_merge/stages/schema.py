@@ -11,7 +11,8 @@ A stage config (YAML) names a model, its data and `args:`, passed verbatim to `t
     datasets:                  # path (file, folder or Hub name), format, max_samples, split
       - {path: data/orca.jsonl, max_samples: 100000}
     trainable_layers: [20, 21] # optional: train only these decoder layers, freeze the rest;
-                               # `new`: the layers the up-scale that made `model` created
+                               # `new`: the layers the up-scale that made `model` created;
+                               # `all`: every decoder layer, embeddings/lm_head/final norm frozen
     steps: 2                   # stepwise_dpo: number k of ordered data chunks
     keep_steps: false          # stepwise_dpo: keep every step's model under steps/step-<i>
     seq_len: 512               # cpt packing length; max_length of sft / dpo
@@ -90,7 +91,7 @@ class StageConfig(BaseModel):
     ref_model: str | None = None
     datasets: list[DatasetSpec] = Field(min_length=1)
     eval_datasets: list[DatasetSpec] | None = None  # [UPSCALE] cpt: held-out text, TRL's eval
-    trainable_layers: list[int] | Literal["new"] | None = None  # new: see upscale.py
+    trainable_layers: list[int] | Literal["new", "all"] | None = None  # new: see upscale.py
     steps: int | None = Field(default=None, ge=1)
     keep_steps: bool = False
     seq_len: int | None = Field(default=None, gt=0)
@@ -445,7 +446,7 @@ def resolve(config: dict, overrides=(), base_dir=None) -> dict:
 
     # Checks we can make from config.json alone (local models).
     mcfg = _local_config(model)
-    if mcfg and cfg.trainable_layers:
+    if mcfg and isinstance(cfg.trainable_layers, list):
         n = mcfg.get("num_hidden_layers")
         if n is not None and cfg.trainable_layers[-1] >= n:
             raise UserError(f"trainable_layers: layer {cfg.trainable_layers[-1]} does not exist, "

@@ -80,15 +80,22 @@ def _load_gguf(gguf: Path):
         # every length bounded by the file first (transformers reads it with the `gguf`
         # package, which took 4 GB on a damaged 600-byte file); the full parse explains a failure
         check_gguf_layout(gguf)
+        import functools
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
+        from unittest import mock
 
+        import gguf as gguf_package
         import torch
         from transformers import AutoModelForCausalLM
 
         # transformers parses the file once for the tokenizer and twice for the model, in
-        # Python: the tokenizer's parse (~3.4 s) runs on the other core, in a forked process
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        # Python: the tokenizer's parse (~3.4 s) runs on the other core, in a forked process.
+        # Mapping the tensor names, it rebuilds gguf's name table (the same one, ~8 ms each)
+        # for every one of the model's 397 modules: built once, the import takes 8.7 s, not 12.2
+        name_table = functools.lru_cache(gguf_package.get_tensor_name_map)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool, \
+                mock.patch.object(gguf_package, "get_tensor_name_map", name_table):
             tokenizer = pool.submit(_gguf_tokenizer, gguf)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                          dtype=torch.float32)

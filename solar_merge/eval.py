@@ -29,14 +29,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from solar_merge.errors import UserError, did_you_mean
-from solar_merge.outputs import (
-    atomic_output,
-    config_hash,
-    fingerprint,
-    is_complete,
-    partial_dir,
-    remove_partial,
-)
+from solar_merge.outputs import atomic_output, config_hash, fingerprint, is_complete
 from solar_merge.tasks import catalog
 
 RESULTS = "results.json"
@@ -143,26 +136,24 @@ def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | N
         return {label: _simple_evaluate(ref, loaded, hf_args, settings)
                 for label, ref in labels.items()}
     results = {}
-    try:
-        with atomic_output(out, want, keep_partial=True) as work:
-            if contamination:
-                _contamination(contamination, loaded, work, base_dir)
-            for label, ref in labels.items():
-                results[label] = _cached(work / label, keys[label])
-                if results[label] is None:
-                    results[label] = _simple_evaluate(ref, loaded, hf_args, settings)
-                    _write_results(work / label, results[label], keys[label])
-            for stale in work.iterdir():  # a model dropped since an interrupted run
-                if stale.is_dir() and stale.name not in labels:
-                    import shutil
+    # kept for a re-run to resume model by model; with no model done, nothing to resume
+    def resumable(work):
+        return any(work.glob(f"*/{RESULTS}"))
 
-                    shutil.rmtree(stale)
-            write_table(results, work)
-    except BaseException:
-        # kept for a re-run to resume model by model; with no model done, nothing to resume
-        if not any(partial_dir(out).glob(f"*/{RESULTS}")):
-            remove_partial(out)
-        raise
+    with atomic_output(out, want, keep_partial=resumable) as work:
+        if contamination:
+            _contamination(contamination, loaded, work, base_dir)
+        for label, ref in labels.items():
+            results[label] = _cached(work / label, keys[label])
+            if results[label] is None:
+                results[label] = _simple_evaluate(ref, loaded, hf_args, settings)
+                _write_results(work / label, results[label], keys[label])
+        for stale in work.iterdir():  # a model dropped since an interrupted run
+            if stale.is_dir() and stale.name not in labels:
+                import shutil
+
+                shutil.rmtree(stale)
+        write_table(results, work)
     return results
 
 

@@ -181,12 +181,14 @@ def _lock(out_dir: Path):
 
 
 @contextmanager
-def atomic_output(out_dir, resolved_hash: str, *, keep_partial: bool = False):
+def atomic_output(out_dir, resolved_hash: str, *, keep_partial=False):
     """Yield a work folder; on success it becomes `out_dir`, marked complete.
 
     keep_partial=True reuses an existing partial folder (training checkpoints to resume);
-    otherwise a leftover partial folder from a crashed run is cleared first. An existing
-    `out_dir` that solar-merge did not complete is refused before anything runs.
+    otherwise a leftover partial folder from a crashed run is cleared first. keep_partial may
+    also be a test of the work folder, `resumable(work) -> bool`: a failed run keeps its
+    partial folder only when it holds something to resume from. An existing `out_dir` that
+    solar-merge did not complete is refused before anything runs.
     """
     out_dir = Path(out_dir).absolute()
     check_replaceable(out_dir)
@@ -213,7 +215,8 @@ def atomic_output(out_dir, resolved_hash: str, *, keep_partial: bool = False):
         try:
             yield work
         except BaseException:
-            if not keep_partial:  # nothing in it to resume from: leave no trace
+            resumable = keep_partial(work) if callable(keep_partial) else keep_partial
+            if not resumable:  # nothing in it to resume from: leave no trace
                 shutil.rmtree(work, ignore_errors=True)
             raise
         crash_point("before-marker")

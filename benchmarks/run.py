@@ -430,6 +430,9 @@ def _tree(root: int) -> list[int]:
     return pids
 
 
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
 def _rss_kb(pid: int) -> int:
     """RSS of one process in kB, from /proc/PID/statm: cheap, unlike smaps_rollup."""
     try:
@@ -450,8 +453,6 @@ def _pss_kb(pid: int) -> int:
     pss = re.search(r"^Pss:\s+(\d+)", text, re.MULTILINE)
     return int(pss.group(1)) if pss else 0
 
-
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def run_tree_measured(cmd, *, cwd=None, env=None, log_name="cmd", every=0.2):

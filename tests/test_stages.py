@@ -389,7 +389,6 @@ def test_dpo_trains_against_explicit_reference(tmp_path, tiny_model_factory, hoo
     assert _weights(out).keys() == _weights(model).keys()
 
 
-
 def test_trainable_layers_all_freezes_only_embeddings_head_and_final_norm(tmp_path, tiny_model,
                                                                          hooks):
     """The demo's SFT and DPO stages: every decoder layer trains; the tied embedding (whose
@@ -413,14 +412,14 @@ def test_trainable_layers_all_freezes_only_embeddings_head_and_final_norm(tmp_pa
                                                           "model.norm.weight"]
     assert all(before[n].equal(after[n]) for n in before if ".layers." not in n)
     # the memory plan counts the same trainable parameters as the explicit list of every layer
-    n = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
     shape = memory.Shape.from_config(json.loads((tiny_model / "config.json").read_text()))
     resolved = resolve(config, base_dir=tmp_path)
     assert resolved["trainable_layers"] == "all"
     assert memory.from_stage(resolved, shape) == memory.from_stage(
-        {**resolved, "trainable_layers": list(range(n))}, shape)
+        {**resolved, "trainable_layers": list(range(shape.layers))}, shape)
     assert memory.from_stage(resolved, shape).total < memory.from_stage(
         {**resolved, "trainable_layers": None}, shape).total
+
 
 # HuggingFaceH4/ultrafeedback_binarized's layout: a prompt string, and conversations that
 # already start with it; trl-lib/ultrafeedback_binarized's: the conversations only.

@@ -227,9 +227,12 @@ def expand(ctx, model, every, blocks, where, init, config_out, run_out, mergekit
 @click.option("--quick", is_flag=True, help="Fewer steps, smaller evaluations (~3 min).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output folder (default: runs/demo or runs/demo-quick).")
+@click.option("--dry-run", is_flag=True,
+              help="Prepare the output folder (model, data, recipe.yaml) and print the plan "
+                   "of the stages; train nothing.")
 @click.argument("overrides", nargs=-1)
 @_may_overwrite
-def demo(quick, out_dir, overrides):
+def demo(quick, out_dir, dry_run, overrides):
     """The main job: SOLAR's whole pipeline on the embedded SmolLM2-135M, offline.
 
     DUS 30 -> 44 layers (and the naive 60-layer repeat), continued pretraining, two SFT
@@ -237,6 +240,15 @@ def demo(quick, out_dir, overrides):
     held-out evaluation of every stage, and a report (report.md, report.png). OVERRIDES are
     recipe `key=value` settings, e.g. stages.cpt.train.args.max_steps=40.
     """
+    if dry_run:
+        from solar_merge.demo import plan_demo
+        from solar_merge.recipe import format_plan
+
+        plan = plan_demo(out_dir, quick=quick, overrides=overrides)
+        click.echo(format_plan(plan))
+        click.echo(f"dry run: nothing trained; `solar-merge demo{' --quick' if quick else ''}"
+                   f"{' --out ' + out_dir if out_dir else ''}` runs these stages", err=True)
+        return
     from solar_merge.demo import run_demo
 
     click.echo(f"report: {run_demo(out_dir, quick=quick, overrides=overrides)}")
@@ -276,7 +288,10 @@ def multi(ctx, args):
 @click.pass_context
 @_may_overwrite
 def run_command(ctx, recipe, overrides, out_dir):
-    """Run RECIPE (a file, an output folder, a URL or a Hub repo id) stage by stage.
+    """Run RECIPE (a file, an output folder, a URL, a Hub repo id, or the name of a recipe
+    shipped with solar-merge when no such file exists, e.g. `solar_10.7b`: see `solar-merge
+    recipes`) stage by stage. A shipped recipe runs as its copy here would (`solar-merge
+    recipes copy NAME .`): outputs and data paths relative to the current folder.
     KEY=VALUE overrides address the recipe, e.g. stages.cpt.train.args.max_steps=5.
     Re-running skips finished stages whose config is unchanged. mergekit-yaml options
     (--cuda, -j 2, ...) apply to every merge stage; train stages run as their `launch:` says.
@@ -291,8 +306,9 @@ def run_command(ctx, recipe, overrides, out_dir):
     mergekit_args = [o for o in overrides if not is_override.match(o)]
     options = _merge_options(ctx, mergekit_args, True)
     try:
-        result = run(recipe, out_dir, [o for o in overrides if is_override.match(o)],
-                     merge_options=options, isolate=True)
+        source, base_dir = _recipe_source(recipe)
+        result = run(source, out_dir, [o for o in overrides if is_override.match(o)],
+                     merge_options=options, isolate=True, base_dir=base_dir)
     except LaunchFailed as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(e.returncode)
@@ -309,11 +325,26 @@ def run_command(ctx, recipe, overrides, out_dir):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output root to plan for (as `run --out`).")
 def validate_command(recipe, overrides, out_dir):
-    """Check RECIPE without running anything (no weights downloaded) and print the plan:
-    stage graph, layer and parameter counts, memory estimates."""
+    """Check RECIPE (as `run` takes it: a file, ..., a shipped recipe's name) without running
+    anything (no weights downloaded) and print the plan: stage graph, layer and parameter
+    counts, memory estimates."""
     from solar_merge.recipe import format_plan, plan
 
-    click.echo(format_plan(plan(recipe, out_dir, list(overrides))))
+    source, base_dir = _recipe_source(recipe)
+    click.echo(format_plan(plan(source, out_dir, list(overrides), base_dir=base_dir)))
+
+
+def _recipe_source(recipe: str):
+    """(source, base folder) for `run`/`validate`: RECIPE as given, or, when it names no file
+    or folder but a shipped recipe, that recipe as its copy in the current folder would run."""
+    import os
+
+    from solar_merge import recipes
+
+    if os.path.exists(os.path.expanduser(recipe)) or \
+            recipe.removesuffix(".yaml") not in {item.name for item in recipes.shipped()}:
+        return recipe, None
+    return recipes.runnable(recipe)
 
 
 @main.command("train")
@@ -380,12 +411,43 @@ def push_command(folder, repo_id, private, dry_run):
                err=True)
 
 
-@main.group("recipe")
-def recipe_group():
-    """Recipes that travel: get the YAML back out of an output folder or a Hub repo."""
+@main.group("recipes", invoke_without_command=True)
+@click.pass_context
+def recipes_group(ctx):
+    """The recipes, stage configs and merge configs shipped with solar-merge (listed when no
+    command follows); `copy` one out to edit it, `extract` the recipe of an output folder or
+    a Hub repo."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from solar_merge import recipes
+
+    items = recipes.shipped()
+    width = max(len(item.name) for item in items) + 2
+    kinds = max(len(item.kind) for item in items) + 2
+    for item in items:
+        click.echo(f"{item.name:<{width}}{item.kind:<{kinds}}{item.description}")
+        click.echo(f"{'':<{width + kinds}}$ {item.command}")
+    click.echo(f"\nshipped in {recipes.root()}; `solar-merge recipes copy NAME DIR` copies one "
+               "(and the files it names) into DIR/training or DIR/merge_configs, where the "
+               "commands above run; `solar-merge run NAME` runs a recipe by name.")
 
 
-@recipe_group.command("extract")
+@recipes_group.command("copy")
+@click.argument("name")
+@click.argument("dest", type=click.Path(file_okay=False), default=".")
+def recipes_copy(name, dest):
+    """Copy the shipped recipe or config NAME, with the files it names (a merge config, a chat
+    template), into DEST (default: here) as a checkout lays them out: DEST/training/NAME.yaml
+    or DEST/merge_configs/NAME.yaml. Its header's command then runs in DEST."""
+    from solar_merge import recipes
+
+    item = recipes.find(name)
+    for path in recipes.copy(name, dest):
+        click.echo(str(path))
+    click.echo(f"run it from {dest}: {item.command}", err=True)
+
+
+@recipes_group.command("extract")
 @click.argument("source")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the recipe here (default: print it).")

@@ -131,7 +131,7 @@ def write_card(out_dir, *, kind: str, source_yaml: str, source_name: str,
     fence = _fence_for(source_yaml)
     body += ["## Recipe", "",
              (f"The exact configuration that produced this model (also in `{source_name}`; "
-              "`solar-merge recipe extract` writes it back out):"), "",
+              "`solar-merge recipes extract` writes it back out):"), "",
              f"{fence}yaml", source_yaml.rstrip("\n"), fence, ""]
     body += ["## Versions", "", "| package | version |", "| --- | --- |"]
     body += [f"| {pkg} | {_version(pkg)} |" for pkg in VERSIONED]

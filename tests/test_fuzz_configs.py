@@ -3,7 +3,7 @@
 Random YAML documents (with the schema's own keys mixed in), structural mutations and text
 edits of the configs and recipes we ship (merge_configs/, training/; their Hub models and data
 swapped for tiny local ones, so that a mutation that stays valid really runs), random bytes,
-and damaged model cards, through `yaml`, `train`, `validate`, `run` and `recipe extract`.
+and damaged model cards, through `yaml`, `train`, `validate`, `run` and `recipes extract`.
 Each must keep the properties of fuzzing.check_entry.
 """
 
@@ -309,7 +309,7 @@ def test_shipped_configs_are_valid_once_tiny(world, tmp_path):
         assert code == 0, output
 
 
-# -- model cards and recipe files through `recipe extract` ----------------------------------------
+# -- model cards and recipe files through `recipes extract` ---------------------------------------
 
 @pytest.fixture(scope="module")
 def card_folder(world, tmp_path_factory):
@@ -355,7 +355,7 @@ def test_recipe_extract(card_folder, card, recipe_file, target):
             (folder / "mergekit_config.yml").write_bytes(blob)
         source = folder if target == "folder" else folder / "README.md"
         out = Path(t) / "new" / "recipe.yaml"
-        code, _ = check_entry("recipe extract", ["recipe", "extract", source, "-o", out],
+        code, _ = check_entry("recipes extract", ["recipes", "extract", source, "-o", out],
                                    inputs=[folder], outputs=[out])
         if code == 0:
             assert out.is_file()

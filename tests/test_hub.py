@@ -396,15 +396,15 @@ def test_cli_push_dry_run_and_recipe_extract(tmp_path, no_network):
     assert "would upload 7 files" in result.stderr
 
     out = tmp_path / "out.yaml"
-    result = runner.invoke(main, ["recipe", "extract", str(folder), "-o", str(out)])
+    result = runner.invoke(main, ["recipes", "extract", str(folder), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert out.read_text() == RECIPE
-    result = runner.invoke(main, ["recipe", "extract", str(folder)])
+    result = runner.invoke(main, ["recipes", "extract", str(folder)])
     assert result.exit_code == 0 and result.stdout == RECIPE
 
     result = runner.invoke(main, ["push", str(tmp_path / "missing"), "me/x", "--dry-run"])
     assert result.exit_code == 2
-    result = runner.invoke(main, ["recipe", "extract", str(tmp_path / "missing")])
+    result = runner.invoke(main, ["recipes", "extract", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "not found" in result.output
 
 

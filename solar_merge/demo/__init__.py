@@ -1,18 +1,19 @@
 """The main job: SOLAR's whole pipeline on the embedded SmolLM2-135M-Instruct, offline.
 
 `run_demo()` imports the embedded model (solar_merge.embedded), writes the offline data
-(demo/data.py), copies training/smollm2_demo.yaml beside them, runs it as a recipe (every stage
-in its own process) and writes the report (demo/report.py).
+(demo/data.py), copies the shipped recipe training/smollm2_demo.yaml (solar_merge.recipes)
+beside them, runs it as a recipe (every stage in its own process) and writes the report
+(demo/report.py). `plan_demo()` does all but the running: `solar-merge demo --dry-run`.
 """
 
 from pathlib import Path
 
+from solar_merge import recipes
 from solar_merge.demo.data import demo_data
 from solar_merge.demo.report import cost_table, write_report
 from solar_merge.embedded import EMBEDDED_NAME, embedded_model
-from solar_merge.errors import UserError
 
-RECIPE = Path(__file__).resolve().parents[2] / "training" / "smollm2_demo.yaml"
+RECIPE = recipes.find("smollm2_demo").path
 
 # --quick: the same pipeline with fewer steps and smaller evaluations (under 3 minutes on 2
 # cores: issue 16's target): 3 CPT steps per arm, one or two optimizer steps per SFT/DPO stage.
@@ -39,31 +40,13 @@ def run_demo(out_dir=None, *, quick: bool = False, overrides=()) -> Path:
     Re-running resumes: finished stages are skipped.
     """
     import time
-    from functools import partial
 
     from solar_merge import recipe
-    from solar_merge.recipe.runner import in_fresh_process
 
     started = time.perf_counter()
-    out = Path(out_dir or ("runs/demo-quick" if quick else "runs/demo")).absolute()
-    if not RECIPE.is_file():
-        raise UserError(f"the demo recipe {RECIPE} is missing",
-                        fix="run the demo from a clone of solar-merge (pip install -e .)")
-    # Both in a process of their own: what they import and hold (~1 GB for the model's import)
-    # leaves with it, and this process stays at ~35 MB while the stages run.
-    model = in_fresh_process(embedded_model, "the embedded model's import")
-    in_fresh_process(partial(demo_data, out / "data", quick=quick), "the demo data")
-    link = out / EMBEDDED_NAME
-    if link.is_symlink() and link.resolve() != model:
-        link.unlink()
-    if not link.exists():
-        link.symlink_to(model, target_is_directory=True)
-    recipe_file = out / "recipe.yaml"
-    recipe_file.write_text(RECIPE.read_text())
+    plan = plan_demo(out_dir, quick=quick, overrides=overrides)
+    out, recipe_file = plan.out, plan.out / "recipe.yaml"
     command = "solar-merge demo" + (" --quick" if quick else "")
-    overrides = control_arm_overrides([*(QUICK_OVERRIDES if quick else []), *overrides])
-    plan = in_fresh_process(partial(recipe.plan, str(recipe_file), overrides=overrides),
-                            "planning the recipe")
     result = recipe.run(plan, isolate=True)  # each stage in its own process: memory freed
     merged = {}
     for metrics in result.metrics.values():
@@ -97,6 +80,32 @@ def run_demo(out_dir=None, *, quick: bool = False, overrides=()) -> Path:
         recipe.stage_costs(plan), ran=result.ran, total=time.perf_counter() - started)
     return write_report(table, out, cpt_curve=out / "cpt" / "loss.jsonl", command=command,
                         sections=sections)
+
+
+def plan_demo(out_dir=None, *, quick: bool = False, overrides=()):
+    """Everything the demo does before its first stage, and the plan of its stages (a
+    recipe.Plan): imports the embedded model (once; cached), writes the data, the link to the
+    model and the recipe (OUT/recipe.yaml) into OUT."""
+    from functools import partial
+
+    from solar_merge import recipe
+    from solar_merge.recipe.runner import in_fresh_process
+
+    out = Path(out_dir or ("runs/demo-quick" if quick else "runs/demo")).absolute()
+    # Both in a process of their own: what they import and hold (~1 GB for the model's import)
+    # leaves with it, and this process stays at ~35 MB while the stages run.
+    model = in_fresh_process(embedded_model, "the embedded model's import")
+    in_fresh_process(partial(demo_data, out / "data", quick=quick), "the demo data")
+    link = out / EMBEDDED_NAME
+    if link.is_symlink() and link.resolve() != model:
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(model, target_is_directory=True)
+    recipe_file = out / "recipe.yaml"
+    recipe_file.write_text(RECIPE.read_text())
+    overrides = control_arm_overrides([*(QUICK_OVERRIDES if quick else []), *overrides])
+    return in_fresh_process(partial(recipe.plan, str(recipe_file), overrides=overrides),
+                            "planning the recipe")
 
 
 def control_arm_overrides(overrides) -> list[str]:

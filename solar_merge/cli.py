@@ -6,6 +6,7 @@ so that `--help`, `validate` and `dus -o` stay instant.
 
 import shlex
 import sys
+from contextlib import contextmanager
 
 import click
 
@@ -96,6 +97,9 @@ _CONFIG_OUT = click.option("-o", "--output", "config_out", type=click.Path(dir_o
 _RUN_OUT = click.option("--run", "run_out", type=click.Path(file_okay=False),
                         help="Also run the merge into this folder; any mergekit-yaml option "
                              "may follow (e.g. -j 2 --async-write --out-shard-size 1B).")
+_NO_FAST = click.option("--no-fast", is_flag=True,
+                        help="With --run: merge with mergekit even when the config only slices "
+                             "and stacks layers (solar-merge copies those tensor bytes itself).")
 # `dus`/`expand` pass options they do not know to mergekit's own parser (only with --run).
 _MERGEKIT_OPTIONS = click.argument("mergekit_args", nargs=-1, type=click.UNPROCESSED)
 _TAKES_MERGEKIT_OPTIONS = {"ignore_unknown_options": True}
@@ -116,6 +120,29 @@ def _may_overwrite(command):
     return click.option("--overwrite", is_flag=True,
                         help="Replace the output folder even if solar-merge did not write it "
                              "(its contents are deleted).")(run)
+
+
+@contextmanager
+def _saying_which_path():
+    """While a merge runs, the runner's own lines (which path ran: bytes copied or mergekit)
+    go to stderr, once: the runner's logger hands them to no other handler meanwhile."""
+    import logging
+
+    class Echo(logging.Handler):
+        def emit(self, record):
+            click.echo(record.getMessage(), err=True)
+
+    logger, handler = logging.getLogger("solar_merge.merging"), Echo()
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def _merge_options(ctx, mergekit_args, run_out) -> dict:
@@ -164,12 +191,35 @@ def _emit_config(text: str, config_out, run_out) -> None:
         click.echo(text)
 
 
-def _upscale(planned, config_out, run_out, options, default_name: str) -> None:
-    """Shared by `dus` and `expand`: describe, write or print the config, run it."""
+def _upscale(planned, config_out, run_out, options, default_name: str,
+             fast: bool = True) -> None:
+    """Shared by `dus` and `expand`: describe, compute the new layers that need it (into
+    CONFIG.layers or OUT.layers), write or print the config, run it."""
+    from solar_merge.upscale import layers_dir_for
+
+    if planned.job is not None:
+        if not (config_out or run_out):
+            raise UserError(f"--{'noise' if planned.job.init == 'noise' else 'init'} computes "
+                            "new layers, which are written beside the config or the output",
+                            fix="add -o CONFIG (layers in CONFIG.layers/) or --run OUT "
+                                "(layers in OUT.layers/)")
+        planned = planned.placed(layers_dir_for(config_out or run_out))
     click.echo(planned.describe(), err=True)
+    if planned.job is not None:
+        click.echo(f"new layers ({planned.job.init}) in {planned.write_layers()}", err=True)
     _emit_config(planned.yaml(config_out or default_name), config_out, run_out)
     if run_out:
-        click.echo(f"up-scaled model in {planned.run(run_out, options=options)}", err=True)
+        with _saying_which_path():
+            out = planned.run(run_out, options=options, fast=fast)
+        click.echo(f"up-scaled model in {out}", err=True)
+
+
+_NOISE = click.option("--noise", type=float, metavar="STD",
+                      help="Add Gaussian noise to every weight matrix of each duplicated layer: "
+                           "STD x the matrix's own standard deviation (off by default; the "
+                           "copies then differ, symmetry breaking).")
+_SEED = click.option("--seed", type=int, help="Seed of --noise and of LESA's predictor "
+                                             "(default 0).")
 
 
 @main.command(context_settings=_TAKES_MERGEKIT_OPTIONS)
@@ -181,19 +231,29 @@ def _upscale(planned, config_out, run_out, options, default_name: str) -> None:
 @click.option("--scale-overlap", type=float, metavar="ALPHA",
               help="Multiply o_proj and down_proj of every layer that occurs twice by ALPHA, "
                    "in both copies (0.5 keeps their summed contribution).")
+@click.option("--preset", type=click.Choice(["midas", "gstack"]),
+              help="Instead of --drop/--repeat, a growth preset to --layers S: midas "
+                   "duplicates the middle block of S - n layers (MIDAS), gstack stacks the "
+                   "whole model S/n times (G_stack; default S = 4n).")
+@click.option("--layers", type=int, metavar="S", help="With --preset: the layers to grow to.")
+@_NOISE
+@_SEED
 @_CONFIG_OUT
 @_RUN_OUT
+@_NO_FAST
 @_MERGEKIT_OPTIONS
 @click.pass_context
 @_may_overwrite
-def dus(ctx, model, drop, repeat, scale_overlap, config_out, run_out, mergekit_args):
-    """Depth up-scale MODEL: a mergekit passthrough config with 2(n-m) layers (--drop m), or
-    n + B - A layers (--repeat A:B)."""
+def dus(ctx, model, drop, repeat, scale_overlap, preset, layers, noise, seed, config_out,
+        run_out, no_fast, mergekit_args):
+    """Depth up-scale MODEL: a mergekit passthrough config with 2(n-m) layers (--drop m),
+    n + B - A layers (--repeat A:B), or S layers (--preset midas|gstack --layers S)."""
     from solar_merge.upscale import plan_upscale
 
     options = _merge_options(ctx, mergekit_args, run_out)
-    planned = plan_upscale(model, "dus", drop=drop, repeat=repeat, scale_overlap=scale_overlap)
-    _upscale(planned, config_out, run_out, options, "dus.yaml")
+    planned = plan_upscale(model, "dus", drop=drop, repeat=repeat, scale_overlap=scale_overlap,
+                           preset=preset, layers=layers, noise=noise, seed=seed)
+    _upscale(planned, config_out, run_out, options, "dus.yaml", not no_fast)
 
 
 @main.command(context_settings=_TAKES_MERGEKIT_OPTIONS)
@@ -205,22 +265,30 @@ def dus(ctx, model, drop, repeat, scale_overlap, config_out, run_out, mergekit_a
               help="With --blocks: one after every n/K layers (default), or in the gaps "
                    "between the last K+1 layers (where OpT-DeUS found new layers train "
                    "faster).")
-@click.option("--init", type=click.Choice(["identity", "average"]),
+@click.option("--init", type=click.Choice(["identity", "average", "lesa", "aligned-average"]),
               help="With --blocks: a copy of the layer below with zeroed outputs (default, "
-                   "LLaMA Pro), or the mean of the two adjacent layers (Avg-DeUS).")
+                   "LLaMA Pro), the mean of the two adjacent layers (Avg-DeUS), LESA's "
+                   "prediction from them, or their mean after matching heads and neurons "
+                   "(OpT-DeUS, outputs zeroed). lesa and aligned-average are computed into "
+                   "CONFIG.layers/ or OUT.layers/.")
+@_NOISE
+@_SEED
 @_CONFIG_OUT
 @_RUN_OUT
+@_NO_FAST
 @_MERGEKIT_OPTIONS
 @click.pass_context
 @_may_overwrite
-def expand(ctx, model, every, blocks, where, init, config_out, run_out, mergekit_args):
+def expand(ctx, model, every, blocks, where, init, noise, seed, config_out, run_out,
+           no_fast, mergekit_args):
     """Block expansion of MODEL: new blocks that compute the identity until trained (LLaMA Pro),
-    or averages of their neighbours."""
+    or blocks made from their two neighbours (averaged, predicted or aligned)."""
     from solar_merge.upscale import plan_upscale
 
     options = _merge_options(ctx, mergekit_args, run_out)
-    planned = plan_upscale(model, "expand", every=every, blocks=blocks, where=where, init=init)
-    _upscale(planned, config_out, run_out, options, "expand.yaml")
+    planned = plan_upscale(model, "expand", every=every, blocks=blocks, where=where, init=init,
+                           noise=noise, seed=seed)
+    _upscale(planned, config_out, run_out, options, "expand.yaml", not no_fast)
 
 
 @main.command()
@@ -264,7 +332,14 @@ def yaml(ctx, args):
     """Run a mergekit YAML config with our methods and fixes (takes every mergekit-yaml option)."""
     from solar_merge.merging import yaml_command
 
-    yaml_command().main(list(args), prog_name=ctx.command_path, standalone_mode=False)
+    args = list(args)
+    # CONFIG OUT and our own flags only: mergekit's option parser (seconds to import) is not
+    # needed, and a config that only slices and stacks runs without mergekit at all.
+    plain = all(not a.startswith("-") or a in ("--allow-pickle", "--overwrite", "--no-fast")
+                for a in args)
+    with _saying_which_path():
+        yaml_command(mergekit_options=not plain).main(args, prog_name=ctx.command_path,
+                                                      standalone_mode=False)
 
 
 @main.command(context_settings=_FORWARD, add_help_option=False)
@@ -562,6 +637,35 @@ def sweep_command(candidates, method, grid, tasks, include_path, num_fewshot, li
                    include_path=list(include_path) or None, num_fewshot=num_fewshot,
                    limit=limit, batch_size=batch, metric=metric, keep_all=keep_all,
                    dtype=dtype)
+    click.echo(result.summary())
+
+
+@main.command("search")
+@click.argument("space", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for study.db, trials/, best/, best.yaml, report.md.")
+@click.option("--trials", type=click.IntRange(min=1),
+              help="Finished trials the study should hold, over all workers (default: the "
+                   "space's `trials:`, else 20).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Start no trial after this many seconds.")
+@click.option("--storage", metavar="URL",
+              help="The study's database (default: sqlite:///OUT/study.db), e.g. "
+                   "postgresql://USER:PASSWORD@HOST/DB for workers on many machines.")
+@click.option("--keep-all", is_flag=True, default=None,
+              help="Keep every trial's model under OUT/trials (default: only the best).")
+@_may_overwrite
+def search_command(space, out_dir, trials, timeout, storage, keep_all):
+    """Search the up-scaling layouts and/or merge weights of SPACE (a YAML search space) with
+    Optuna: each trial is built by mergekit and scored (lm-eval tasks or held-out perplexity);
+    the best goes to OUT/best with its stock mergekit config OUT/best.yaml. Resumable; several
+    processes or machines on one --storage share the study."""
+    from pathlib import Path
+
+    from solar_merge.search import load_space, run
+
+    result = run(load_space(space), out_dir, base_dir=Path(space).absolute().parent,
+                 trials=trials, timeout=timeout, storage=storage, keep_all=keep_all)
     click.echo(result.summary())
 
 

@@ -11,9 +11,18 @@
   arXiv 2508.08011, found new layers train faster). `identity` blocks copy the layer below with
   o_proj and down_proj zeroed (the model computes what the base did); `average` blocks are
   the mean of the two adjacent layers (Avg-DeUS), a slice merge with `solar_average`.
+- Inits that need computing (solar_merge.inits): `lesa` and `aligned-average` blocks (in the
+  places `average` blocks take), and `noise` on the layers a layout duplicates. Their new
+  layers are written as a checkpoint folder (`layers_dir`), and the config is a passthrough
+  slices config that names the base as `base_model` and takes each new layer from that folder.
+- Growth presets: `midas` (Saunshi et al., NeurIPS 2024: the middle block of K layers
+  duplicated next to itself, one growth stage of MIDAS; for n - K even it is SOLAR's layout
+  with m = (n - K) / 2) and `gstack` (Du et al., NeurIPS 2024: the whole model stacked g times,
+  g = 4 in the paper), both to a target depth `layers`.
 
 `new_layers(config)` reads back which output layers an up-scale created, from the config alone
-(the output folder's mergekit_config.yml): that is what `trainable_layers: new` trains.
+(the output folder's mergekit_config.yml): that is what `trainable_layers: new` trains. A
+config with a `base_model` counts every layer taken from another model as new.
 No torch or mergekit imports here, except in the functions that run a merge.
 """
 
@@ -25,12 +34,18 @@ import yaml
 
 from solar_merge.checkpoints import ModelInfo, human, is_hub_id, model_info
 from solar_merge.errors import UserError
+from solar_merge.inits import LAYERS_FILE, Job
 
 # The residual output projections of a Llama/Mistral/Qwen-style block (mergekit matches a
 # filter as a substring of the tensor name).
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 WHERE = ("interleaved", "top")
-INIT = ("identity", "average")
+INIT = ("identity", "average", "lesa", "aligned-average")
+BETWEEN = ("average", "lesa", "aligned-average")  # made from the layers below and above
+COMPUTED = ("lesa", "aligned-average")            # written by solar_merge.inits
+PRESETS = ("midas", "gstack")
+GSTACK_FACTOR = 4  # Du et al.: "we fix g = 4"
+NEW_LAYERS = "new-layers"  # stands for the checkpoint folder until its place is known
 
 
 def scale_outputs(alpha: float) -> list[dict]:
@@ -117,16 +132,17 @@ def check_blocks(n: int, blocks: int, where: str, init: str) -> None:
                         fix="interleaved (LLaMA Pro) or top (OpT-DeUS)")
     if init not in INIT:
         raise UserError(f"--init {init}: expected one of {', '.join(INIT)}",
-                        fix="identity (LLaMA Pro) or average (Avg-DeUS)")
+                        fix="identity (LLaMA Pro), average (Avg-DeUS), lesa (LESA) or "
+                            "aligned-average (OpT-DeUS)")
     if where == "interleaved":
-        low = 2 if init == "average" else 1  # an average needs a layer above its group
+        low = 2 if init in BETWEEN else 1  # a block made from its neighbours needs one above
         ok = [k for k in range(1, n + 1) if n % k == 0 and n // k >= low]
         if not isinstance(blocks, int) or blocks not in ok:
             raise UserError(
                 f"--blocks {blocks} with --where interleaved must divide the model's {n} layers "
                 "into equal groups (one new block after each group)"
-                + (" of at least 2 layers (an average block needs a layer above it)"
-                   if init == "average" else ""),
+                + (f" of at least 2 layers (an {init} block needs a layer above it)"
+                   if init in BETWEEN else ""),
                 fix=f"use one of {ok}, or --where top (any K from 1 to {n - 1})")
     elif not isinstance(blocks, int) or not 1 <= blocks <= n - 1:
         raise UserError(f"--blocks {blocks} with --where top must be 1..{n - 1}: each new "
@@ -193,7 +209,7 @@ def block_positions(n: int, blocks: int, where: str = "interleaved",
         return list(range(n - blocks - 1, n - 1))
     group = n // blocks
     after = [(g + 1) * group - 1 for g in range(blocks)]
-    if init == "average":  # the top group's block goes below the top layer: it needs p + 1
+    if init in BETWEEN:  # the top group's block goes below the top layer: it needs p + 1
         after[-1] = n - 2
     return after
 
@@ -215,9 +231,10 @@ def expand_config(model: str, every: int | None = None, *, n_layers: int,
     if every is not None:
         check_every(n, every)
         blocks, where = n // every, "interleaved"
-    if init == "average" and is_hub_id(model):
-        raise UserError(f"--init average needs a local copy of {model}: the slice merge names "
-                        "the model twice, which mergekit allows for a folder only",
+    if init in BETWEEN and is_hub_id(model):
+        why = ("the slice merge names the model twice, which mergekit allows for a folder only"
+               if init == "average" else "its new layers are computed from the weights")
+        raise UserError(f"--init {init} needs a local copy of {model}: {why}",
                         fix=f"download it first (hf download {model} --local-dir DIR) and "
                             "expand DIR")
     after = block_positions(n, blocks, where, init)
@@ -235,7 +252,38 @@ def expand_config(model: str, every: int | None = None, *, n_layers: int,
     if init == "identity":
         return _config(slices, "passthrough", dtype)
     # weight 1 everywhere: one-source slices stay exact copies, two-source slices the mean.
+    # (lesa and aligned-average blocks sit where these means do: take_new_layers() replaces
+    # them by the computed layers.)
     return _config(slices, "solar_average", dtype, parameters={"weight": 1.0})
+
+
+def preset_config(model: str, preset: str, *, n_layers: int, layers: int | None,
+                  dtype: str | None = None, scale: float | None = None) -> dict:
+    """A growth preset to `layers` output layers (see the module doc)."""
+    n = n_layers
+    if preset not in PRESETS:
+        raise UserError(f"--preset {preset}: expected one of {', '.join(PRESETS)}",
+                        fix="midas (the middle block duplicated) or gstack (the whole model "
+                            "stacked)")
+    if preset == "midas":
+        if not isinstance(layers, int) or not n < layers <= 2 * n:
+            raise UserError(f"--preset midas needs --layers S with {n} < S <= {2 * n}: the "
+                            f"middle block of S - {n} layers is duplicated",
+                            fix=f"e.g. --layers {n + n // 4 * 2}")
+        k = layers - n
+        start = (n - k) // 2
+        return repeat_config(model, start, start + k, n_layers=n, dtype=dtype, scale=scale)
+    layers = GSTACK_FACTOR * n if layers is None else layers
+    if not isinstance(layers, int) or layers < 2 * n or layers % n:
+        raise UserError(f"--preset gstack --layers {layers}: G_stack stacks the whole {n}-layer "
+                        "model g times, so S must be a multiple of it, at least twice",
+                        fix=f"use --layers {GSTACK_FACTOR * n} (g = {GSTACK_FACTOR}, the "
+                            f"paper's) or {2 * n} (g = 2)")
+    if scale is not None:
+        raise UserError("--scale-overlap does not go with --preset gstack: every layer occurs "
+                        f"{layers // n} times", fix="leave out --scale-overlap")
+    slices = [{"sources": [_source(model, 0, n)]} for _ in range(layers // n)]
+    return _config(slices, "passthrough", dtype)
 
 
 # -- reading a config back ------------------------------------------------------------------
@@ -262,16 +310,62 @@ def _path(ref) -> str:
 
 def new_layers(config: dict) -> list[int]:
     """Output layers the up-scale created: a (model, layer) seen before (the second copy of a
-    repeated layer, an identity block) or a layer merged from several sources (an average
-    block). The first copy of a layer is the base one, whatever comes before it. Empty for a
-    `models:` merge, which keeps the layout."""
+    repeated layer, an identity block), a layer merged from several sources (an average
+    block), or, when the config names a `base_model`, a layer taken from another model (a
+    computed one). The first copy of a layer is the base one, whatever comes before it. Empty
+    for a `models:` merge, which keeps the layout."""
+    base = _path(config["base_model"]) if config.get("base_model") else None
     seen, new = set(), []
     for i, inputs in enumerate(output_layers(config)):
-        if len(inputs) > 1 or inputs[0] in seen:
+        if len(inputs) > 1 or inputs[0] in seen or (base and inputs[0][0] != base):
             new.append(i)
         if len(inputs) == 1:  # a mean copies neither of its inputs
             seen.add(inputs[0])
     return new
+
+
+def take_new_layers(config: dict, model: str, layers_dir: str) -> tuple[dict, list]:
+    """`config` (a layout of `model`) as a passthrough config that takes its j-th new layer
+    from layer j of the checkpoint folder `layers_dir`, keeping each layer's parameters (an
+    identity block's zeroed outputs, a scaled overlap); and, per new layer, the base layers it
+    is made from: (p,) for a copy, (p, p+1) for a block between two layers."""
+    new = set(new_layers(config))
+    rows, sources = [], []
+    for i, inputs in enumerate(output_layers_with_parameters(config)):
+        if i in new:
+            params = inputs[0][2] if len(inputs) == 1 else None
+            rows.append((layers_dir, len(sources), params))
+            sources.append(tuple(layer for _, layer, _ in inputs))
+        else:
+            rows.append(inputs[0])
+    slices = []
+    for ref, layer, params in rows:
+        last = slices[-1]["sources"][0] if slices else None
+        if last and last["model"] == ref and last.get("parameters") == params \
+                and last["layer_range"][1] == layer:
+            last["layer_range"][1] += 1
+            continue
+        source = {"model": ref, "layer_range": [layer, layer + 1]}
+        if params:
+            source["parameters"] = params
+        slices.append({"sources": [source]})
+    out = {"slices": slices, "merge_method": "passthrough", "base_model": model}
+    if config.get("dtype"):
+        out["dtype"] = config["dtype"]
+    return out, sources
+
+
+def output_layers_with_parameters(config: dict) -> list[list[tuple]]:
+    """For each output layer, its (model, source layer, source parameters) inputs."""
+    out = []
+    for s in config.get("slices") or []:
+        sources = s.get("sources") or []
+        if not sources:
+            continue
+        a, b = sources[0]["layer_range"]
+        out += [[(src["model"], src["layer_range"][0] + k, src.get("parameters"))
+                 for src in sources] for k in range(b - a)]
+    return out
 
 
 def new_layers_of(folder) -> list[int] | None:
@@ -290,12 +384,18 @@ def new_layers_of(folder) -> list[int] | None:
     if not isinstance(config, dict):
         return None
     base = path.parent
+
+    def local(ref):  # relative paths: relative to the file
+        return str(base / ref) if isinstance(ref, str) and not os.path.isabs(ref) \
+            and not is_hub_id(ref) else ref
+
     try:  # [HARDEN] a damaged file (a slice that is not a mapping, a range that is not two
         for s in config.get("slices") or []:  # numbers) is named, not a traceback
-            for src in s.get("sources") or []:  # relative paths: relative to the file
-                if isinstance(src.get("model"), str) and not os.path.isabs(src["model"]) \
-                        and not is_hub_id(src["model"]):
-                    src["model"] = str(base / src["model"])
+            for src in s.get("sources") or []:
+                if isinstance(src.get("model"), str):
+                    src["model"] = local(src["model"])
+        if isinstance(config.get("base_model"), str):
+            config["base_model"] = local(config["base_model"])
         return new_layers(config)
     except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
         raise UserError(f"{path} is not a mergekit config of slices solar-merge can read "
@@ -332,18 +432,79 @@ def layer_count(config: dict) -> int:
 
 # -- one entry point for the CLI, recipes and the planner -----------------------------------
 
-def build_config(model: str, n_layers: int, *, method: str = "dus", drop: int | None = None,
-                 repeat=None, scale_overlap: float | None = None, every: int | None = None,
-                 blocks: int | None = None, where: str | None = None, init: str | None = None,
-                 dtype: str | None = None) -> dict:
+def build_config(model: str, n_layers: int, **options) -> dict:
     """The mergekit config of one up-scale, from the options of `dus`/`expand` (or a recipe's
-    `upscale:` stage). Raises UserError on any bad option, before anything is written."""
+    `upscale:` stage): build_upscale's config. Raises UserError on any bad option, before
+    anything is written."""
+    return build_upscale(model, n_layers, **options)[0]
+
+
+def check_noise(noise, seed, init: str | None) -> None:
+    if noise is not None:
+        if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not noise > 0 \
+                or noise == float("inf"):
+            raise UserError(f"--noise {noise} must be a positive number: the standard deviation "
+                            "of the noise relative to each weight matrix's own",
+                            fix="e.g. --noise 0.01 (1% of each matrix's standard deviation)")
+        if init in BETWEEN:
+            raise UserError(f"--noise breaks the symmetry of duplicated layers, and --init "
+                            f"{init} duplicates none (its blocks are made from two layers)",
+                            fix="use --noise with dus, a --preset, or identity blocks")
+    if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise UserError(f"--seed {seed} must be a whole number >= 0",
+                            fix="e.g. --seed 0")
+        if noise is None and init != "lesa":
+            raise UserError("--seed seeds --noise and LESA's predictor; this up-scale draws "
+                            "nothing at random", fix="add --noise STD, or leave out --seed")
+
+
+def build_upscale(model: str, n_layers: int, *, method: str = "dus", drop: int | None = None,
+                  repeat=None, scale_overlap: float | None = None, every: int | None = None,
+                  blocks: int | None = None, where: str | None = None, init: str | None = None,
+                  preset: str | None = None, layers: int | None = None,
+                  noise: float | None = None, seed: int | None = None, dtype: str | None = None,
+                  layers_dir=None) -> tuple[dict, Job | None]:
+    """The mergekit config of one up-scale, and the new layers it takes from the checkpoint
+    folder `layers_dir` (a Job for solar_merge.inits; None when the config copies, scales and
+    averages the base alone). Raises UserError on any bad option, before anything is written."""
+    check_noise(noise, seed, init)
+    layout = _layout(model, n_layers, method=method, drop=drop, repeat=repeat,
+                     scale_overlap=scale_overlap, every=every, blocks=blocks, where=where,
+                     init=init, preset=preset, layers=layers, dtype=dtype)
+    if init not in COMPUTED and noise is None:
+        return layout, None
+    if is_hub_id(model):
+        raise UserError(f"--{'init ' + init if init in COMPUTED else 'noise'} needs a local "
+                        f"copy of {model}: the new layers are computed from its weights",
+                        fix=f"download it first (hf download {model} --local-dir DIR)")
+    config, sources = take_new_layers(layout, model, str(layers_dir or NEW_LAYERS))
+    rows = output_layers(config)
+    outer = any(rows[i][0][0] != _path(model) for i in (0, -1))
+    job = Job(init if init in COMPUTED else "noise", tuple(sources), noise, seed or 0, outer)
+    return config, job
+
+
+def _layout(model: str, n_layers: int, *, method: str, drop, repeat, scale_overlap, every,
+            blocks, where, init, preset, layers, dtype) -> dict:
+    """Where every output layer comes from: the config of build_upscale before computed layers
+    take the places of the new ones."""
+    if method != "dus" and (preset is not None or layers is not None):
+        raise UserError("--preset and --layers are growth presets of dus",
+                        fix="solar-merge dus MODEL --preset midas --layers S")
     if method == "repeat":  # the naive 2n repeat, a baseline
         return dus_config(model, 0, n_layers=n_layers, dtype=dtype, allow_repeat=True)
     if method == "dus":
-        if (drop is None) == (repeat is None):
-            raise UserError("dus needs exactly one of --drop M (SOLAR) and --repeat A:B (one "
-                            "range)", fix="e.g. --drop 8, or --repeat 12:22")
+        if (layers is not None) and preset is None:
+            raise UserError("--layers S goes with --preset midas|gstack",
+                            fix="add --preset, or use --drop M / --repeat A:B")
+        if sum(x is not None for x in (drop, repeat, preset)) != 1:
+            raise UserError("dus needs exactly one of --drop M (SOLAR), --repeat A:B (one "
+                            "range) and --preset midas|gstack",
+                            fix="e.g. --drop 8, --repeat 12:22, or --preset midas --layers 48")
+        if preset is not None:
+            return preset_config(model, preset, n_layers=n_layers, layers=layers, dtype=dtype,
+                                 scale=scale_overlap)
         if repeat is not None:
             if isinstance(repeat, str):
                 start, end = parse_range(repeat)
@@ -368,7 +529,7 @@ def build_config(model: str, n_layers: int, *, method: str = "dus", drop: int | 
 
 
 def config_yaml(config: dict, model: str, info: ModelInfo, title: str, *,
-                out_name: str = "upscale.yaml") -> str:
+                out_name: str = "upscale.yaml", job: Job | None = None) -> str:
     """The config as YAML, opening with the command that runs it."""
     name = Path(out_name).name
     command = (f"# mergekit-yaml {name} OUT --copy-tokenizer --clone-tensors"
@@ -382,24 +543,34 @@ def config_yaml(config: dict, model: str, info: ModelInfo, title: str, *,
         head += ("# The second source of each average names the same folder by another "
                  "spelling (DIR/../NAME):\n# mergekit 0.1.5 refuses one model twice in a "
                  "slice.\n")
+    if job is not None:
+        folder = next(src["model"] for s in config["slices"] for src in s["sources"]
+                      if src["model"] != config["base_model"])
+        head += (f"# The new layers ({job.init}) are read from {folder}: solar-merge computed "
+                 f"them from the base's weights\n# (how: {Path(folder) / LAYERS_FILE}).\n")
     return head + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
 
 
 def title(method: str = "dus", *, drop=None, repeat=None, scale_overlap=None, every=None,
-          blocks=None, where=None, init=None) -> str:
+          blocks=None, where=None, init=None, preset=None, layers=None, noise=None,
+          seed=None) -> str:
     """A short human name for an up-scale, for config headers and cards."""
+    noisy = f", noise {noise:g} (seed {seed or 0})" if noise is not None else ""
     if method == "repeat":
-        return "Naive 2n repeat"
+        return "Naive 2n repeat" + noisy
     if method == "dus":
         if repeat is not None and not isinstance(repeat, str):
             repeat = f"{repeat[0]}:{repeat[1]}"
-        what = (f"Depth up-scaling (SOLAR), m={drop}" if repeat is None
+        what = (f"MIDAS growth to {layers} layers" if preset == "midas"
+                else f"G_stack growth to {layers or 'g=4 x'} layers" if preset == "gstack"
+                else f"Depth up-scaling (SOLAR), m={drop}" if repeat is None
                 else f"Range repeat {repeat}")
         return what + (f", repeated layers' o_proj/down_proj x{scale_overlap:g}"
-                       if scale_overlap is not None else "")
+                       if scale_overlap is not None else "") + noisy
     if every is not None:
-        return f"Block expansion (LLaMA Pro), identity block every {every}"
-    return f"Block expansion, {blocks} {init or 'identity'} blocks, {where or 'interleaved'}"
+        return f"Block expansion (LLaMA Pro), identity block every {every}" + noisy
+    return (f"Block expansion, {blocks} {init or 'identity'} blocks, {where or 'interleaved'}"
+            + (f", seed {seed or 0}" if init == "lesa" else "") + noisy)
 
 
 def _ranges(layers: list[int]) -> str:
@@ -415,19 +586,26 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in parts) or "none"
 
 
-def describe_config(config: dict, model: str, info: ModelInfo, title_text: str) -> str:
+def describe_config(config: dict, model: str, info: ModelInfo, title_text: str,
+                    job: Job | None = None) -> str:
     """The layer map in ranges, the new layers and the parameter counts, for people."""
     rows = output_layers(config)
     n, s = info.n_layers, len(rows)
+    base = _path(config["base_model"]) if job is not None else None
     seen: set = set()
     runs: list[list] = []  # [kind, first output, first source, length]
     for i, inputs in enumerate(rows):
         layers = [layer for _, layer in inputs]
-        kind = "mean" if len(inputs) > 1 else "copy" if inputs[0] in seen else "layer"
+        if base and inputs[0][0] != base:  # a computed layer: what it is made from
+            layers = list(job.sources[inputs[0][1]])
+            kind = "between" if len(layers) > 1 else "noisy"
+        else:
+            kind = "mean" if len(inputs) > 1 else "copy" if inputs[0] in seen else "layer"
         if len(inputs) == 1:
             seen.add(inputs[0])
         last = runs[-1] if runs else None
-        if last and kind != "mean" and last[0] == kind and layers[0] == last[2] + last[3]:
+        if last and kind not in ("mean", "between") and last[0] == kind \
+                and layers[0] == last[2] + last[3]:
             last[3] += 1
         else:
             runs.append([kind, i, layers[0], 1])
@@ -436,7 +614,10 @@ def describe_config(config: dict, model: str, info: ModelInfo, title_text: str) 
         outs = f"[{first}, {first + length})" if length > 1 else f"{first}"
         srcs = f"layers [{src}, {src + length})" if length > 1 else f"layer {src}"
         what = {"layer": srcs, "copy": f"second copy of {srcs}",
-                "mean": f"mean of layers {src} and {src + 1}"}[kind]
+                "mean": f"mean of layers {src} and {src + 1}",
+                "noisy": f"{srcs} + noise (computed)",
+                "between": f"{job.init if job else ''} block between layers {src} and "
+                           f"{src + 1} (computed)"}[kind]
         lines.append(f"  output {outs} <- {what}")
     scaled = _scaled_layers(config)
     zeroed = _scaled_layers(config, zero=True)
@@ -489,20 +670,51 @@ class Planned:
     config: dict
     title: str
     kind: str
+    job: Job | None = None          # new layers to compute into layers_dir first
+    layers_dir: Path | None = None  # None: beside the output folder, chosen by run()
+    spec: dict | None = None        # the options it was built from
 
     def yaml(self, out_name: str = "upscale.yaml") -> str:
-        return config_yaml(self.config, self.model, self.info, self.title, out_name=out_name)
+        return config_yaml(self.config, self.model, self.info, self.title, out_name=out_name,
+                           job=self.job)
 
     def describe(self) -> str:
-        return describe_config(self.config, self.model, self.info, self.title)
+        return describe_config(self.config, self.model, self.info, self.title, self.job)
+
+    def placed(self, layers_dir) -> "Planned":
+        """The same up-scale with its computed layers in `layers_dir`."""
+        layers_dir = Path(layers_dir).absolute()
+        config, job = build_upscale(self.info.source, self.info.n_layers, dtype=self.info.dtype,
+                                    layers_dir=layers_dir, **self.spec)
+        return Planned(self.model, self.info, config, self.title, self.kind, job, layers_dir,
+                       self.spec)
+
+    def write_layers(self) -> Path:
+        """Compute the new layers into layers_dir (a no-op when they are there already)."""
+        from solar_merge.inits import write_layers
+
+        return write_layers(self.info.source, self.job, self.layers_dir)
 
     def run(self, out_dir, *, base_dir=None, options: dict | None = None) -> Path:
-        check_residual_names(self.info, self.config)
-        return run_config(self.config, out_dir, base_dir=base_dir, options=options,
+        planned = self
+        if self.job is not None:
+            planned = self if self.layers_dir else self.placed(layers_dir_for(out_dir))
+            planned.write_layers()
+        check_residual_names(self.info, planned.config)
+        return run_config(planned.config, out_dir, base_dir=base_dir, options=options,
                           label=f"{self.title} of {self.model}", kind=self.kind)
 
 
-SPEC_KEYS = ("drop", "repeat", "scale_overlap", "every", "blocks", "where", "init")
+def layers_dir_for(out) -> Path:
+    """Where an up-scale into `out` (a folder, or a config file) keeps its computed layers:
+    `<out>.layers` beside it (a config file's suffix dropped)."""
+    out = Path(out).absolute()
+    name = out.stem if out.suffix in (".yaml", ".yml") else out.name
+    return out.parent / f"{name}.layers"
+
+
+SPEC_KEYS = ("drop", "repeat", "scale_overlap", "every", "blocks", "where", "init", "preset",
+             "layers", "noise", "seed")
 
 
 def spec_options(spec: dict) -> dict:
@@ -510,15 +722,20 @@ def spec_options(spec: dict) -> dict:
     return {k: spec[k] for k in SPEC_KEYS if spec.get(k) is not None}
 
 
-def plan_upscale(model: str, method: str = "dus", *, base_dir=None, **spec) -> Planned:
+def plan_upscale(model: str, method: str = "dus", *, base_dir=None, layers_dir=None,
+                 **spec) -> Planned:
     """Read MODEL's config.json (no weights) and build the config `spec` asks for: the
-    options of `dus`/`expand` or of a recipe's `upscale:` stage (drop, repeat,
-    scale_overlap, every, blocks, where, init). Raises UserError before anything is written."""
+    options of `dus`/`expand` or of a recipe's `upscale:` stage (SPEC_KEYS). Computed layers
+    go to `layers_dir` (default: chosen by Planned.run beside its output folder). Raises
+    UserError before anything is written."""
     spec = {k: v for k, v in spec.items() if v is not None}
     info = model_info(model, base_dir)
-    config = build_config(info.source, info.n_layers, method=method, dtype=info.dtype, **spec)
+    layers_dir = Path(layers_dir).absolute() if layers_dir else None
+    config, job = build_upscale(info.source, info.n_layers, method=method, dtype=info.dtype,
+                                layers_dir=layers_dir, **spec)
     kind = "expand" if method == "expand" else "dus"
-    return Planned(model, info, config, title(method, **spec), kind)
+    return Planned(model, info, config, title(method, **spec), kind, job, layers_dir,
+                   {"method": method, **spec})
 
 
 # -- running --------------------------------------------------------------------------------

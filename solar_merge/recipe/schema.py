@@ -32,21 +32,29 @@ class UpscaleSpec(_Strict):
     scale_overlap: float | None = None     # dus: o_proj/down_proj of repeated layers x ALPHA
     blocks: int | None = None              # expand: K new blocks
     where: Literal["interleaved", "top"] | None = None
-    init: Literal["identity", "average"] | None = None
+    init: Literal["identity", "average", "lesa", "aligned-average"] | None = None
+    # growth presets and symmetry breaking (values checked by upscale.build_upscale):
+    preset: Literal["midas", "gstack"] | None = None  # dus: a growth preset to `layers`
+    layers: int | None = None              # dus with preset: the layers to grow to
+    noise: float | None = None             # symmetry-breaking noise on duplicated layers
+    seed: int | None = None                # of `noise` and of LESA's predictor
     options: dict[str, Any] = Field(default_factory=dict)  # mergekit MergeOptions fields
 
     @model_validator(mode="after")
     def _method_fields(self):
         given = {k for k in ("drop", "every", "repeat", "scale_overlap", "blocks", "where",
-                             "init") if getattr(self, k) is not None}
-        allowed = {"dus": {"drop", "repeat", "scale_overlap"},
-                   "expand": {"every", "blocks", "where", "init"}, "repeat": set()}[self.method]
+                             "init", "preset", "layers", "noise", "seed")
+                 if getattr(self, k) is not None}
+        random = {"noise", "seed"}
+        allowed = {"dus": {"drop", "repeat", "scale_overlap", "preset", "layers"} | random,
+                   "expand": {"every", "blocks", "where", "init"} | random,
+                   "repeat": random}[self.method]
         if given - allowed:
             raise ValueError(f"method {self.method} takes no "
                              f"{', '.join(f'`{k}`' for k in sorted(given - allowed))}"
                              + (f" (its keys: {', '.join(sorted(allowed))})" if allowed else ""))
-        if self.method == "dus" and len(given & {"drop", "repeat"}) != 1:
-            raise ValueError("method dus needs `drop` or `repeat` (one of them)")
+        if self.method == "dus" and len(given & {"drop", "repeat", "preset"}) != 1:
+            raise ValueError("method dus needs `drop` or `repeat` or `preset` (one of them)")
         if self.method == "expand" and len(given & {"every", "blocks"}) != 1:
             raise ValueError("method expand needs `every` or `blocks` (one of them)")
         return self

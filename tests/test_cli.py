@@ -51,3 +51,23 @@ def test_demo_command_passes_its_options_to_the_demo(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     assert calls == [(out, True, ("stages.cpt.train.args.max_steps=2",))]
     assert f"report: {out}/report.md" in result.output
+
+
+def test_demo_dry_run_prints_the_plan_and_runs_nothing(monkeypatch, tmp_path, tiny_model):
+    from solar_merge import recipe
+
+    calls = []
+
+    def fake_plan_demo(out_dir, *, quick, overrides):
+        calls.append((out_dir, quick, tuple(overrides)))
+        stages = {"dus": {"upscale": {"model": str(tiny_model), "drop": 1}}}
+        return recipe.plan({"name": "demo", "stages": stages}, out_dir, base_dir=tmp_path)
+
+    monkeypatch.setattr("solar_merge.demo.plan_demo", fake_plan_demo)
+    monkeypatch.setattr("solar_merge.demo.run_demo", lambda *a, **k: pytest.fail("ran"))
+    out = str(tmp_path / "d")
+    result = CliRunner().invoke(main, ["demo", "--dry-run", "--out", out, "x.y=1"])
+    assert result.exit_code == 0, result.output
+    assert calls == [(out, False, ("x.y=1",))]
+    assert "upscale:dus" in result.output and "dry run: nothing trained" in result.output
+    assert not (tmp_path / "d" / "dus").exists()

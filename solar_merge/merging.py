@@ -7,15 +7,20 @@ Fixes, each for a pitfall in ../shared/NOTES.md:
   config.json can be saved;
 - repeated layers are cloned before writing (no shared-storage warning and retry);
 - the output is written atomically with a completion marker, and checked for NaN/Inf.
+
+A config that only slices and stacks one model's layers is written by copying tensor bytes
+(solar_merge.stacking) unless `fast=False`: the same tensors, without importing mergekit.
 """
 
 import copy
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
+from solar_merge import stacking
 from solar_merge.checkpoints import local_dir, model_info
 from solar_merge.errors import UserError, did_you_mean, during
 from solar_merge.outputs import (
@@ -28,6 +33,8 @@ from solar_merge.outputs import (
     portable,
 )
 from solar_merge.readers import load_yaml, read_text
+
+log = logging.getLogger(__name__)
 
 # mergekit 0.1.5's MergeConfiguration and its nested models, as allowed keys per level.
 TOP_KEYS = {"modules", "slices", "models", "merge_method", "base_model", "dtype",
@@ -120,17 +127,20 @@ class _Checker:
                     f"{', '.join(sorted(allowed)) or 'none'}")
 
 
-def check_config(config, base_dir=None, *, label: str = "merge config") -> dict:
+def check_config(config, base_dir=None, *, label: str = "merge config",
+                 methods: dict | None = None) -> dict:
     """Validate a mergekit config strictly, without running it. Returns it with absolute paths.
 
     Raises UserError listing every problem: unknown keys, unknown method or parameters,
     missing models, layer ranges outside a model, models whose shapes cannot be merged.
+    `methods` (name -> parameter names) replaces mergekit's registry, which takes seconds to
+    import, for a config known to use only those methods.
     """
     config = load_config(config, label=label)
     config.pop("name", None)  # mergekit-multi documents carry a name
     c = _Checker(base_dir)
     c.keys("", config, TOP_KEYS)
-    specs = _method_specs()
+    specs = methods if methods is not None else _method_specs()
     method = config.get("merge_method")
     allowed = None
     if not isinstance(method, str):
@@ -305,18 +315,16 @@ def _output_layer_types(config: dict, trust_remote_code: bool = False) -> list |
     from transformers import AutoConfig
 
     loaded: dict[str, list | None] = {}
-    out = []
-    for s in config["slices"]:
-        src = s["sources"][0]
-        path = _model_path(src["model"])
+
+    def types_of(ref):
+        path = _model_path(ref)
         if path not in loaded:
             cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             types = getattr(cfg.get_text_config(), "layer_types", None)
             loaded[path] = list(types) if types is not None else None
-        if loaded[path] is None:
-            return None
-        out.extend(loaded[path][src["layer_range"][0]:src["layer_range"][1]])
-    return out
+        return loaded[path]
+
+    return stacking.sliced_layer_types(config["slices"], types_of)
 
 
 @contextmanager
@@ -337,10 +345,9 @@ def _mergekit_fixes(layer_types: list | None, inputs=()):
         cfg = out_config(*args, **kwargs)
         if layer_types is not None:
             target = cfg.get_text_config()
-            target.layer_types = list(layer_types)
-            target.num_hidden_layers = len(layer_types)
-            if getattr(target, "max_window_layers", None) is not None:
-                target.max_window_layers = min(target.max_window_layers, len(layer_types))
+            fields = stacking.layer_fields(layer_types, getattr(target, "max_window_layers", None))
+            for name, value in fields.items():
+                setattr(target, name, value)
         return cfg
 
     def checked_save_tensor(self, name, tensor, clone: bool = False):
@@ -398,16 +405,20 @@ def _non_finite_input(inputs, name: str) -> str | None:
 
 
 def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
-          label: str = "merge config", kind: str = "merge") -> Path:
+          label: str = "merge config", kind: str = "merge", fast: bool = True) -> Path:
     """Run a mergekit config into `out_dir`; skip if it is already there with the same config.
 
     `options` are mergekit's MergeOptions fields (e.g. {"out_shard_size": ..., "lazy_unpickle":
-    True}). Returns the finished folder.
+    True}). A config that only slices and stacks one local model is written by copying tensor
+    bytes (solar_merge.stacking: the tensors stock mergekit writes, in seconds less), unless
+    `fast` is False. Logs which path ran. Returns the finished folder.
     """
     if base_dir is None and isinstance(config, (str, Path)) and str(config).endswith(
             (".yaml", ".yml")) and Path(config).is_file():
         base_dir = Path(config).absolute().parent
-    resolved = check_config(config, base_dir, label=label)
+    why = stacking.why_not(load_config(config, label=label), options) if fast else "--no-fast"
+    resolved = check_config(config, base_dir, label=label,
+                            methods=None if why else stacking.METHODS)
     options = dict(options or {})
     if _repeats_layers(resolved):
         options["clone_tensors"] = True
@@ -418,8 +429,25 @@ def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
                           "inputs": {ref: fingerprint(ref) for ref in _all_models(resolved)}})
     out_dir = Path(out_dir).absolute()
     if is_complete(out_dir, digest):
+        log.info("%s is complete for this config and these inputs: nothing to do", out_dir)
         return out_dir
     check_replaceable(out_dir)  # before the seconds mergekit takes to import
+    # Written into the output (mergekit_config.yml, the card): paths relative to it.
+    source = yaml.safe_dump(portable(resolved, out_dir), sort_keys=False)
+    stack = None
+    if not why:
+        try:
+            stack = stacking.plan(resolved, options)
+        except stacking.Unstackable as e:
+            why = str(e)
+    if stack is not None:
+        log.info("copying tensor bytes (a pure slice config: the tensors mergekit writes, "
+                 "without running it; --no-fast runs mergekit)")
+        with atomic_output(out_dir, digest) as work:
+            stacking.write(stack, work)
+            _finish(work, resolved, source, kind, out_dir)
+        return out_dir
+    log.info("merging with mergekit (%s)", why)
 
     import mergekit.merge
     from mergekit.config import MergeConfiguration
@@ -431,8 +459,6 @@ def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
         folder = local_dir(ref)
         if folder is not None:
             require_safetensors(folder, allow_pickle=allow_pickle)
-    # Written into the output (mergekit_config.yml, the card): paths relative to it.
-    source = yaml.safe_dump(portable(resolved, out_dir), sort_keys=False)
     merge_config = MergeConfiguration.model_validate(resolved)
     merge_options = MergeOptions(**options)
     with atomic_output(out_dir, digest) as work:
@@ -450,14 +476,19 @@ def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
             raise UserError(f"merge into {out_dir} failed: {e}",
                             fix="correct the config as the message says (--debug shows "
                                 "the traceback)") from e
-        crash_point("merged")
-        from solar_merge.hub import write_card
-
-        inputs = _all_models(resolved)
-        write_card(work, kind=kind, source_yaml=source, source_name="mergekit_config.yml",
-                   base_models=inputs, merge_method=resolved["merge_method"],
-                   lineage=[{"stage": out_dir.name, "kind": kind, "inputs": inputs}])
+        _finish(work, resolved, source, kind, out_dir)
     return out_dir
+
+
+def _finish(work: Path, resolved: dict, source: str, kind: str, out_dir: Path) -> None:
+    """What every merged output carries besides the weights: the config and the card."""
+    crash_point("merged")
+    from solar_merge.hub import write_card
+
+    inputs = _all_models(resolved)
+    write_card(work, kind=kind, source_yaml=source, source_name="mergekit_config.yml",
+               base_models=inputs, merge_method=resolved["merge_method"],
+               lineage=[{"stage": out_dir.name, "kind": kind, "inputs": inputs}])
 
 
 def _hashed_options(options: dict) -> dict:
@@ -514,32 +545,46 @@ def _apply_global_options(merge_options) -> None:
         torch.set_num_threads(merge_options.num_threads)
 
 
-def yaml_command():
+def yaml_command(mergekit_options: bool = True):
+    """`solar-merge yaml CONFIG OUT`: with every mergekit-yaml option, parsed by mergekit's own
+    click decorator (seconds to import), or, with `mergekit_options=False`, with our own flags
+    only (nothing of mergekit imported, for a config that may not need it)."""
     import click
-    from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-    @click.command("yaml", cls=PrettyPrintHelp)
-    @click.argument("config_file", type=click.Path(dir_okay=False))
-    @click.argument("out_path", type=click.Path(file_okay=False))
-    @click.option("--allow-pickle", is_flag=True,
-                  help="Allow loading pickle (.bin) checkpoints (they can run code).")
-    @click.option("--overwrite", is_flag=True,
-                  help="Replace OUT_PATH even if solar-merge did not write it (its contents "
-                       "are deleted).")
-    @add_merge_options
-    def command(merge_options: MergeOptions, config_file: str, out_path: str,
-                allow_pickle: bool, overwrite: bool):
+    def command(config_file: str, out_path: str, allow_pickle: bool, overwrite: bool,
+                no_fast: bool, merge_options=None):
         """Run a mergekit YAML config, with solar_average/solar_slerp and our fixes."""
         from solar_merge.outputs import overwriting
 
-        _apply_global_options(merge_options)
-        options = merge_options.model_dump(exclude_defaults=True)
+        options = {}
+        if merge_options is not None:
+            _apply_global_options(merge_options)
+            options = merge_options.model_dump(exclude_defaults=True)
         if allow_pickle:
             options["allow_pickle"] = True
         with overwriting(overwrite):
-            out = merge(config_file, out_path, options=options, label=config_file)
+            out = merge(config_file, out_path, options=options, label=config_file,
+                        fast=not no_fast)
         click.echo(f"merged into {out}")
 
+    cls = click.Command
+    if mergekit_options:
+        from mergekit.options import PrettyPrintHelp, add_merge_options
+
+        command, cls = add_merge_options(command), PrettyPrintHelp
+    for option in reversed([
+            click.command("yaml", cls=cls),
+            click.argument("config_file", type=click.Path(dir_okay=False)),
+            click.argument("out_path", type=click.Path(file_okay=False)),
+            click.option("--allow-pickle", is_flag=True,
+                         help="Allow loading pickle (.bin) checkpoints (they can run code)."),
+            click.option("--overwrite", is_flag=True,
+                         help="Replace OUT_PATH even if solar-merge did not write it (its "
+                              "contents are deleted)."),
+            click.option("--no-fast", is_flag=True,
+                         help="Merge with mergekit even when the config only slices and "
+                              "stacks layers (solar-merge copies those tensor bytes itself).")]):
+        command = option(command)
     return command
 
 

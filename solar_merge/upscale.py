@@ -695,14 +695,15 @@ class Planned:
 
         return write_layers(self.info.source, self.job, self.layers_dir)
 
-    def run(self, out_dir, *, base_dir=None, options: dict | None = None) -> Path:
+    def run(self, out_dir, *, base_dir=None, options: dict | None = None,
+            fast: bool = True) -> Path:
         planned = self
         if self.job is not None:
             planned = self if self.layers_dir else self.placed(layers_dir_for(out_dir))
             planned.write_layers()
         check_residual_names(self.info, planned.config)
         return run_config(planned.config, out_dir, base_dir=base_dir, options=options,
-                          label=f"{self.title} of {self.model}", kind=self.kind)
+                          label=f"{self.title} of {self.model}", kind=self.kind, fast=fast)
 
 
 def layers_dir_for(out) -> Path:
@@ -741,11 +742,14 @@ def plan_upscale(model: str, method: str = "dus", *, base_dir=None, layers_dir=N
 # -- running --------------------------------------------------------------------------------
 
 def run_config(config: dict, out_dir, *, base_dir=None, options: dict | None = None,
-               label: str = "up-scale", kind: str = "upscale") -> Path:
-    """Run an up-scale config through solar-merge's mergekit runner (atomic, resumable)."""
+               label: str = "up-scale", kind: str = "upscale", fast: bool = True) -> Path:
+    """Run an up-scale config through solar-merge's mergekit runner (atomic, resumable): by
+    copying tensor bytes when it only slices and stacks (solar_merge.stacking), unless
+    `fast` is False."""
     from solar_merge.merging import merge
 
-    return merge(config, out_dir, base_dir=base_dir, options=options, label=label, kind=kind)
+    return merge(config, out_dir, base_dir=base_dir, options=options, label=label, kind=kind,
+                 fast=fast)
 
 
 def upscale(model: str, drop: int, out_dir, *, base_dir=None, options: dict | None = None,

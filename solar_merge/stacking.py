@@ -1,0 +1,590 @@
+"""Stacking: a config that only slices and stacks one model's layers, written by copying
+tensor bytes instead of running mergekit.
+
+A `passthrough` config without parameters moves no number: every output tensor is a
+byte-for-byte copy of an input tensor under a new name. For such a config (`why_not` and
+`plan` say which qualify) this module plans what stock mergekit 0.1.5 writes, from mergekit's
+own architecture definitions (its `_data/architectures/*.json`, read as data): the same tensor
+names, the same shards (mergekit's save order and `out_shard_size`), shard names and index.
+Then it copies each tensor's bytes with `os.copy_file_range`: inside the kernel, sharing
+blocks on filesystems with reflinks (XFS, btrfs), a streamed copy through one bounded buffer
+where the kernel cannot (another filesystem). No tensor is ever materialised.
+
+The rest of the output is the mergekit path's (merging.merge): config.json with the new layer
+count and `layer_types` re-sliced (`sliced_layer_types`, shared by both paths), the tokenizer
+files `--copy-tokenizer` copies, the card, the completion marker. Every copied input tensor is
+checked for NaN/Inf (as the mergekit path checks what it writes), on another thread while the
+kernel copies.
+
+Imports neither torch, mergekit nor transformers: a DUS costs the disk's time, not seconds of
+imports.
+"""
+
+import errno
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import string
+import struct
+import threading
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from solar_merge.checkpoints import INDEX_FILE, _index_map, read_json, read_safetensors_header
+from solar_merge.errors import UserError
+from solar_merge.outputs import crash_point
+
+# Config keys and mergekit options a pure copy can honour. Options absent here (or with
+# another value than the one given) change the tensors, so mergekit runs instead.
+CONFIG_KEYS = {"slices", "merge_method", "dtype", "out_dtype", "name"}
+NEUTRAL_OPTIONS = {"copy_tokenizer", "clone_tensors", "out_shard_size", "write_model_card",
+                   "num_threads", "quiet", "verbosity", "async_write", "write_threads",
+                   "lazy_unpickle", "low_cpu_memory", "read_to_gpu", "multi_gpu", "cuda",
+                   "device", "gpu_rich", "transformers_cache", "lora_merge_cache",
+                   "lora_merge_dtype", "random_seed", "allow_crimes", "allow_pickle"}
+REQUIRED_OPTIONS = {"safe_serialization": True, "trust_remote_code": False,
+                    "unsafe_truncate_embeddings": False}
+# mergekit's parameter names for `passthrough`, for check_config without importing mergekit.
+METHODS = {"passthrough": {"scale"}}
+DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+SHARD_SIZE = 5 * 10**9  # mergekit's default --out-shard-size ("5B"), compared with bytes
+# The order safetensors gives dtypes (its Dtype enum); a file holds its tensors by dtype,
+# largest first, then by name.
+DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32",
+               "U32", "F32", "F64", "I64", "U64"]
+# What mergekit 0.1.5's --copy-tokenizer copies, when the donor has tokenizer_config.json and
+# tokenizer.json or tokenizer.model (otherwise it re-serialises the tokenizer with
+# transformers: mergekit's job).
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+                   "tokenizer.model", "added_tokens.json", "merges.txt", "chat_template.jinja",
+                   "generation_config.json", "chat_template.json",
+                   "video_preprocessor_config.json")
+# Model types whose transformers config derives no per-layer list when config.json has no
+# `layer_types` (Qwen2 derives one that is all "full_attention" without sliding windows).
+NO_DERIVED_LAYER_TYPES = {"llama", "mistral"}
+BLOCK = 4096  # filesystem block: reflinks share whole, aligned blocks
+BUFFER = 8 * 2**20  # the streamed copy's and the NaN/Inf check's buffer
+
+
+class Unstackable(Exception):
+    """The config is valid, but not a pure copy of one local safetensors model: mergekit runs
+    it. The message says why, for the CLI's line."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One output tensor: `size` bytes at `offset` (from the start of the file) of `source`."""
+    name: str
+    input_name: str
+    source: Path
+    offset: int
+    size: int
+    dtype: str
+    shape: tuple
+
+
+@dataclass
+class Shard:
+    name: str
+    pieces: list  # in the order their bytes follow the header
+    header: bytes  # length field, JSON header and padding
+
+
+@dataclass
+class Stack:
+    """Everything `write` needs, planned before anything is written."""
+    model: Path
+    shards: list
+    index: str | None
+    config_json: str
+    tokenizer_files: list = field(default_factory=list)
+
+    @property
+    def inputs(self) -> list:
+        """Each input tensor once, by file and offset (the NaN/Inf check reads them)."""
+        seen = {}
+        for shard in self.shards:
+            for p in shard.pieces:
+                seen.setdefault((p.source, p.offset), p)
+        return sorted(seen.values(), key=lambda p: (str(p.source), p.offset))
+
+
+# -- which configs qualify -------------------------------------------------------------------
+
+def why_not(config, options: dict | None) -> str | None:
+    """Why `config` (as written, before paths are resolved) with mergekit `options` is not a
+    pure slice-and-stack config; None when its shape qualifies (`plan` checks the files)."""
+    if not isinstance(config, dict):
+        return "the config is not a mapping"
+    method = config.get("merge_method")
+    if method != "passthrough":
+        return f"merge_method `{method}` computes its tensors"
+    extra = sorted(str(k) for k in set(config) - CONFIG_KEYS)
+    if extra:
+        return f"the config sets {', '.join(extra)}"
+    slices = config.get("slices")
+    if not isinstance(slices, list) or not slices:
+        return "the config has no slices"
+    for i, s in enumerate(slices):
+        if not isinstance(s, dict) or set(s) != {"sources"}:
+            return f"slices[{i}] sets more than `sources`"
+        sources = s["sources"]
+        if not isinstance(sources, list) or len(sources) != 1:
+            return f"slices[{i}] has {len(sources) if isinstance(sources, list) else 'no'} " \
+                   "sources, not one"
+        src = sources[0]
+        if not isinstance(src, dict) or "parameters" in src:
+            return f"slices[{i}] sets parameters (a `scale` filter computes)"
+        if set(src) != {"model", "layer_range"} or not isinstance(src["model"], str) \
+                or "+" in src["model"]:
+            return f"slices[{i}] is not a plain `model` + `layer_range` source"
+    for key in ("dtype", "out_dtype"):
+        if config.get(key) is not None and config[key] not in DTYPES:
+            return f"{key} `{config[key]}` is not one of {', '.join(DTYPES)}"
+    for key, value in (options or {}).items():
+        if key in REQUIRED_OPTIONS and value != REQUIRED_OPTIONS[key]:
+            return f"the mergekit option {key}={value}"
+        if key not in REQUIRED_OPTIONS and key not in NEUTRAL_OPTIONS:
+            return f"the mergekit option {key}"
+    return None
+
+
+# -- planning --------------------------------------------------------------------------------
+
+def plan(config: dict, options: dict | None = None) -> Stack:
+    """The output of `config` (validated, paths resolved: merging.check_config) as mergekit
+    would write it. Raises Unstackable when mergekit must run it, UserError for damaged
+    inputs; reads only config.json and the safetensors headers."""
+    options = options or {}
+    models = {src["model"] for s in config["slices"] for src in s["sources"]}
+    if len(models) != 1:
+        raise Unstackable("the slices name several models (mergekit picks the donor of "
+                          "config.json and tokenizer from a set)")
+    model = models.pop()
+    folder = Path(model)
+    if not os.path.isabs(model) or not folder.is_dir():
+        raise Unstackable(f"{model} is not a local folder")
+    cfg = read_json(folder / "config.json", what="config.json")
+    arch = architecture(cfg)
+    key = arch.get("num_layers_config_key")
+    if not isinstance(key, str) or key not in cfg or not isinstance(cfg[key], int):
+        raise Unstackable(f"config.json has no `{key}` for mergekit to update")
+    ranges = [tuple(s["sources"][0]["layer_range"]) for s in config["slices"]]
+    n_in, n_out = cfg[key], sum(b - a for a, b in ranges)
+    tensors = _tensors(folder)
+    pieces = [_piece(tensors, out, inp) for out, inp in _weights(arch, ranges, n_in, n_out)]
+    pieces = [p for p in pieces if p is not None]
+    if not pieces:
+        raise Unstackable("no tensor of the model matches mergekit's architecture definition")
+    for name in ("dtype", "out_dtype"):
+        want = DTYPES.get(config.get(name))
+        changed = next((p for p in pieces if want and p.dtype != want), None)
+        if changed:
+            raise Unstackable(f"`{name}: {config[name]}` converts {changed.input_name} "
+                              f"from {changed.dtype}")
+    limit = options.get("out_shard_size", SHARD_SIZE)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        raise Unstackable(f"out_shard_size {limit!r} is not a number of bytes")
+    shards, index = _shards(pieces, limit)
+    return Stack(folder, shards, index, _config_json(cfg, config, key, n_out),
+                 _tokenizer_files(folder) if options.get("copy_tokenizer", True) else [])
+
+
+@functools.lru_cache(maxsize=1)
+def _definitions() -> dict:
+    """architecture name -> mergekit's JSON definitions that claim it, read as data from the
+    installed mergekit (finding a package's folder does not import it)."""
+    spec = importlib.util.find_spec("mergekit")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    by_name: dict[str, list] = {}
+    folder = Path(list(spec.submodule_search_locations)[0]) / "_data" / "architectures"
+    for file in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+        for name in data.get("architectures") or []:
+            by_name.setdefault(name, []).append(data)
+    return by_name
+
+
+def architecture(cfg: dict) -> dict:
+    """mergekit's definition for this config.json, chosen as mergekit chooses it (one
+    candidate, else the one whose model_type matches); a single-module one, or Unstackable."""
+    names = cfg.get("architectures")
+    if not isinstance(names, list) or len(names) != 1:
+        raise Unstackable("config.json names other than one architecture")
+    if "text_config" in cfg:
+        raise Unstackable("a multimodal config (text_config)")
+    candidates = _definitions().get(names[0], [])
+    if len(candidates) > 1:
+        candidates = [c for c in candidates if c.get("model_type") == cfg.get("model_type")]
+    if len(candidates) != 1:
+        raise Unstackable(f"mergekit has no single architecture definition for {names[0]}")
+    arch = candidates[0]
+    if arch.get("kind", "module") != "module" or arch.get("override_num_layers") is not None:
+        raise Unstackable(f"{names[0]} is a multi-module architecture in mergekit")
+    weights = [*arch["pre_weights"], *arch["layer_templates"]["weights"], *arch["post_weights"]]
+    if any(w.get("force_dtype") for w in weights):
+        raise Unstackable(f"mergekit converts some tensors of {names[0]} (force_dtype)")
+    return arch
+
+
+class _Template(string.Template):
+    idpattern = r"(?a:[_a-z][_a-z0-9]*([+-]1)?)"  # mergekit's: ${layer_index+1} and the like
+
+
+def _named(weight: dict, num_layers: int, layer: int | None = None) -> dict:
+    """A weight definition with mergekit's template variables filled in."""
+    values = {"num_layers": num_layers, "num_layers+1": num_layers + 1,
+              "num_layers-1": num_layers - 1}
+    if layer is not None:
+        values.update({"layer_index": layer, "layer_index+1": layer + 1,
+                       "layer_index-1": layer - 1})
+
+    def fill(text):
+        return _Template(text).substitute(values) if "{" in text else text
+
+    return {k: fill(v) if isinstance(v, str) else [fill(x) for x in v] if isinstance(v, list)
+            else v for k, v in weight.items()}
+
+
+def _weights(arch: dict, ranges, n_in: int, n_out: int):
+    """(output weight, input weight) in mergekit's plan order: the pre weights, each output
+    layer's weights, the post weights (pre and post weights are read under their output
+    names, as mergekit's planner does)."""
+    for w in arch["pre_weights"]:
+        yield _named(w, n_out), _named(w, n_out)
+    out = 0
+    for a, b in ranges:
+        for layer in range(a, b):
+            for w in arch["layer_templates"]["weights"]:
+                yield _named(w, n_out, out), _named(w, n_in, layer)
+            out += 1
+    for w in arch["post_weights"]:
+        yield _named(w, n_out), _named(w, n_out)
+
+
+def _tensors(folder: Path) -> dict:
+    """input tensor name -> (file, offset of its bytes in the file, size, dtype, shape), from
+    the checked headers; with an index, each tensor from the shard the index names."""
+    from solar_merge.checkpoints import weight_files
+
+    files = weight_files(folder)
+    if not files:
+        raise Unstackable(f"{folder} has no safetensors weights")
+    index = folder / INDEX_FILE
+    owner = _index_map(index) if index.is_file() else None
+    out = {}
+    for file in files:
+        header = read_safetensors_header(file)
+        header.pop("__metadata__", None)
+        start = 8 + _header_length(file)
+        for name, t in header.items():
+            if owner is not None and owner.get(name) != file.name:
+                continue  # mergekit reads a sharded model through its index only
+            if name in out:
+                raise Unstackable(f"tensor {name} is in two files and no index says which")
+            begin, end = t["data_offsets"]
+            out[name] = (file, start + begin, end - begin, t["dtype"], tuple(t["shape"]))
+    return out
+
+
+def _header_length(file: Path) -> int:
+    with open(file, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+def _piece(tensors: dict, out: dict, inp: dict) -> Piece | None:
+    """The input tensor mergekit would read for one output weight, None when mergekit skips
+    it (an optional weight the model lacks, e.g. the lm_head of tied embeddings)."""
+    names = [inp["name"], *(inp.get("aliases") or [])]
+    if inp.get("optional") and not any(n in tensors for n in names):
+        return None
+    found = next((n for n in names + list(inp.get("tied_names") or []) if n in tensors), None)
+    if found is None:
+        raise Unstackable(f"the model has no tensor {inp['name']} (mergekit converts or "
+                          "refuses it)")
+    return Piece(out["name"], found, *tensors[found])
+
+
+def _shards(pieces: list, limit: int) -> tuple[list, str | None]:
+    """mergekit's shards: tensors in the order its scheduler saves them (by input tensor name,
+    then plan order), a new shard when the next tensor would pass `limit` bytes; one shard is
+    model.safetensors, several are model-0000i-of-0000n.safetensors with an index."""
+    order = sorted(range(len(pieces)), key=lambda i: (pieces[i].input_name, i))
+    groups, current, size = [], [], 0
+    for i in order:
+        p = pieces[i]
+        if current and limit > 0 and size + p.size > limit:
+            groups.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += p.size
+    groups.append(current)
+    n = len(groups)
+    names = (["model.safetensors"] if n == 1 else
+             [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)])
+    shards = [_shard(name, group) for name, group in zip(names, groups)]
+    if n == 1:
+        return shards, None
+    try:
+        version = metadata.version("mergekit")
+    except metadata.PackageNotFoundError:
+        version = None
+    meta = {"total_size": sum(p.size for p in pieces)}
+    if version:
+        meta["mergekit_version"] = version
+    weight_map = {p.name: name for name, group in zip(names, groups) for p in group}
+    return shards, json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2)
+
+
+def _shard(name: str, pieces: list) -> Shard:
+    """The file safetensors would write for these tensors (metadata {"format": "pt"}, tensors
+    by dtype then name, compact JSON), with the header padded so that as many tensor bytes as
+    possible sit at the same offset modulo the block size as in their source file: those
+    blocks can be shared (reflinked) instead of copied."""
+    pieces = sorted(pieces, key=lambda p: (-DTYPE_ORDER.index(p.dtype), p.name))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    gain: dict[int, int] = {}
+    for p in pieces:
+        header[p.name] = {"dtype": p.dtype, "shape": list(p.shape),
+                          "data_offsets": [offset, offset + p.size]}
+        residue = (p.offset - offset) % BLOCK
+        if residue % 8 == 0:  # the data must start 8-byte aligned
+            gain[residue] = gain.get(residue, 0) + p.size // BLOCK
+        offset += p.size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    length = len(text) + (-len(text)) % 8
+    best = max(gain, key=lambda r: (gain[r], -((r - 8 - len(text)) % BLOCK)), default=None)
+    if best is not None and gain[best] > 0:
+        length = len(text) + (best - 8 - len(text)) % BLOCK
+    return Shard(name, pieces, struct.pack("<Q", length) + text.ljust(length, b" "))
+
+
+def sliced_layer_types(slices: list, types_of) -> list | None:
+    """The `layer_types` list of a sliced output: each slice's range of its first source's
+    list (`types_of(model path)`, None when that model has none), or None."""
+    out = []
+    for s in slices:
+        src = s["sources"][0]
+        types = types_of(src["model"])
+        if types is None:
+            return None
+        out.extend(types[src["layer_range"][0]:src["layer_range"][1]])
+    return out
+
+
+def layer_fields(layer_types: list, max_window_layers) -> dict:
+    """The config fields that follow the layer list: its length, and a sliding-window layer
+    bound that cannot exceed it."""
+    fields = {"layer_types": list(layer_types), "num_hidden_layers": len(layer_types)}
+    if max_window_layers is not None:
+        fields["max_window_layers"] = min(max_window_layers, len(layer_types))
+    return fields
+
+
+def _config_json(cfg: dict, config: dict, key: str, n_out: int) -> str:
+    """config.json as the mergekit path writes it: the layer count, the dtype the config
+    names, and `layer_types` re-sliced with the layers."""
+    out = dict(cfg)
+    out[key] = n_out
+    dtype = config.get("out_dtype") or config.get("dtype")
+    if dtype:
+        out["torch_dtype" if "torch_dtype" in out and "dtype" not in out else "dtype"] = dtype
+    if isinstance(cfg.get("layer_types"), list):
+        types = sliced_layer_types(config["slices"], lambda _: cfg["layer_types"])
+        out.update(layer_fields(types, cfg.get("max_window_layers")))
+    elif cfg.get("model_type") not in NO_DERIVED_LAYER_TYPES and not (
+            cfg.get("model_type") == "qwen2" and not cfg.get("use_sliding_window")):
+        raise Unstackable(f"config.json has no `layer_types`; transformers derives one for "
+                          f"`{cfg.get('model_type')}` models, which the mergekit path re-slices")
+    return json.dumps(out, indent=2, sort_keys=True) + "\n"
+
+
+def _tokenizer_files(folder: Path) -> list:
+    if not (folder / "tokenizer_config.json").is_file() or not any(
+            (folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise Unstackable("the tokenizer must be re-serialised (no tokenizer_config.json with "
+                          "tokenizer.json or tokenizer.model)")
+    return [f for f in TOKENIZER_FILES if (folder / f).is_file()]
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def write(stack: Stack, work: Path) -> None:
+    """Write the planned output into the (empty, owned) folder `work`."""
+    work = Path(work)
+    checker = _FiniteCheck(stack.inputs)
+    checker.start()
+    sources: dict[Path, int] = {}
+    try:
+        for p in stack.inputs:
+            if p.source not in sources:
+                sources[p.source] = os.open(p.source, os.O_RDONLY)
+        copier = _Copier()
+        for shard in stack.shards:
+            _write_shard(shard, work / shard.name, sources, copier)
+            crash_point("shard-written")
+        checker.result()
+    finally:
+        checker.stop()
+        for fd in sources.values():
+            os.close(fd)
+    if stack.index is not None:
+        (work / INDEX_FILE).write_text(stack.index)
+    (work / "config.json").write_text(stack.config_json)
+    for name in stack.tokenizer_files:
+        shutil.copy(stack.model / name, work / name)
+
+
+def _write_shard(shard: Shard, path: Path, sources: dict, copier) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        position = 0
+        while position < len(shard.header):
+            position += _full(path, lambda: os.pwrite(fd, shard.header[position:], position))
+        for p in shard.pieces:
+            copier.copy(sources[p.source], p.offset, fd, position, p.size, path)
+            position += p.size
+    finally:
+        os.close(fd)
+
+
+def _full(path: Path, write):
+    """Run one write; a full disk names the file (the CLI turns it into exit 2)."""
+    try:
+        return write()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and not e.filename:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+
+
+class _Copier:
+    """Copies byte ranges between files: os.copy_file_range (in the kernel; whole aligned
+    blocks shared where the filesystem has reflinks), else through one bounded buffer."""
+
+    # The kernel cannot copy between these files (another filesystem, an old kernel, a
+    # filesystem without splice): stream instead.
+    FALLBACK = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+
+    def __init__(self):
+        self.kernel = hasattr(os, "copy_file_range")
+        self.buffer = None
+
+    def copy(self, src: int, src_at: int, dst: int, dst_at: int, size: int, path: Path):
+        head = 0
+        if (dst_at - src_at) % BLOCK == 0:  # congruent: copy up to the block boundary, then
+            head = min(size, -src_at % BLOCK)  # the rest starts aligned on both sides
+        for start, length in ((0, head), (head, size - head)):
+            if length:
+                self._range(src, src_at + start, dst, dst_at + start, length, path)
+
+    def _range(self, src, src_at, dst, dst_at, size, path):
+        done = 0
+        while done < size:
+            if self.kernel:
+                try:
+                    n = _full(path, lambda: os.copy_file_range(src, dst, size - done,
+                                                               src_at + done, dst_at + done))
+                except OSError as e:
+                    if e.errno not in self.FALLBACK:
+                        raise
+                    self.kernel = False
+                    continue
+            else:
+                n = self._stream(src, src_at + done, dst, dst_at + done, size - done, path)
+            if n == 0:
+                raise UserError(f"an input file ended while {path.name} was being written "
+                                "(was the model changed during the copy?)",
+                                fix="re-run when the input model is no longer being written")
+            done += n
+
+    def _stream(self, src, src_at, dst, dst_at, size, path) -> int:
+        if self.buffer is None:
+            self.buffer = bytearray(BUFFER)
+        view = memoryview(self.buffer)[:min(size, BUFFER)]
+        n = os.preadv(src, [view], src_at)
+        written = 0
+        while written < n:
+            written += _full(path, lambda: os.pwrite(dst, view[written:n], dst_at + written))
+        return n
+
+
+# -- NaN/Inf in what is copied ---------------------------------------------------------------
+
+# (unsigned view, smallest value of `bits << 1` whose exponent is all ones): shifting the sign
+# out, a float is NaN or Inf exactly when the shifted bits reach that value.
+_NON_FINITE = {"BF16": ("<u2", 0xFF00), "F16": ("<u2", 0xF800),
+               "F32": ("<u4", 0xFF000000), "F64": ("<u8", 0xFFE0000000000000)}
+
+
+class _FiniteCheck(threading.Thread):
+    """Reads each input tensor once, BUFFER bytes at a time, and finds the first that holds
+    NaN or Inf; runs beside the copy (numpy and file reads release the GIL)."""
+
+    def __init__(self, pieces: list):
+        super().__init__(name="solar-merge finite check", daemon=True)
+        self.pieces = [p for p in pieces if p.dtype in _NON_FINITE and p.size]
+        self.bad: Piece | None = None
+        self.error: BaseException | None = None
+        self.stopped = threading.Event()
+
+    def run(self):
+        try:
+            self.bad = self._scan()
+        except BaseException as e:  # noqa: BLE001 - handed to the writing thread
+            self.error = e
+
+    def _scan(self) -> Piece | None:
+        import numpy as np
+
+        buffer, shifted = bytearray(BUFFER), None
+        handles: dict[Path, object] = {}
+        try:
+            for p in self.pieces:
+                kind, limit = _NON_FINITE[p.dtype]
+                if p.source not in handles:
+                    handles[p.source] = open(p.source, "rb")  # noqa: SIM115 - closed below
+                f = handles[p.source]
+                f.seek(p.offset)
+                left = p.size
+                while left:
+                    if self.stopped.is_set():
+                        return None
+                    n = f.readinto(memoryview(buffer)[:min(left, BUFFER)])
+                    if not n:
+                        return None  # cut short: the copy names it
+                    values = np.frombuffer(buffer, dtype=kind, count=n // np.dtype(kind).itemsize)
+                    if shifted is None or shifted.dtype != values.dtype:
+                        shifted = np.empty(BUFFER // values.itemsize, dtype=values.dtype)
+                    out = shifted[:values.size]
+                    np.left_shift(values, 1, out=out)
+                    if out.size and out.max() >= limit:
+                        return p
+                    left -= n
+            return None
+        finally:
+            for f in handles.values():
+                f.close()
+
+    def result(self) -> None:
+        """Wait for the check; raise if an input holds NaN or Inf."""
+        self.join()
+        if self.error is not None:
+            raise self.error
+        if self.bad is not None:
+            raise UserError(f"input model {self.bad.source.parent} has NaN or Inf in tensor "
+                            f"`{self.bad.input_name}`, so the copy `{self.bad.name}` would too",
+                            fix="fix or replace that model (re-save or re-train it); "
+                                "up-scaling cannot repair non-finite weights")
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.is_alive():
+            self.join()

@@ -480,7 +480,11 @@ def _fmt(v) -> str:
 
 
 def _plot(rows: dict, columns: list[str], path: Path) -> None:
-    import matplotlib
+    """Bar charts of the table; none where matplotlib is not installed (docs/gpu.md)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -741,7 +741,7 @@ def write_stage_card(work: Path, resolved: dict, facts: dict) -> None:
                     f"{spec.get('split', 'train')} | {spec.get('max_samples') or 'all'} | "
                     f"{data_sha256(spec['path'])} |")
     points = read_loss(work / LOSS_LOG)
-    loss = ["![training loss](loss.png)", ""]
+    loss = ["![training loss](loss.png)", ""] if (work / "loss.png").is_file() else []
     loss.append(f"Training loss {points[0][1]:.4g} at step {points[0][0]}, {points[-1][1]:.4g} "
                 f"at step {points[-1][0]} (every logged value: `loss.jsonl`)." if points
                 else "No loss was logged (raise max_steps or lower logging_steps).")
@@ -798,7 +798,13 @@ def read_loss(log: Path, key: str = "loss") -> list[tuple[int, float]]:
 
 
 def plot_loss(log: Path, png: Path, title: str = "") -> None:
-    import matplotlib
+    """`png` from the loss log; none where matplotlib is not installed (an offline node that
+    brought only the wheels the stages need, docs/gpu.md): the values stay in the log."""
+    try:
+        import matplotlib
+    except ImportError:
+        _say(f"matplotlib is not installed: no {png.name} (the losses are in {log.name})")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -138,8 +138,8 @@ def cpu_flags() -> list[str]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return []
-    flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text \
-        else set()
+    line = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
+    flags = set(line.group(1).split()) if line else set()
     return sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
 
 
@@ -196,9 +196,10 @@ def expected_precision(info: dict, device: str) -> tuple[str, str]:
         return ("bf16", f"compute capability {cc} >= 8.0") if (major, minor) >= (8, 0) else \
             ("fp16", f"compute capability {cc} < 8.0")
     native = info.get("onednn_bf16") and {"avx512_bf16", "amx_bf16"} & set(info["cpu_flags"])
-    return ("bf16", "CPU with native bf16") if native else \
-        ("fp32", "CPU without native bf16 (oneDNN bf16: "
-                 f"{info.get('onednn_bf16')}, flags: {', '.join(info['cpu_flags']) or 'none'})")
+    if native:
+        return "bf16", "CPU with native bf16"
+    return "fp32", (f"CPU without native bf16 (oneDNN bf16: {info.get('onednn_bf16')}, "
+                    f"flags: {', '.join(info['cpu_flags']) or 'none'})")
 
 
 # -- running commands ------------------------------------------------------------------------
@@ -251,11 +252,11 @@ def corpus() -> str:
 
 
 def build(work: Path, s: dict, params: int) -> dict:
+    from pydoc_data.topics import topics
+
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    from pydoc_data.topics import topics
 
     t0 = time.perf_counter()
     bpe = Tokenizer(models.BPE())
@@ -305,7 +306,7 @@ def tensors(folder: Path) -> dict:
     where = {}
     for shard in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as f:
-            where.update({k: shard for k in f.keys()})
+            where.update(dict.fromkeys(f.keys(), shard))
     return where
 
 
@@ -333,7 +334,7 @@ def check_dus(base: Path, out: Path, n: int, m: int) -> dict:
         if match:
             k = int(match.group(2))
             j = k if k < n - m else k - (n - m) + m
-            source = LAYER.sub(lambda g: f"{g.group(1)}{j}{g.group(3)}", name, count=1)
+            source = f"{name[:match.start(2)]}{j}{name[match.end(2):]}"
         if source not in src:
             raise Failed(f"DUS output tensor {name} has no source {source} in the input")
         a, b = load(dst, name), load(src, source)
@@ -542,11 +543,10 @@ class Check:
         from pydoc_data.topics import topics
 
         data = self.work / "sft.jsonl"
-        with open(data, "w") as f:
-            for key in sorted(topics)[:64]:
-                f.write(json.dumps({"prompt": f"What does Python's reference manual say "
-                                              f"about `{key}`?",
-                                    "completion": topics[key][:400].strip()}) + "\n")
+        data.write_text("".join(
+            json.dumps({"prompt": f"What does Python's reference manual say about `{key}`?",
+                        "completion": topics[key][:400].strip()}) + "\n"
+            for key in sorted(topics)[:64]))
         name = "qlora_sft" if four_bit else "lora_sft"
         stage = {"stage": "sft", "model": str(self.built["base"]),
                  "datasets": [{"path": str(data), "format": "prompt_completion"}],

@@ -60,7 +60,8 @@ def markdown(r: dict) -> str:
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in r["cpu_flags"].items())
     return "\n".join([
         "## Precision: 16-bit formats on this CPU", "",
-        f"`python benchmarks/precision.py --repeats {r['repeats']}` on {r['cpu']} ({flags}; "
+        f"`python benchmarks/precision.py --repeats {r['repeats']}` (also `benchmarks/run.py "
+        f"--only precision`) on {r['cpu']} ({flags}; "
         f"oneDNN bf16 {r['onednn_bf16']}), {r['threads']} torch threads, torch {r['torch']}: "
         "a `Linear(2048, 2048)` forward + backward on 512 rows, median of "
         f"{r['repeats']} after a warm-up.", "",

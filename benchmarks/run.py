@@ -4,7 +4,8 @@
     python benchmarks/run.py [--quick] [--real-scale] [--repeats N] [--only SECTION ...]
 
 Writes benchmarks/results.md (tables) and benchmarks/results.json (every sample). See
-benchmarks/README.md for what each row means. Sections: dus, merge, kernel, train, demo, real.
+benchmarks/README.md for what each row means. Sections: dus, merge, kernel, train, demo,
+precision, real.
 """
 
 import argparse
@@ -24,6 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import fixtures
+import precision as precision_bench
 
 RESULTS_JSON = HERE / "results.json"
 RESULTS_MD = HERE / "results.md"
@@ -114,16 +116,19 @@ def machine():
         except PackageNotFoundError:
             return None
 
+    from solar_merge.precision import cpu_flags, cpu_name, decide
+
     mem = Path("/proc/meminfo").read_text()
     ram_kb = int(re.search(r"MemTotal:\s+(\d+)", mem).group(1))
-    cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+    chosen = decide("auto")  # what `precision: auto` runs here (SOLAR_MERGE_PRECISION wins)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=HERE,
                                 capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = None
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "host_cores": os.cpu_count(), "cpu": cpu.group(1).strip() if cpu else platform.machine(),
+            "host_cores": os.cpu_count(), "cpu": cpu_name(), "cpu_flags": cpu_flags(),
+            "precision": chosen.precision, "precision_reason": chosen.reason,
             "ram_gib": round(ram_kb / 2**20, 1), "disk_free_gb": round(free_gb(), 1),
             "python": platform.python_version(), "os": platform.platform(),
             "git_commit": commit,
@@ -330,6 +335,7 @@ if side == "ours":
     from solar_merge.stages import common, train
     common.TRAINER_HOOKS.append(lambda trainer, info: trainer.add_callback(timer))
     cfg = {"stage": "cpt", "model": model, "datasets": [{"path": corpus}], "seq_len": 128,
+           "precision": "fp32",  # as the direct side, on any CPU
            "args": {"per_device_train_batch_size": 4, "max_steps": steps,
                     "learning_rate": 5e-5, "logging_steps": 1}}
     train(cfg, out)
@@ -573,7 +579,10 @@ def verdict(ratio, target, higher_is_better=False):
 def render(results) -> str:
     m = results["machine"]
     L = ["# solar-merge benchmarks", "",
-         (f"Run {m['date']} on {m['host_cores']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM; "
+         (f"Run {m['date']} on {m['host_cores']} cores ({m['cpu']}"
+          + (f"; {', '.join(f for f, on in m['cpu_flags'].items() if on)}; precision auto: "
+             f"{m['precision']}" if m.get("cpu_flags") is not None else "")
+          + f"), {m['ram_gib']} GiB RAM; "
          f"Python {m['python']}, torch {m['torch']}, mergekit {m['mergekit']}, transformers "
          f"{m['transformers']}, trl {m['trl']}, safetensors {m['safetensors']}, solar-merge "
          f"{m['solar-merge']} (git {m['git_commit']}). Peak RSS via {m['rss_tool']}."),
@@ -663,13 +672,18 @@ def render(results) -> str:
     dm = results.get("demo")
     if dm:
         L += render_demo(dm)
+    if results.get("precision"):
+        L += precision_bench.markdown(results["precision"]).splitlines() + [""]
     runs = results.get("sections_run") or {}
     if runs:
         L += ["## When each section ran", "",
-              "| section | started (UTC) | command | seconds | repeats | load avg 1 min before/after |",
-              "|---|---|---|---|---|---|"]
+              "| section | started (UTC) | command | CPU (flags), precision | seconds | repeats | "
+              "load avg 1 min before/after |",
+              "|---|---|---|---|---|---|---|"]
         for name, r in runs.items():
-            L.append(f"| {name} | {r.get('at')} | `{r.get('command', '')}` | "
+            flags = ", ".join(f for f, on in (r.get("cpu_flags") or {}).items() if on)
+            cpu = f"{r['cpu']} ({flags}), {r['precision']}" if r.get("cpu") else "not recorded"
+            L.append(f"| {name} | {r.get('at')} | `{r.get('command', '')}` | {cpu} | "
                      f"{r.get('seconds', 0):.0f} | {r.get('repeats')} | "
                      f"{r.get('loadavg_1m_before_after')} |")
         L.append("")
@@ -742,7 +756,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=None,
                     help="runs per measurement (default 3; real scale 1)")
     ap.add_argument("--only", nargs="+", choices=["dus", "merge", "kernel", "train", "demo",
-                                                  "real"],
+                                                  "real", "precision"],
                     help="run only these sections; others are kept from results.json")
     ap.add_argument("--render", action="store_true",
                     help="only re-write results.md from results.json")
@@ -753,7 +767,7 @@ def main():
         return
     repeats = a.repeats or (1 if a.quick else 3)
     real_repeats = a.repeats or 1
-    sections = a.only or ["dus", "merge", "kernel", "train", "demo"] + (
+    sections = a.only or ["dus", "merge", "kernel", "train", "demo", "precision"] + (
         ["real"] if a.real_scale else [])
     SCRATCH.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -792,7 +806,8 @@ def main():
             "train": lambda: section_train(small, repeats, steps),
             "merge": lambda: section_merge(small, other, repeats),
             "demo": lambda: section_demo(repeats, a.quick),
-            "real": lambda: section_real(real_repeats, not a.no_tuned)}
+            "real": lambda: section_real(real_repeats, not a.no_tuned),
+            "precision": lambda: precision_bench.measure(repeats)}
     for name in list(plan):
         if name not in sections:
             continue
@@ -809,6 +824,8 @@ def main():
             results.pop(name + "_error", None)
         results["sections_run"][name] = {"at": results["machine"]["date"],
                                          "command": results["command"],
+                                         **{k: results["machine"].get(k) for k in (
+                                             "cpu", "cpu_flags", "precision")},
                                          "seconds": time.perf_counter() - t0,
                                          "loadavg_1m_before_after": [round(load_before[0], 1),
                                                                      round(os.getloadavg()[0], 1)],

@@ -495,6 +495,9 @@ def _human(n) -> str:
 # -- plan: sizes of an up-scaled model from config.json alone -----------------------------------
 
 WEIGHT_BYTES = {"float32": 4, "bfloat16 / float16": 2, "int8": 1, "int4": 0.5}
+# plan's --precision: a train stage's `precision` (TRL's bf16/fp16: autocast over fp32 weights)
+# or bf16 weights (model_init_kwargs.dtype bfloat16), as memory.py's layouts
+PLAN_PRECISIONS = {"bf16": "mixed", "fp16": "mixed", "fp32": "fp32", "bf16-weights": "bf16"}
 
 
 @dataclass
@@ -584,19 +587,20 @@ def plan(model: str, *, drop: int | None = None, layers: int | None = None,
     if devices < 1 or batch < 1 or seq_len < 1:
         raise UserError(f"--num-processes {devices}, --batch {batch}, --seq-len {seq_len}: "
                         "each must be at least 1", fix="e.g. --num-processes 8 --batch 1")
-    if precision not in memory.PRECISIONS:
-        raise UserError(f"--precision {precision} is not one of {', '.join(memory.PRECISIONS)}",
-                        fix="bf16 (weights, gradients, moments in bf16), mixed (fp32 weights "
-                            "under autocast) or fp32")
+    if precision not in PLAN_PRECISIONS:
+        raise UserError(f"--precision {precision} is not one of {', '.join(PLAN_PRECISIONS)}",
+                        fix="bf16 or fp16 (a train stage's precision: autocast over fp32 "
+                            "weights), fp32, or bf16-weights (args.model_init_kwargs.dtype "
+                            "bfloat16: weights, gradients and moments in bf16)")
     shape = dataclasses.replace(memory.Shape.from_config(config, params=base.total),
                                 params=total, layers=s, per_layer=base.per_layer)
     strategies = [memory.strategy_of(launch)] if launch else list(memory.STRATEGIES)
     estimates = {}
     for strategy in strategies:
         count = 1 if strategy == "ddp" and not launch else devices
-        setup = memory.Setup(stage=stage, precision=precision, batch=batch, seq_len=seq_len,
-                             activation_checkpointing=checkpointing, strategy=strategy,
-                             devices=count)
+        setup = memory.Setup(stage=stage, precision=PLAN_PRECISIONS[precision], batch=batch,
+                             seq_len=seq_len, activation_checkpointing=checkpointing,
+                             strategy=strategy, devices=count)
         name = f"{strategy} x{count}" if strategy != "ddp" or count > 1 else "1 device"
         estimates[name] = memory.estimate(shape, setup)
     words = (f"{stage}, {precision}, batch {batch} x {seq_len} tokens, activation "

@@ -89,7 +89,34 @@ def _as_user_error(e: Exception) -> UserError | None:
 @click.pass_context
 def main(ctx, debug):
     """SOLAR-style depth up-scaling, training and merging on mergekit + TRL."""
+    from solar_merge import precision
+
     ctx.obj = {"debug": debug}
+    precision.show_on_stderr()  # each stage's precision and its reason
+
+
+def _force_precision(ctx, param, value):
+    """--precision X is SOLAR_MERGE_PRECISION=X for this command and the processes it starts
+    (stages, accelerate ranks); the variable is restored when the command ends."""
+    if value is None:
+        return
+    import os
+
+    from solar_merge.precision import ENV
+
+    before = os.environ.get(ENV)
+    os.environ[ENV] = value
+    ctx.call_on_close(lambda: os.environ.pop(ENV, None) if before is None
+                      else os.environ.__setitem__(ENV, before))
+
+
+_PRECISION = click.option(
+    "--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), expose_value=False,
+    callback=_force_precision,
+    help="Train and evaluate in this float format, over every stage's `precision:` (the same "
+         "as SOLAR_MERGE_PRECISION): auto (bf16 where the device computes it natively, fp16 on "
+         "CUDA GPUs older than compute capability 8.0, else fp32), bf16, fp16 (autocast over "
+         "fp32 weights; fp16 with loss scaling) or fp32.")
 
 
 _CONFIG_OUT = click.option("-o", "--output", "config_out", type=click.Path(dir_okay=False),
@@ -299,6 +326,7 @@ def expand(ctx, model, every, blocks, where, init, noise, seed, config_out, run_
               help="Prepare the output folder (model, data, recipe.yaml) and print the plan "
                    "of the stages; train nothing.")
 @click.argument("overrides", nargs=-1)
+@_PRECISION
 @_may_overwrite
 def demo(quick, out_dir, dry_run, overrides):
     """The main job: SOLAR's whole pipeline on the embedded SmolLM2-135M, offline.
@@ -360,6 +388,7 @@ def multi(ctx, args):
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output root (default: the recipe's `out:`, else runs/<name>).")
+@_PRECISION
 @click.pass_context
 @_may_overwrite
 def run_command(ctx, recipe, overrides, out_dir):
@@ -438,6 +467,7 @@ def _recipe_source(recipe: str):
 @click.option("--device-memory", metavar="SIZE",
               help="Memory of one device, e.g. 80GB: refuse what the estimate says cannot fit.")
 @click.option("--dry-run", is_flag=True, help="Check, print the memory estimate, train nothing.")
+@_PRECISION
 @_may_overwrite
 def train_command(stage_config, overrides, out_dir, dry_run, **launch):
     """Run one training stage (cpt, sft, dpo, stepwise_dpo); KEY=VALUE overrides the YAML,
@@ -584,7 +614,11 @@ def seam_command(model, data_file, samples, seq_len, layers, budget, out_dir):
               help="Devices the sharded strategies spread over.")
 @click.option("--stage", type=click.Choice(["cpt", "sft", "dpo"]), default="sft",
               show_default=True)
-@click.option("--precision", default="bf16", show_default=True, help="bf16, mixed or fp32.")
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32", "bf16-weights"]),
+              default="bf16", show_default=True,
+              help="A train stage's precision: bf16 / fp16 (autocast over fp32 weights, as "
+                   "TRL's bf16 / fp16), fp32, or bf16-weights (args.model_init_kwargs.dtype "
+                   "bfloat16: weights, gradients and moments in bf16).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Sequences per device.")
 @click.option("--seq-len", type=int, default=2048, show_default=True)
 @click.option("--checkpointing/--no-checkpointing", default=True, show_default=True,
@@ -692,6 +726,7 @@ def search_command(space, out_dir, trials, timeout, storage, keep_all):
 @click.option("--threads", type=int, help="CPU threads for generation (default: torch's; 1 is "
                                          "faster on a machine whose cores are busy).")
 @click.option("--license", "license_", help="License for the dataset card (e.g. mit).")
+@_PRECISION
 @_may_overwrite
 def synth_math_command(seed_data, out_dir, model, limit, samples_per_problem, batch_size, seed,
                        temperature, max_new_tokens, split, subset, engine, threads, license_):
@@ -736,6 +771,7 @@ _INCLUDE = click.option("--include-path", multiple=True, type=click.Path(),
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
               default="runs/eval", show_default=True,
               help="Folder for each model's lm-eval results.json and results.md/.csv/.png.")
+@_PRECISION
 @_may_overwrite
 def eval_command(models, tasks, include_path, num_fewshot, limit, batch_size, device,
                  apply_chat_template, model_args, prefetch, out_dir):

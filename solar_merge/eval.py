@@ -30,10 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from solar_merge.errors import UserError, did_you_mean
 from solar_merge.outputs import atomic_output, config_hash, fingerprint, is_complete
+from solar_merge.precision import REQUESTS
 from solar_merge.tasks import catalog
 
 RESULTS = "results.json"
 METRICS = "metrics.json"
+PRECISION = "precision.json"  # the dtype the models were evaluated in, and why
 # The one scalar `score` reports for a task when no metric is named.
 PRIMARY = {"solar_manual_ppl": "word_perplexity,none", "solar_manual_qa": "acc_norm,none",
            "solar_arith": "exact_match,flexible-extract", "h6": "average"}
@@ -62,6 +64,7 @@ class EvalSpec(_Strict):
     device: str | None = None
     apply_chat_template: bool = False
     model_args: dict = Field(default_factory=dict)
+    precision: Literal[REQUESTS] = "auto"  # type: ignore[valid-type]  # model_args.dtype wins
     contamination: ContaminationSpec | None = None
 
 
@@ -89,6 +92,9 @@ def parse_spec(spec: dict, *, where: str = "eval") -> EvalSpec:
                             fix=f"allowed keys: {', '.join(model.model_fields)}") from None
         raise UserError(f"{where}.{'.'.join(loc)}: {err['msg']}", fix="check the value") from None
     catalog.split_names(parsed.tasks)
+    from solar_merge.precision import requested
+
+    parsed.precision = requested(parsed.precision)  # SOLAR_MERGE_PRECISION: another result
     return parsed
 
 
@@ -97,7 +103,8 @@ def parse_spec(spec: dict, *, where: str = "eval") -> EvalSpec:
 def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | None = None,
              limit: float | None = None, batch_size: int | str = 8, device: str | None = None,
              apply_chat_template: bool = False, model_args: dict | None = None,
-             contamination: dict | None = None, base_dir=None) -> dict[str, dict]:
+             precision: str = "auto", contamination: dict | None = None, base_dir=None
+             ) -> dict[str, dict]:
     """Evaluate each model with lm-eval; return {label: lm-eval results dict}.
 
     models: a list of model folders / Hub ids (labelled by folder name) or {label: model}.
@@ -105,6 +112,8 @@ def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | N
     num_fewshot: lm-eval's override for every task (tasks whose YAML says 0 keep 0; refused
     with h6, which fixes its own). limit: the first N documents of each task (a float < 1: a
     share). model_args: more `hf` model arguments (dtype, max_length, ...).
+    precision: auto | bf16 | fp16 | fp32 (solar_merge.precision, decided for `device`): the
+    models' dtype unless model_args gives one; written to precision.json.
     contamination: {"train": [datasets], "n": 13, "fail_above": percent} checks the training
     sets against the tasks' documents first (solar_merge.contamination) and stops above the
     threshold. out: the output folder (None: nothing written). A finished `out` with the
@@ -116,9 +125,12 @@ def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | N
     for label, ref in labels.items():
         check_model(ref, label)
     device = device or _default_device()
-    hf_args = {"dtype": "auto", **(model_args or {})}
+    from solar_merge.precision import requested
+
+    request = requested(precision)
     run = {"tasks": names, "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size,
-           "device": device, "apply_chat_template": apply_chat_template, "model_args": hf_args,
+           "device": device, "apply_chat_template": apply_chat_template,
+           "model_args": model_args or {}, "precision": request,
            "include_path": [fingerprint(p) for p in catalog.include_paths(include_path)],
            "ours": fingerprint(catalog.TASKS_DIR), "lm_eval": _version("lm_eval")}
     keys = {label: config_hash({**run, "model": fingerprint(ref)})
@@ -129,6 +141,7 @@ def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | N
     if out is not None and is_complete(out, want):
         return read_results(out, labels)
     manager, loaded = catalog.load(names, include_path)  # reads the data: fails before any model
+    hf_args, chosen = model_dtype(request, device, model_args or {})
     settings = {"num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size,
                 "device": device, "apply_chat_template": apply_chat_template,
                 "task_manager": manager}
@@ -141,6 +154,7 @@ def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | N
         return any(work.glob(f"*/{RESULTS}"))
 
     with atomic_output(out, want, keep_partial=resumable) as work:
+        (work / PRECISION).write_text(json.dumps(chosen, indent=1) + "\n")
         if contamination:
             _contamination(contamination, loaded, work, base_dir)
         for label, ref in labels.items():
@@ -170,6 +184,22 @@ def prefetch(tasks, *, include_path=None) -> str:
     found = catalog.hub_datasets(names, manager)
     return (f"{len(loaded['tasks'])} task(s) ready offline; Hub data sets cached: "
             + (", ".join(sorted(found)) or "none (ours ship with the package)"))
+
+
+def model_dtype(request: str, device: str, model_args: dict) -> tuple[dict, dict]:
+    """(lm-eval `hf` model_args with a dtype, the record for precision.json): model_args'
+    own dtype, else the precision decision's for `device` (bfloat16 where it computes bf16
+    natively, float16 on older CUDA GPUs, float32 otherwise); announced at INFO."""
+    from solar_merge import precision
+
+    if model_args.get("dtype") is not None:
+        dtype = str(model_args["dtype"])
+        record = {"dtype": dtype, "reason": f"model_args dtype={dtype} (explicit)"}
+        precision.log.info("eval: dtype %s (model_args)", dtype)
+        return dict(model_args), record
+    chosen = precision.decide(request, precision.detect(device), training=False)
+    precision.announce(chosen, "eval")
+    return {**model_args, "dtype": chosen.dtype}, {"dtype": chosen.dtype, **chosen.record()}
 
 
 def parse_model_args(text: str | None) -> dict:

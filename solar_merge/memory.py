@@ -9,9 +9,11 @@
     print(est.describe())
 
 `from_stage(resolved_stage_config, shape, launch)` builds the Setup from a stage config (its
-`args`, `peft`, `trainable_layers`) the way the stage itself will run, so that the estimate and
-the run follow one rule (`precision()` is also what stages.common uses to pick the dtype the
-weights load in).
+`precision`, `args`, `peft`, `trainable_layers`) the way the stage itself will run, so that the
+estimate and the run follow one rule (`layout()`: the stage's precision decision, bf16/fp16
+autocast over fp32 weights as TRL does, 16-bit weights only from args.model_init_kwargs.dtype).
+A stage with `precision: auto` is decided on its device when it runs; before that (plans,
+no torch) its estimate is the larger of fp32 and mixed precision.
 
 The terms, per device, for P parameters of which T are trained, N devices, w bytes per weight
 (4 in fp32 and mixed precision, 2 in bf16), a bytes per activation (2 under bf16/autocast, 4 in
@@ -119,7 +121,7 @@ class Setup:
     """How the stage runs (per device)."""
 
     stage: str = "sft"                  # cpt | sft | dpo | stepwise_dpo
-    precision: str = "fp32"             # fp32 | bf16 | mixed (see precision())
+    precision: str = "fp32"             # fp32 | bf16 | mixed (see layout())
     batch: int = 8                      # sequences per device and step (before DPO's x2)
     seq_len: int = 1024
     trainable: int | None = None        # None: every parameter (full fine-tuning)
@@ -210,18 +212,17 @@ def _factored(shape: Shape, trainable: int) -> int:
 
 # -- from a stage config ---------------------------------------------------------------------
 
-def precision(args: dict) -> str:
-    """How a stage with these TRL `args` trains: bf16 (weights, gradients and moments in bf16,
-    as TRL does with a bf16 checkpoint), mixed (fp32 weights under bf16/fp16 autocast: args.fp16,
-    or args.bf16 with model_init_kwargs.dtype float32) or fp32."""
+def layout(args: dict, precision: str) -> str:
+    """How a stage with these TRL `args` trains at a decided `precision` (bf16 | fp16 | fp32,
+    solar_merge.precision): bf16 when args.model_init_kwargs.dtype loads 16-bit weights
+    (weights, gradients and moments in 16 bits), mixed for bf16/fp16 (autocast over fp32
+    weights, TRL's default dtype), else fp32."""
     init = args.get("model_init_kwargs") or {}
     dtype = str(init.get("dtype") or init.get("torch_dtype") or "") if isinstance(init, dict) \
         else ""
-    if args.get("fp16"):
-        return "mixed"
-    if args.get("bf16"):
-        return "mixed" if dtype in ("float32", "torch.float32") else "bf16"
-    return "fp32"
+    if dtype.removeprefix("torch.") in ("bfloat16", "float16"):
+        return "bf16"
+    return "fp32" if precision == "fp32" else "mixed"
 
 
 def parse_bytes(value) -> int:
@@ -254,11 +255,18 @@ def lora_params(shape: Shape, rank: int, targets=None) -> int:
     return per_layer * shape.layers
 
 
-def from_stage(resolved: dict, shape: Shape, launch: dict | None = None) -> Estimate:
+def from_stage(resolved: dict, shape: Shape, launch: dict | None = None,
+               precision: str | None = None) -> Estimate:
     """The estimate for a resolved stage config (solar_merge.stages.resolve) run with
     `launch` ({num_processes, num_machines, accelerate_config: preset name or path}):
-    the strategy is read from the preset (zero1/2/3 -> DeepSpeed, fsdp1/2 -> fsdp)."""
+    the strategy is read from the preset (zero1/2/3 -> DeepSpeed, fsdp1/2 -> fsdp).
+    precision: the decided one (bf16 | fp16 | fp32) where the device is known; otherwise the
+    stage's request, and for `auto` the larger of the fp32 and bf16 estimates."""
     args = resolved.get("args") or {}
+    request = precision or resolved.get("precision") or "auto"
+    if request == "auto":
+        return max((from_stage(resolved, shape, launch, p) for p in ("fp32", "bf16")),
+                   key=lambda e: e.total)
     launch = launch or {}
     devices = int(launch.get("num_processes") or 1)
     strategy = strategy_of(launch.get("accelerate_config"))
@@ -274,8 +282,8 @@ def from_stage(resolved: dict, shape: Shape, launch: dict | None = None) -> Esti
     seq = _count(resolved.get("seq_len") or args.get("max_length"), 1024)
     checkpointing = bool(args.get("gradient_checkpointing") or
                          args.get("activation_checkpointing"))
-    setup = Setup(stage=resolved.get("stage", "sft"), precision=precision(args), batch=batch,
-                  seq_len=seq, trainable=trainable, lora=bool(peft),
+    setup = Setup(stage=resolved.get("stage", "sft"), precision=layout(args, request),
+                  batch=batch, seq_len=seq, trainable=trainable, lora=bool(peft),
                   load_in_4bit=bool(resolved.get("load_in_4bit")),
                   activation_checkpointing=checkpointing,
                   # the reference is the policy's own start: scored once, not kept in memory

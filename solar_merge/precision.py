@@ -26,6 +26,7 @@ import logging
 import os
 import platform
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -135,10 +136,14 @@ def decide(request: str = "auto", device: Device | None = None, *, training: boo
     env = forced()
     request = env or check(request)
     device = device or detect()
-    asked = f"{ENV}={env}" if env else f"precision: {request}"
-    if request != "auto":
-        _warn_if_emulated(request, device, asked)
-        return Decision(request, request, f"asked for ({asked})", device)
+    if request == "auto":
+        return _auto(device, training)
+    asked = f"--precision / {ENV}={env}" if env else f"precision: {request}"
+    _warn_if_emulated(request, device, asked)
+    return Decision(request, request, f"asked for ({asked})", device)
+
+
+def _auto(device: Device, training: bool) -> Decision:
     if device.native_bf16:
         how = (f"compute capability >= {CUDA_BF16[0]}.{CUDA_BF16[1]}" if device.kind == "cuda"
                else "oneDNN bf16 and " + "/".join(f for f in BF16_FLAGS if f in device.flags))
@@ -157,6 +162,33 @@ def decide(request: str = "auto", device: Device | None = None, *, training: boo
                     "only for CUDA GPUs and CPUs; ask for one explicitly)", device)
 
 
+def announce(decision: Decision, what: str) -> None:
+    """`what: precision X (reason)` at INFO, once at the start of each stage or evaluation."""
+    log.info("%s: %s", what, decision)
+
+
+class _Stderr(logging.Handler):
+    """One plain line per message on sys.stderr as it is at that moment (click's test runner
+    replaces it); warnings start with `warning: `."""
+
+    def emit(self, record):
+        prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        sys.stderr.write(prefix + record.getMessage() + "\n")
+
+
+def show_on_stderr() -> None:
+    """Print this module's decisions and warnings on stderr: the CLI turns it on, and so does
+    a recipe's stage process when its parent had it (a fork server's children do not inherit
+    the parent's logging)."""
+    if not shown_on_stderr():
+        log.addHandler(_Stderr())
+    log.setLevel(logging.INFO)
+
+
+def shown_on_stderr() -> bool:
+    return any(isinstance(h, _Stderr) for h in log.handlers)
+
+
 def _warn_if_emulated(request: str, device: Device, asked: str) -> None:
     """One warning per process and (format, device) for a 16-bit format the device emulates."""
     native = {"bf16": device.native_bf16, "fp16": device.native_fp16}.get(request, True)
@@ -166,10 +198,9 @@ def _warn_if_emulated(request: str, device: Device, asked: str) -> None:
     cost = (f"a Linear layer's forward + backward ran {CPU_SLOWDOWN[request]} slower than in "
             "fp32 on a CPU without it (benchmarks/precision.py)" if device.kind == "cpu"
             else f"native bf16 needs compute capability {CUDA_BF16[0]}.{CUDA_BF16[1]}")
-    auto = decide("auto", device) if ENV not in os.environ else None
     log.warning("%s: %s does not compute %s natively, so it is emulated: %s. `precision: "
                 "auto` (--precision auto) chooses %s here", asked, device, request, cost,
-                auto.precision if auto else "the device's native format")
+                _auto(device, training=True).precision)
 
 
 # -- the device ----------------------------------------------------------------------------

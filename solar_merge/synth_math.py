@@ -292,7 +292,7 @@ class TransformersGenerator(Generator):
 
     name = "transformers"
 
-    def __init__(self, model: str, threads: int | None = None):
+    def __init__(self, model: str, threads: int | None = None, dtype: str = "float32"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -313,10 +313,10 @@ class TransformersGenerator(Generator):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.threads = threads
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
-                model, dtype=dtype, trust_remote_code=False).to(self.device).eval()
+                model, dtype=getattr(torch, dtype), trust_remote_code=False
+            ).to(self.device).eval()
         except Exception as e:  # noqa: BLE001
             raise remote_code_error(model, e) or UserError(
                 f"cannot load {model} as a causal language model ({type(e).__name__}: "
@@ -368,10 +368,10 @@ class VLLMGenerator(Generator):  # pragma: no cover - needs vLLM and a GPU (not 
 
     name = "vllm"
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, dtype: str = "auto"):
         from vllm import LLM
 
-        self.llm = LLM(model=model, trust_remote_code=False)
+        self.llm = LLM(model=model, dtype=dtype, trust_remote_code=False)
         self.tokenizer = self.llm.get_tokenizer()
         _require_chat_template(self.tokenizer, model)
 
@@ -404,15 +404,16 @@ def pick_engine(engine: str) -> str:
     return "vllm" if torch.cuda.is_available() else "transformers"
 
 
-def load_generator(model: str, engine: str, threads: int | None = None) -> Generator:
+def load_generator(model: str, engine: str, threads: int | None = None,
+                   dtype: str = "float32") -> Generator:
     if engine == "vllm":
         try:
-            return VLLMGenerator(model)
+            return VLLMGenerator(model, dtype)
         except ImportError:
             raise UserError("engine vllm: the vllm package is not installed",
                             fix="pip install vllm (needs a GPU), or use --engine transformers"
                             ) from None
-    return TransformersGenerator(model, threads)
+    return TransformersGenerator(model, threads, dtype)
 
 
 # -- the checks ------------------------------------------------------------------------------
@@ -474,8 +475,12 @@ class Options:
     engine: str = "auto"
     threads: int | None = None    # CPU threads of transformers' generation (None: torch's)
     license: str | None = None
+    precision: str = "auto"       # the generating model's dtype (solar_merge.precision)
 
     def check(self) -> None:
+        from solar_merge.precision import check
+
+        check(self.precision)
         if self.limit is not None and self.limit < 1:
             raise UserError(f"limit is {self.limit}: no problem would be rephrased",
                             fix="give a positive number of seed problems, or leave it out")
@@ -550,8 +555,12 @@ def synth_math(source, out_dir, options: Options | None = None, *,
     if os.path.exists(str(model_id)):
         model_id = str(Path(model_id).absolute())
     out = Path(os.path.expanduser(str(out_dir))).absolute()
+    from solar_merge import precision
+
+    request = precision.requested(o.precision)
     want = config_hash({"version": VERSION, "seed_data": fingerprint(source),
                         "split": o.split, "subset": o.subset, "limit": o.limit,
+                        "precision": request,
                         "model": fingerprint(model_id) if os.path.exists(model_id) else model_id,
                         "engine": engine, **{k: getattr(o, k) for k in (
                             "samples_per_problem", "batch_size", "seed", "temperature",
@@ -562,14 +571,16 @@ def synth_math(source, out_dir, options: Options | None = None, *,
     # Refused before anything is written: a folder we may not replace, a model that does not
     # load, a tokenizer without a chat template.
     check_replaceable(out)
-    gen = generator or load_generator(model, engine, o.threads)
+    chosen = precision.decide(request, training=False)
+    precision.announce(chosen, "synth-math")
+    gen = generator or load_generator(model, engine, o.threads, chosen.dtype)
     with atomic_output(out, want, keep_partial=True) as work:
         state = _resume(work, want)
         t0 = time.perf_counter()
         state = _generate(problems, gen, o, work, state, progress)
         seconds = time.perf_counter() - t0
         report = _write_outputs(work, state, problems, skipped_seeds, o, source, model_id,
-                                engine, seconds)
+                                engine, seconds, chosen.record())
     return _result(out, report, seconds=seconds)
 
 
@@ -681,7 +692,7 @@ def _write_json(path: Path, data) -> None:
 
 
 def _write_outputs(work: Path, state: dict, problems, skipped_seeds: Counter, o: Options,
-                   source, model_id: str, engine: str, seconds: float) -> dict:
+                   source, model_id: str, engine: str, seconds: float, chosen: dict) -> dict:
     attempts = _read_jsonl(work / ATTEMPTS)
     kept = [r for r in attempts if r["kept"]]
     _write_lines(work / INSTRUCT, [{"prompt": r["rephrased_question"],
@@ -692,7 +703,7 @@ def _write_outputs(work: Path, state: dict, problems, skipped_seeds: Counter, o:
     dropped = Counter(r["reason"] for r in attempts if not r["kept"])
     minutes = state["seconds"] / 60
     report = {
-        "seed_data": str(source), "model": model_id, "engine": engine,
+        "seed_data": str(source), "model": model_id, "engine": engine, "precision": chosen,
         "problems": len(problems), "attempts": len(attempts), "kept": len(kept),
         "kept_fraction": round(len(kept) / len(attempts), 4) if attempts else 0.0,
         "dropped": {r: dropped[r] for r in REASONS if dropped[r]},
@@ -761,6 +772,8 @@ def _write_card(work: Path, report: dict, o: Options, source) -> None:
         "- synth_attempts.jsonl: every attempt with its verdict; synth_report.json: the counts",
         "", "| | |", "|---|---|",
         f"| seed data | {name(str(source))} |", f"| model | {name(report['model'])} |",
+        (f"| precision | {report['precision']['precision']} "
+         f"({report['precision']['reason']}) |"),
         f"| seed problems | {report['problems']} |",
         (f"| attempts | {report['attempts']} ({o.samples_per_problem} per problem, "
          f"temperature {o.temperature}, seed {o.seed}) |"),

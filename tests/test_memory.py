@@ -68,39 +68,48 @@ def test_plan_shows_the_formula_the_stage_runs_with(tmp_path):
     assert 171e9 < 16 * info.params < 173e9
     dpo = memory.from_stage(p.stages["dpo_avg"].config, shape).terms
     assert dpo["reference model"] == 4 * info.params
-    # the shipped recipe trains in bf16: weights, gradients and moments at 2 bytes each
+    # the shipped recipe trains with args.bf16 (TRL's meaning: bf16 autocast over fp32
+    # weights): fp32 weights, gradients and moments, plus the bf16 copies autocast makes
     bf16 = memory.from_stage(p.stages["sft_orca"].config, shape).terms
-    assert bf16["weights"] == 2 * info.params and "16-bit weight copies" not in bf16
+    assert p.stages["sft_orca"].config["precision"] == "bf16"
+    assert bf16["weights"] == 4 * info.params and bf16["16-bit weight copies"] == 2 * info.params
 
 
-@pytest.mark.parametrize("args, dtype", [({}, "float32"), ({"bf16": True}, "bfloat16"),
-                                         ({"fp16": True}, "float32"),
-                                         ({"bf16": True, "model_init_kwargs":
-                                           {"dtype": "float32"}}, "float32")])
-def test_weights_load_in_the_dtype_the_stage_trains_in(tmp_path, tiny_model, args, dtype,
-                                                       monkeypatch):
+@pytest.mark.parametrize("config, dtype, layout", [
+    ({}, "float32", None),                                   # auto: decided on this machine
+    ({"args": {"bf16": True}}, "float32", "mixed"),          # TRL's bf16: autocast, fp32 weights
+    ({"precision": "bf16"}, "float32", "mixed"),
+    ({"args": {"fp16": True}}, "float32", "mixed"),
+    ({"args": {"model_init_kwargs": {"dtype": "bfloat16"}}}, "bfloat16", "bf16"),
+    ({"precision": "fp32"}, "float32", "fp32")])
+def test_weights_load_in_the_dtype_the_estimate_counts(tmp_path, tiny_model, config, dtype,
+                                                       layout, monkeypatch):
     import torch
 
     from solar_merge.stages import common, train
+    from solar_merge.stages.schema import resolve
 
     seen = []
 
     def stop(trainer, info):
-        seen.append(trainer.model.dtype)
+        seen.append((trainer.model.dtype, trainer.args.bf16, trainer.args.fp16))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(common, "TRAINER_HOOKS", [stop])
     (tmp_path / "c.txt").write_text("some text to pack\n\n" * 40)
-    if args.get("fp16"):
+    if config.get("args", {}).get("fp16"):
         pytest.importorskip("torch").cuda.is_available() or pytest.skip("fp16 needs a GPU")
+    stage = {"stage": "cpt", "model": str(tiny_model), "datasets": [str(tmp_path / "c.txt")],
+             "seq_len": 16, **config, "args": {"max_steps": 1, **config.get("args", {})}}
     with pytest.raises(KeyboardInterrupt):
-        train({"stage": "cpt", "model": str(tiny_model), "datasets": [str(tmp_path / "c.txt")],
-               "seq_len": 16, "args": {"max_steps": 1, **args}}, tmp_path / "out")
-    assert seen == [getattr(torch, dtype)]
-    expected = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
-    if args.get("fp16") or args.get("model_init_kwargs"):
-        expected = "mixed"
-    assert memory.precision(args) == expected
+        train(stage, tmp_path / "out")
+    resolved = resolve(stage)
+    chosen = common.decide_precision(resolved).precision
+    assert seen == [(getattr(torch, dtype), chosen == "bf16", chosen == "fp16")]
+    expected = layout or ("fp32" if chosen == "fp32" else "mixed")
+    assert memory.layout(resolved["args"], chosen) == expected
+    assert memory.from_stage(resolved, Shape(1000, 2, 8, 16, 10), precision=chosen
+                             ).setup.precision == expected
 
 
 def deepspeed_zero3_gpu_bytes(total_params, largest_layer_params, num_gpus_per_node=1,

@@ -90,7 +90,7 @@ def single(tmp_path_factory, smollm2):
     """The 1-process run (batch 2) in its own interpreter: (config, output, peaks)."""
     folder = tmp_path_factory.mktemp("single")
     config = {"stage": "cpt", "model": str(smollm2), "datasets": [str(_corpus(folder))],
-              "seq_len": 32,
+              "seq_len": 32, "precision": "fp32",
               "args": {**ARGS, "per_device_train_batch_size": 2, "save_steps": 1000}}
     out = folder / "out"
     proc = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(config), str(out)],

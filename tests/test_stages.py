@@ -106,7 +106,8 @@ def test_resolve_imports_no_torch_and_fills_defaults(tmp_path, tiny_model):
     r = json.loads(out.stdout)
     assert r["datasets"][0]["path"] == str(tmp_path / "d.jsonl")
     assert r["args"]["max_length"] == 64 and r["args"]["packing"] is True
-    assert r["args"]["report_to"] == "none" and r["args"]["bf16"] is False
+    assert r["args"]["report_to"] == "none" and r["precision"] == "auto"
+    assert "bf16" not in r["args"]  # TRL's bf16/fp16: the precision decision's, at train time
 
 
 def test_overrides_and_relative_paths(tmp_path, tiny_model):
@@ -620,6 +621,35 @@ def test_cli_train_reports_user_errors(tmp_path, tiny_model):
                                        "-o", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "did you mean `learning_rate`" in result.output
+
+
+def test_a_stage_reports_the_precision_it_chose(tmp_path, tiny_model, hooks):
+    """A real cpt stage (2 steps) through the CLI: its output and its card name the precision
+    it trained in and why, TRL got the matching bf16/fp16, the weights loaded in float32.
+    On a CPU without avx512_bf16 / amx_bf16 (this machine: AMD EPYC, AVX2) auto is fp32."""
+    import torch
+
+    from solar_merge import precision
+    from solar_merge.cli import main
+
+    corpus = _text_file(tmp_path)
+    cfg = tmp_path / "cpt.yaml"
+    cfg.write_text(f"stage: cpt\nmodel: {tiny_model}\ndatasets: [{corpus}]\nseq_len: 16\n"
+                   "args: {max_steps: 2, logging_steps: 1, per_device_train_batch_size: 2}\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["train", str(cfg), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    chosen = precision.decide("auto")
+    line = f"cpt: precision {chosen.precision} ({chosen.reason})"
+    assert line in result.output
+    assert f"- precision: `{chosen.precision} ({chosen.reason})`" in (out / "README.md").read_text()
+    (trainer, _), = hooks
+    assert (trainer.args.bf16, trainer.args.fp16) == (chosen.precision == "bf16",
+                                                      chosen.precision == "fp16")
+    assert trainer.model.dtype == torch.float32  # autocast or not, the weights are fp32
+    flags = precision.cpu_flags()
+    if not torch.cuda.is_available() and not any(flags.get(f) for f in precision.BF16_FLAGS):
+        assert chosen.precision == "fp32" and not trainer.args.bf16, chosen
 
 
 # -- validate: chat data needs a chat template, checked before anything runs ----------------

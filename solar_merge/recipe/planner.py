@@ -622,8 +622,10 @@ class _Planner:
         launch = c.get("launch") or {}
         est = from_stage(c, shape, launch)
         plan.memory = est.total + RUNTIME
-        plan.memory_note = ("per device: " + " + ".join(est.terms) + " + runtime "
-                            "(solar_merge/memory.py)")
+        auto = ("; precision auto: the larger of fp32 and bf16 mixed precision"
+                if c.get("precision") == "auto" else "")
+        plan.memory_note = (f"per device: {' + '.join(est.terms)} + runtime "
+                            f"(solar_merge/memory.py{auto})")
         if launch.get("device_memory") and plan.memory > launch["device_memory"]:
             self.problems.append(
                 f"stages.{plan.name}.train: needs about {human(plan.memory, 'B')} per device "
@@ -795,6 +797,9 @@ class _Planner:
 
         where = f"stages.{name}.synth_math"
         spec = stage.synth_math.model_dump()
+        from solar_merge.precision import requested
+
+        spec["precision"] = requested(spec["precision"])  # SOLAR_MERGE_PRECISION: another run
         deps: list[str] = []
         inputs = [spec["data"]] + ([spec["model"]] if spec["model"] else [])
         if spec["model"] is not None:
@@ -824,7 +829,8 @@ class _Planner:
         info = self.info(model, deps_plans)
         if info is not None and info.params:
             plan.memory = info.params * 4 + _OVERHEAD
-            plan.memory_note = "the generating model in fp32 (bf16 on a GPU) + overhead"
+            plan.memory_note = ("the generating model in fp32 (less in bf16/fp16, where the "
+                                "device computes them natively) + overhead")
     # -- end of the synth_math stage --
 
     # -- the sweep stage (issue 14): merge at every grid point, keep the best ----------------

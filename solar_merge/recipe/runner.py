@@ -116,8 +116,11 @@ def _in_child(fn, what: str, fix: str):
     a word (the OOM killer, a signal) is a UserError naming `what`, with `fix`."""
     ctx = _context()
     receive, send = ctx.Pipe(duplex=False)
-    # a forked process has the fork server's environment and folder, from when it started
-    process = ctx.Process(target=_child, args=(fn, what, send, dict(os.environ), os.getcwd()))
+    from solar_merge import precision
+
+    # a forked process has the fork server's environment, folder and logging: ours are passed
+    process = ctx.Process(target=_child, args=(fn, what, send, dict(os.environ), os.getcwd(),
+                                               precision.shown_on_stderr()))
     process.start()
     send.close()
     try:
@@ -133,9 +136,10 @@ def _in_child(fn, what: str, fix: str):
     return report["result"], report["peak_rss_mb"]
 
 
-def _child(fn, what: str, send, environ: dict, cwd: str) -> None:
-    """The body of _in_child's process: fn() with the caller's environment and folder, then
-    its result and peak memory, or its error as an exception the parent can raise."""
+def _child(fn, what: str, send, environ: dict, cwd: str, show_precision: bool = False) -> None:
+    """The body of _in_child's process: fn() with the caller's environment and folder (and
+    the precision decisions on stderr if the caller shows them), then its result and peak
+    memory, or its error as an exception the parent can raise."""
     import resource
     import traceback
 
@@ -143,6 +147,10 @@ def _child(fn, what: str, send, environ: dict, cwd: str) -> None:
         os.environ.clear()
         os.environ.update(environ)
         os.chdir(cwd)
+        if show_precision:
+            from solar_merge import precision
+
+            precision.show_on_stderr()
         result = fn()
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

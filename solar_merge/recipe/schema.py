@@ -73,6 +73,7 @@ class SynthMathSpec(_Strict):  # issue 17: solar_merge.synth_math (checks the va
     seed: int = 0
     engine: Literal["auto", "transformers", "vllm"] = "auto"
     threads: int | None = Field(default=None, ge=1)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # solar_merge.precision
 
 
 class Stage(_Strict):

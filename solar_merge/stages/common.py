@@ -151,7 +151,9 @@ def _say(msg: str) -> None:
 # -- TRL config ----------------------------------------------------------------------------
 
 def trl_args(resolved: dict, work: Path, cls_name: str):
-    """(trl config, model_init_kwargs) from the stage's `args`, validated by TRL itself."""
+    """(trl config, model_init_kwargs) from the stage's `args`, validated by TRL itself.
+    bf16/fp16 are the precision decision's (`decide_precision`); weights load in float32
+    (TRL's default) unless args.model_init_kwargs.dtype says otherwise."""
     import dataclasses
 
     import torch
@@ -164,7 +166,9 @@ def trl_args(resolved: dict, work: Path, cls_name: str):
         init_kwargs = json.loads(init_kwargs)
     if "use_cpu" not in kwargs and not torch.cuda.is_available():
         kwargs["use_cpu"] = True
-    init_kwargs.setdefault("dtype", train_dtype(kwargs))
+    chosen = decide_precision(resolved).precision
+    kwargs.update(bf16=chosen == "bf16", fp16=chosen == "fp16")
+    init_kwargs.setdefault("dtype", "float32")
     try:
         args = cls(output_dir=str(work), **kwargs)
     except TypeError as e:
@@ -427,20 +431,16 @@ def load_tokenizer(model: str, field: str = "model"):
                             "mergekit outputs)") from None
 
 
-def train_dtype(args: dict) -> str:
-    """The dtype the weights load in, i.e. the one the stage trains in, by the rule the memory
-    estimate uses (memory.precision): bfloat16 with args.bf16 (weights, gradients and AdamW
-    moments in bf16, as TRL does with a bf16 checkpoint); float32 otherwise, also with
-    args.fp16 (the Trainer's gradient scaler cannot train fp16 weights: fp32 weights under
-    fp16 autocast). args.model_init_kwargs.dtype overrides it (float32 with bf16: fp32 weights
-    under bf16 autocast, i.e. mixed precision)."""
-    from solar_merge.memory import precision
+def decide_precision(resolved: dict):
+    """solar_merge.precision's decision for the stage's `precision:` request, on the device
+    it trains on (every rank of a launch sees the same kind)."""
+    from solar_merge.precision import decide
 
-    return "bfloat16" if precision(args) == "bf16" else "float32"
+    return decide(resolved.get("precision", "auto"), training=True)
 
 
 def load_model(model: str, init_kwargs: dict | None = None, field: str = "model"):
-    """The model in model_init_kwargs.dtype (trl_args fills in train_dtype)."""
+    """The model in model_init_kwargs.dtype (float32 unless given, as trl_args does)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(init_kwargs or {})

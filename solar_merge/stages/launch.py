@@ -82,10 +82,16 @@ def run(resolved: dict, out_dir: Path) -> Path:
         return out_dir
     common.preflight(resolved)
     stage = importlib.import_module(STAGE_MODULES[resolved["stage"]])
+    chosen = common.decide_precision(resolved)
+    if common.is_main():
+        from solar_merge.precision import announce
+
+        announce(chosen, resolved["stage"])
     with common.owned_output(out_dir, h) as work:
         with during(f"{resolved['stage']} training of {resolved['model']}"):  # [HARDEN]
             facts = stage.run_stage(resolved, work) or {}
         if common.is_main():
+            facts["precision"] = f"{chosen.precision} ({chosen.reason})"
             if n > 1:
                 facts["processes"] = (f"{n} ({common.distributed_state().distributed_type.value}"
                                       ", launched by torchrun/accelerate)")
@@ -141,7 +147,8 @@ def launch_command(resolved: dict, config_file: Path, out_dir: Path) -> list[str
     """The accelerate launch command line for the stage's `launch:`. A TRL preset name is
     resolved by TRL's own resolver (trl/cli/accelerate_config.py); without a config file,
     more than one process means plain DDP (--multi_gpu: gloo on CPU, nccl on GPUs). Mixed
-    precision follows the stage's args (bf16/fp16), over the preset's."""
+    precision is the stage's precision decision, made here on the machine the processes run
+    on (the processes decide the same), over the preset's."""
     launch = resolved.get("launch") or {}
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if launch.get("accelerate_config"):
@@ -152,9 +159,10 @@ def launch_command(resolved: dict, config_file: Path, out_dir: Path) -> list[str
                 "main_process_port"):
         if launch.get(key) is not None:
             cmd += [f"--{key}", str(launch[key])]
-    args = resolved.get("args") or {}
-    cmd += ["--mixed_precision", "bf16" if args.get("bf16") else "fp16" if args.get("fp16")
-            else "no"]
+    from solar_merge.stages.common import decide_precision
+
+    chosen = decide_precision(resolved).precision
+    cmd += ["--mixed_precision", "no" if chosen == "fp32" else chosen]
     return cmd + ["-m", "solar_merge", "train", str(config_file), "-o", str(out_dir)]
 
 
@@ -199,8 +207,10 @@ def check_fit(resolved: dict, launch: dict):
     shape = model_shape(resolved["model"])
     if shape is None:
         return None
+    from solar_merge.stages.common import decide_precision
+
     effective = {**_launch_file_settings(launch), **launch}
-    est = memory.from_stage(resolved, shape, effective)
+    est = memory.from_stage(resolved, shape, effective, decide_precision(resolved).precision)
     given = launch.get("device_memory")
     available = given or detected_device_memory(effective)
     need = est.total + memory.RUNTIME
@@ -232,8 +242,9 @@ def _what_fits(shape, est, available: int) -> str:
         r16 = memory.lora_params(shape, 16, "all-linear")
         tries.append(("peft: {r: 16, target_modules: all-linear} (LoRA)",
                       {"lora": True, "trainable": r16}))
-    if s.precision == "fp32":
-        tries.append(("args.bf16: true", {"precision": "bf16"}))
+    if s.precision != "bf16":
+        tries.append(("args.model_init_kwargs: {dtype: bfloat16} (bf16 weights, gradients and "
+                      "moments)", {"precision": "bf16"}))
     fits = []
     for label, change in tries:
         other = memory.with_strategy(est, shape, **change)
@@ -241,8 +252,8 @@ def _what_fits(shape, est, available: int) -> str:
             fits.append(f"{label} (~{human(other.total + memory.RUNTIME, 'B')} per device)")
     if fits:
         return "any of these fits: " + "; ".join(fits)
-    return ("none of ZeRO-3/FSDP, activation checkpointing, LoRA or bf16 alone fits: combine "
-            "them, use more devices (launch.num_processes) or devices with more memory")
+    return ("none of ZeRO-3/FSDP, activation checkpointing, LoRA or bf16 weights alone fits: "
+            "combine them, use more devices (launch.num_processes) or devices with more memory")
 
 
 def model_shape(model: str):
@@ -301,7 +312,10 @@ def describe(resolved: dict, launch: dict, estimate, out_dir: Path) -> str:
              + (f" over {launch['num_machines']} machines"
                 if launch.get("num_machines", 1) > 1 else "")
              + (f" ({launch['accelerate_config']})" if launch.get("accelerate_config") else ""))
-    lines = [f"{resolved['stage']}: {resolved['model']} -> {out_dir}, {where}"]
+    from solar_merge.stages.common import decide_precision
+
+    lines = [f"{resolved['stage']}: {resolved['model']} -> {out_dir}, {where}",
+             str(decide_precision(resolved))]
     if estimate is None:
         lines.append("memory: unknown (the model's config.json is not available offline)")
     else:

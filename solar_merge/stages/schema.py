@@ -26,6 +26,10 @@ A stage config (YAML) names a model, its data and `args:`, passed verbatim to `t
       accelerate_config: zero3 # file), num_processes (in all), num_machines, machine_rank,
                                # main_process_ip, main_process_port, device_memory
     output: out/sft            # optional default output folder (the CLI's -o wins)
+    precision: auto            # auto | bf16 | fp16 | fp32 (solar_merge/precision.py): bf16 /
+                               # fp16 autocast over fp32 weights, as TRL's args.bf16 / fp16;
+                               # those args are read as this key, model_init_kwargs.dtype
+                               # bfloat16 (bf16 weights) as bf16
     args:                      # trl.SFTConfig / trl.DPOConfig fields, e.g.
       learning_rate: 5.0e-5
       max_steps: 40
@@ -42,6 +46,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from solar_merge.errors import UserError, did_you_mean
+from solar_merge.precision import REQUESTS
 
 STAGES = ("cpt", "sft", "dpo", "stepwise_dpo")
 DATA_FORMATS = ("auto", "text", "alpaca", "openorca", "messages", "prompt_completion",
@@ -101,6 +106,7 @@ class StageConfig(BaseModel):
     load_in_4bit: bool = False             # QLoRA
     launch: LaunchSpec | None = None
     output: str | None = None
+    precision: Literal[REQUESTS] = "auto"  # type: ignore[valid-type]
     args: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("datasets", "eval_datasets", mode="before")
@@ -460,14 +466,15 @@ def resolve(config: dict, overrides=(), base_dir=None) -> dict:
                         fix="use a reference model with the same tokenizer/vocabulary "
                             "(usually the SFT model that `model` starts from)")
 
-    # Our defaults: quiet, resumable, fp32 unless asked (TRL would turn bf16 on by itself).
+    args, request = fold_precision(cfg.precision, args)
+    # Our defaults: quiet, resumable; bf16/fp16 are the precision decision's (train time).
     seq = cfg.seq_len
     if seq is not None and args.get("max_length", seq) != seq:
         raise UserError(f"seq_len ({seq}) and args.max_length ({args['max_length']}) disagree",
                         fix="set only one of them")
     defaults: dict[str, Any] = {"report_to": "none", "save_strategy": "steps",
                                 "save_steps": 200, "save_total_limit": 2, "seed": 42,
-                                "bf16": False, "disable_tqdm": False}
+                                "disable_tqdm": False}
     if stage == "cpt":
         defaults.update(packing=True, packing_strategy="wrapped", max_length=seq or 512,
                         dataset_text_field="text", completion_only_loss=False)
@@ -477,8 +484,6 @@ def resolve(config: dict, overrides=(), base_dir=None) -> dict:
             defaults["max_length"] = seq
     elif seq:
         defaults["max_length"] = seq
-    if args.get("fp16"):
-        defaults.pop("bf16")
     args = {**defaults, **args}
     if stage == "cpt" and not args.get("packing"):
         pass  # allowed: plain causal LM without packing
@@ -486,7 +491,8 @@ def resolve(config: dict, overrides=(), base_dir=None) -> dict:
         seq = args["max_length"]
 
     out = cfg.model_dump()
-    out.update(model=model, ref_model=ref, datasets=datasets, args=args, seq_len=seq)
+    out.update(model=model, ref_model=ref, datasets=datasets, args=args, seq_len=seq,
+               precision=request)
     if eval_sets:  # [UPSCALE] absent otherwise: resolved configs (and hashes) stay as they were
         out["eval_datasets"] = eval_sets
     else:
@@ -505,6 +511,42 @@ def resolve(config: dict, overrides=(), base_dir=None) -> dict:
     if out.get("output"):
         out["output"] = str((base_dir / os.path.expanduser(out["output"])).absolute())
     return out
+
+
+def fold_precision(stated: str, args: dict) -> tuple[dict, str]:
+    """(args without bf16/fp16, the precision request): the stage's `precision:`, else what
+    TRL's args.bf16 / args.fp16 or a 16-bit model_init_kwargs.dtype ask for, else auto;
+    SOLAR_MERGE_PRECISION over all of them (it also loads 16-bit weights in float32 unless
+    it forces their own format). Disagreeing settings are a UserError."""
+    from solar_merge import precision
+
+    args = dict(args)
+    flags = {k: args.pop(k) for k in ("bf16", "fp16") if args.get(k) is not None}
+    init = args.get("model_init_kwargs")
+    dtype = (init.get("dtype") or init.get("torch_dtype")) if isinstance(init, dict) else None
+    weights = {"bfloat16": "bf16", "float16": "fp16"}.get(str(dtype).removeprefix("torch."))
+    on = [k for k, v in flags.items() if v]
+    if len(on) == 2:
+        raise UserError("args.bf16 and args.fp16 are both true", fix="keep one, or set "
+                        "`precision:` (auto, bf16, fp16, fp32) instead of both")
+    if weights and on and on[0] != weights:
+        raise UserError(f"args.model_init_kwargs.dtype {dtype} and args.{on[0]}: true disagree",
+                        fix="remove one of them")
+    from_args = on[0] if on else weights or ("fp32" if flags else None)
+    if stated != "auto" and from_args not in (None, stated):
+        source = (f"args.{on[0]}: true" if on else f"args.model_init_kwargs.dtype {dtype}"
+                  if weights else ", ".join(f"args.{k}: false" for k in flags))
+        raise UserError(f"precision: {stated} and {source} disagree",
+                        fix=f"set only one of them (`precision: {stated}` sets TRL's "
+                            "bf16/fp16: autocast over fp32 weights)")
+    request = stated if stated != "auto" else from_args or "auto"
+    forced = precision.forced()
+    if forced:
+        request = forced
+        if weights and weights != forced:
+            args["model_init_kwargs"] = {k: v for k, v in init.items()
+                                         if k not in ("dtype", "torch_dtype")}
+    return args, request
 
 
 def stage_hash(resolved: dict) -> str:

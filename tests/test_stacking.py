@@ -378,11 +378,11 @@ def _files(folder: Path) -> dict:
                                    "between-renames", "timed"])
 def test_sigkill_then_rerun_gives_the_uninterrupted_result(point, tiny_model, tmp_path):
     config = _write(tmp_path / "dus.yaml", _config(tiny_model, [(0, 3), (1, 4)]))
-    reference = merge(config, tmp_path / "reference", options={"out_shard_size": 20_000})
+    reference = merge(config, tmp_path / "reference")
     out = tmp_path / "out"
-    args = CLI + ["yaml", str(config), str(out), "--out-shard-size", "20K"]
+    args = CLI + ["yaml", str(config), str(out)]
     if point == "between-renames":  # an older result is being replaced when the kill lands
-        merge(config, out, options={"out_shard_size": 20_000})
+        merge(config, out)
         (out / MARKER).write_text('{"config_hash": "older"}')
     env = {**os.environ, "SOLAR_MERGE_KILL_AT": point}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -58,6 +58,7 @@ def run_measured(cmd, *, cwd=None, env=None, log_name="cmd"):
                 "print('Maximum resident set size (kbytes): %d'%resource.getrusage("
                 "resource.RUSAGE_CHILDREN).ru_maxrss,file=sys.stderr);sys.exit(r)")
                 ] + [str(c) for c in cmd]
+    load = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     with open(logfile, "w") as f:
         proc = subprocess.run(full, check=False, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -67,7 +68,8 @@ def run_measured(cmd, *, cwd=None, env=None, log_name="cmd"):
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}); tail of "
                            f"{logfile}:\n{text[-3000:]}")
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return {"wall_s": wall, "peak_rss_mb": int(m.group(1)) / 1024 if m else None}
+    return {"wall_s": wall, "peak_rss_mb": int(m.group(1)) / 1024 if m else None,
+            "load_1m_before": load}
 
 
 def folder_bytes(folder) -> int:
@@ -140,10 +142,24 @@ def machine():
 
 # -- 1 & 2: DUS ------------------------------------------------------------------------------
 
+def filesystem(path) -> str:
+    """The type and device of the filesystem holding `path` (the longest mount point above it
+    in /proc/mounts)."""
+    path, best = os.path.realpath(path), ("?", "?", "")
+    for line in Path("/proc/mounts").read_text().splitlines():
+        device, point, kind = line.split()[:3]
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[2]):
+            best = (kind, device, point)
+    return f"{best[0]} ({best[1]} on {best[2]})"
+
+
 def dus_pair(model: Path, drop: int, repeats: int, tag: str, extra_opts=()):
-    """Ours (`solar-merge dus --run OUT [mergekit options]`) vs stock
-    `mergekit-yaml --clone-tensors --copy-tokenizer` on the config `solar-merge dus -o` writes;
-    then the floor: `cp -r` of the output folder (same bytes, same disk, no sync)."""
+    """Three ways to the same DUS, side by side: *fast* (`solar-merge dus --run OUT`, which
+    copies tensor bytes for this pure slice config), *ours* (the mergekit path: the same
+    command with `--no-fast`) and *stock* `mergekit-yaml --clone-tensors --copy-tokenizer` on
+    the config `solar-merge dus -o` writes; then the floor: `cp -r` of the output folder
+    (same bytes, same disk, no sync)."""
     work = SCRATCH / tag
     rm(work)
     work.mkdir(parents=True)
@@ -152,17 +168,19 @@ def dus_pair(model: Path, drop: int, repeats: int, tag: str, extra_opts=()):
                    check=True, capture_output=True)
     input_bytes = folder_bytes(model)
     out = work / "out"
-    ours_cmd = [tool("solar-merge"), "dus", model, "--drop", drop, "--run", out, *extra_opts]
+    fast_cmd = [tool("solar-merge"), "dus", model, "--drop", drop, "--run", out, *extra_opts]
+    ours_cmd = [tool("solar-merge"), "dus", model, "--drop", drop, "--run", out, "--no-fast",
+                *extra_opts]
     stock_cmd = [tool("mergekit-yaml"), cfg, out, "--clone-tensors", "--copy-tokenizer",
                  *extra_opts]
-    rows = {"ours": [], "stock": [], "floor_cp": []}
+    rows = {"fast": [], "ours": [], "stock": [], "floor_cp": []}
     out_bytes = None
+    sides = [("fast", fast_cmd), ("ours", ours_cmd), ("stock", stock_cmd)]
     for r in range(repeats):
-        # Alternate who goes first: the first run follows the floor's 2x output-size copy,
-        # which evicts the input from the page cache (at real scale the input does not fit
-        # beside the output in RAM), so a fixed order would always penalise the same side.
-        sides = (("ours", ours_cmd), ("stock", stock_cmd))
-        for i, (side, cmd) in enumerate(sides if r % 2 == 0 else sides[::-1]):
+        # Rotate who goes first: the first run follows the floor's 2x output-size copy, which
+        # evicts the input from the page cache (at real scale the input does not fit beside
+        # the output in RAM), so a fixed order would always penalise the same side.
+        for side, cmd in sides[r % 3:] + sides[:r % 3]:
             need_disk(input_bytes * 1.6 / 1e9 + 1, f"{tag} {side} #{r + 1}")
             rm(out)
             log(f"{tag}: {side} #{r + 1}: {' '.join(map(str, cmd))}")
@@ -170,26 +188,31 @@ def dus_pair(model: Path, drop: int, repeats: int, tag: str, extra_opts=()):
             s["out_bytes"] = folder_bytes(out)
             out_bytes = s["out_bytes"]
             log(f"  {s['wall_s']:.1f} s, {s['peak_rss_mb']:.0f} MB RSS, "
-                f"{s['out_bytes'] / 1e9:.2f} GB out")
+                f"{s['out_bytes'] / 1e9:.2f} GB out, load {s['load_1m_before']}")
             rows[side].append(s)
-            if i == 1:  # both sides ran; floor: copy the same output bytes on the same disk
-                need_disk(out_bytes / 1e9 + 1, f"{tag} floor")
-                dst = work / "floor_copy"
-                rm(dst)
-                f = run_measured(["cp", "-r", out, dst], log_name=f"{tag}-floor-{r}")
-                f["out_bytes"] = folder_bytes(dst)
-                log(f"  floor cp: {f['wall_s']:.1f} s")
-                rows["floor_cp"].append(f)
-                rm(dst)
-            rm(out)
+        # every side ran; floor: copy the same output bytes on the same disk
+        need_disk(out_bytes / 1e9 + 1, f"{tag} floor")
+        dst = work / "floor_copy"
+        rm(dst)
+        f = run_measured(["cp", "-r", out, dst], log_name=f"{tag}-floor-{r}")
+        f["out_bytes"] = folder_bytes(dst)
+        log(f"  floor cp: {f['wall_s']:.1f} s")
+        rows["floor_cp"].append(f)
+        rm(dst)
+        rm(out)
     rm(work)
     res = {k: summarize(v) for k, v in rows.items()}
     res["input_bytes"] = input_bytes
     res["out_bytes"] = out_bytes
-    res["commands"] = {"ours": " ".join(map(str, ours_cmd)),
+    res["filesystem"] = filesystem(SCRATCH)
+    res["commands"] = {"fast": " ".join(map(str, fast_cmd)),
+                       "ours": " ".join(map(str, ours_cmd)),
                        "stock": " ".join(map(str, stock_cmd)),
                        "floor": "cp -r OUT COPY (no sync inside; `sync` before every timed run)"}
-    o, s, f = res["ours"]["wall_s"], res["stock"]["wall_s"], res["floor_cp"]["wall_s"]
+    fa, o, s, f = (res[k]["wall_s"] for k in ("fast", "ours", "stock", "floor_cp"))
+    res["ratio_fast_stock_wall"] = fa / s
+    res["ratio_fast_floor"] = fa / f
+    res["ratio_fast_stock_rss"] = res["fast"]["peak_rss_mb"] / res["stock"]["peak_rss_mb"]
     res["ratio_ours_stock_wall"] = o / s
     res["ratio_ours_stock_rss"] = res["ours"]["peak_rss_mb"] / res["stock"]["peak_rss_mb"]
     res["ratio_ours_floor"] = o / f
@@ -197,8 +220,66 @@ def dus_pair(model: Path, drop: int, repeats: int, tag: str, extra_opts=()):
     return res
 
 
+def reflink_dus(model: Path, drop: int, tag: str, fs: str = "xfs"):
+    """The fast path on a filesystem with reflinks: a loop-mounted image (XFS with
+    reflink=1, or btrfs) in the scratch folder, the model copied in (not timed), then
+    `solar-merge dus --run` and the floor `cp -r` of its output, each timed, with the disk
+    space each took (`df` before and after, after `sync`) beside the output's size. Returns
+    what failed instead when the image cannot be made or mounted here."""
+    image, mount = SCRATCH / f"{tag}.img", SCRATCH / f"{tag}-mnt"
+    input_bytes = folder_bytes(model)
+    need_disk(input_bytes * 2.6 / 1e9 + 2, f"{tag} image")  # input + an unshared output
+
+    def used() -> int:
+        subprocess.run(["sync"], check=False)
+        return shutil.disk_usage(mount).used
+
+    rm(image)
+    mount.mkdir(parents=True, exist_ok=True)
+    res = {"filesystem": f"{fs} (loop-mounted image" + (", reflink=1)" if fs == "xfs" else ")")}
+    steps = [["truncate", "-s", str(int(input_bytes * 3) + 2**31), image],
+             ["mkfs.xfs", "-q", "-m", "reflink=1", image] if fs == "xfs" else
+             ["mkfs.btrfs", "-q", image],
+             ["mount", "-o", "loop", image, mount]]
+    for step in steps:
+        try:
+            proc = subprocess.run([str(c) for c in step], capture_output=True, text=True)
+            error = (proc.stderr or proc.stdout).strip() if proc.returncode else None
+        except OSError as e:
+            error = str(e)
+        if error is not None:
+            res["failed"] = f"`{' '.join(map(str, step))}`: {error[:300]}"
+            rm(image)
+            return res
+    try:
+        src = mount / "model"
+        subprocess.run(["cp", "-r", str(model), str(src)], check=True)
+        out = mount / "out"
+        cmd = [tool("solar-merge"), "dus", src, "--drop", drop, "--run", out]
+        log(f"{tag}: {' '.join(map(str, cmd))}")
+        before = used()
+        res["fast"] = run_measured(cmd, log_name=f"{tag}-fast")
+        res["fast"]["out_bytes"] = folder_bytes(out)
+        res["fast"]["disk_bytes"] = used() - before
+        before = used()
+        res["floor_cp"] = run_measured(["cp", "-r", out, mount / "copy"],
+                                       log_name=f"{tag}-floor")
+        res["floor_cp"]["disk_bytes"] = used() - before
+        log(f"  fast {res['fast']['wall_s']:.1f} s, {res['fast']['disk_bytes'] / 1e9:.2f} GB "
+            f"of disk for {res['fast']['out_bytes'] / 1e9:.2f} GB; cp -r "
+            f"{res['floor_cp']['wall_s']:.1f} s, {res['floor_cp']['disk_bytes'] / 1e9:.2f} GB")
+        res["commands"] = {"fast": " ".join(map(str, cmd)), "floor": "cp -r OUT COPY"}
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+        rm(image)
+        shutil.rmtree(mount, ignore_errors=True)
+    return res
+
+
 def section_dus(model, repeats):
-    return dus_pair(model, 8, repeats, "dus-smollm2")
+    res = dus_pair(model, 8, repeats, "dus-smollm2")
+    res["reflink"] = reflink_dus(model, 8, "dus-smollm2-xfs")
+    return res
 
 
 def section_real(repeats, tuned: bool):
@@ -210,6 +291,7 @@ def section_real(repeats, tuned: bool):
     build_s = time.perf_counter() - t0
     res = {"model": str(model), "build_or_reuse_s": build_s}
     res["default"] = dus_pair(model, 8, repeats, "dus-mistral")
+    res["reflink"] = reflink_dus(model, 8, "dus-mistral-xfs")
     if tuned:
         opts = ["--out-shard-size", "1B", "-j", "2", "--async-write", "--write-threads", "2"]
         res["tuned"] = dus_pair(model, 8, repeats, "dus-mistral-tuned", opts)
@@ -593,9 +675,15 @@ def render(results) -> str:
     rs = results.get("real", {})
     if d or rs:
         L += ["## Depth up-scaling (whole processes)", "",
-              ("| case | n | ours s | stock s | cp floor s | ours/stock time | ours/floor | "
-              "stock/floor | ours RSS MB | stock RSS MB | ours/stock RSS | output GB |"),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              ("*fast*: `solar-merge dus --run` copying tensor bytes (this config only slices "
+               "and stacks); *mergekit path*: the same with `--no-fast`; *stock*: "
+               "`mergekit-yaml`; *cp floor*: `cp -r` of the finished output. Targets: "
+               "SmolLM2 fast ≤ 0.5× stock; Mistral-7B-shape fast ≤ 1.2× the floor and "
+               "≤ 1 GB peak RSS."), "",
+              ("| case | n | fast s | mergekit path s | stock s | cp floor s | fast/stock | "
+               "fast/floor | fast RSS MB | mergekit path RSS MB | stock RSS MB | output GB | "
+               "filesystem |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         cases = []
         if d:
             cases.append(("SmolLM2-135M fp32, 30→44 layers (m=8)", d))
@@ -605,16 +693,38 @@ def render(results) -> str:
         if rs.get("tuned"):
             cases.append((f"Mistral-7B-shape, `{rs['tuned']['options']}`", rs["tuned"]))
         for label, r in cases:
-            L.append(f"| {label} | {r['ours']['n']} | {f1(r['ours']['wall_s'])} | "
-                     f"{f1(r['stock']['wall_s'])} | {f1(r['floor_cp']['wall_s'])} | "
-                     f"{f2(r['ratio_ours_stock_wall'])} | {f2(r['ratio_ours_floor'])} | "
-                     f"{f2(r['ratio_stock_floor'])} | {r['ours']['peak_rss_mb']:.0f} | "
-                     f"{r['stock']['peak_rss_mb']:.0f} | {f2(r['ratio_ours_stock_rss'])} | "
-                     f"{r['out_bytes'] / 1e9:.2f} |")
-        L += ["", ("Commands: ours `solar-merge dus MODEL --drop 8 --run OUT [OPTIONS]`; "
-              "stock `mergekit-yaml dus.yaml OUT "
+            fast = r.get("fast") or {}
+            L.append(f"| {label} | {r['ours']['n']} | {f1(fast.get('wall_s'))} | "
+                     f"{f1(r['ours']['wall_s'])} | {f1(r['stock']['wall_s'])} | "
+                     f"{f1(r['floor_cp']['wall_s'])} | {f2(r.get('ratio_fast_stock_wall'))} | "
+                     f"{f2(r.get('ratio_fast_floor'))} | {f1(fast.get('peak_rss_mb'))} | "
+                     f"{r['ours']['peak_rss_mb']:.0f} | {r['stock']['peak_rss_mb']:.0f} | "
+                     f"{r['out_bytes'] / 1e9:.2f} | {r.get('filesystem', '—')} |")
+        L += ["", ("Commands: fast `solar-merge dus MODEL --drop 8 --run OUT [OPTIONS]`; "
+              "mergekit path: the same with `--no-fast`; stock `mergekit-yaml dus.yaml OUT "
               "--clone-tensors --copy-tokenizer [OPTIONS]` on the config from "
-              "`solar-merge dus MODEL --drop 8 -o dus.yaml`; floor `cp -r OUT COPY`."), ""]
+              "`solar-merge dus MODEL --drop 8 -o dus.yaml`; floor `cp -r OUT COPY`. Load "
+              "average (1 min) before each timed run is in results.json (`load_1m_before`)."),
+              ""]
+        reflinks = [(label, r["reflink"]) for label, r in
+                    (("SmolLM2-135M fp32", d or {}), ("Mistral-7B-shape bf16", rs))
+                    if r.get("reflink")]
+        if reflinks:
+            L += ["On a filesystem with reflinks (the fast path's copies share whole blocks "
+                  "with the input where their offsets allow; disk = `df` used after − before, "
+                  "after `sync`):", "",
+                  "| case | filesystem | fast s | fast disk GB | cp -r s | cp -r disk GB | "
+                  "output GB |", "|---|---|---|---|---|---|---|"]
+            for label, x in reflinks:
+                if x.get("failed"):
+                    L.append(f"| {label} | {x['filesystem']} | not measured: {x['failed']} "
+                             "| | | | |")
+                    continue
+                fa, cp = x["fast"], x["floor_cp"]
+                L.append(f"| {label} | {x['filesystem']} | {f1(fa['wall_s'])} | "
+                         f"{fa['disk_bytes'] / 1e9:.2f} | {f1(cp['wall_s'])} | "
+                         f"{cp['disk_bytes'] / 1e9:.2f} | {fa['out_bytes'] / 1e9:.2f} |")
+            L.append("")
     mg, kn = results.get("merge"), results.get("kernel")
     if mg or kn:
         L += ["## Merge methods: ours vs mergekit built-ins (target ours ≤ 1.05× theirs)", "",

@@ -309,7 +309,10 @@ def _piece(tensors: dict, out: dict, inp: dict) -> Piece | None:
     if found is None:
         raise Unstackable(f"the model has no tensor {inp['name']} (mergekit converts or "
                           "refuses it)")
-    return Piece(out["name"], found, *tensors[found])
+    piece = Piece(out["name"], found, *tensors[found])
+    if piece.dtype not in DTYPE_ORDER:
+        raise Unstackable(f"{found} has the dtype {piece.dtype}, which torch cannot save")
+    return piece
 
 
 def _shards(pieces: list, limit: int) -> tuple[list, str | None]:

@@ -307,3 +307,101 @@ def test_plan_speaks_the_stage_words(tmp_path):
     with pytest.raises(UserError, match="--precision mixed is not one of"):
         plan(str(folder), precision="mixed")
     assert memory.PRECISIONS == ("fp32", "bf16", "mixed")
+
+
+# -- eval and synth-math: the models' dtype, recorded ----------------------------------------
+
+@pytest.mark.parametrize("device, model_args, dtype", [
+    (ZEN3, {}, "float32"), (SAPPHIRE, {}, "bfloat16"), (A100, {}, "bfloat16"),
+    (T4, {}, "float16"), (ZEN3, {"dtype": "bfloat16", "max_length": 64}, "bfloat16"),
+    (A100, {"dtype": "float32"}, "float32")])
+def test_eval_dtype(monkeypatch, device, model_args, dtype):
+    from solar_merge import eval as lm
+
+    monkeypatch.setattr(precision, "detect", lambda device_=None: device)
+    hf_args, record = lm.model_dtype("auto", "cpu", model_args)
+    assert hf_args == {**model_args, "dtype": dtype} and record["dtype"] == dtype
+    explicit = f"model_args dtype={dtype} (explicit)"
+    assert record["reason"] == explicit if "dtype" in model_args else \
+        record["reason"].startswith("auto: ")
+
+
+def test_eval_runs_and_records_its_dtype(tmp_path, tiny_model, monkeypatch, caplog):
+    import json
+
+    from solar_merge import eval as lm
+
+    with caplog.at_level(logging.INFO, logger="solar_merge.precision"):
+        res = lm.evaluate([tiny_model], "solar_manual_qa", out=tmp_path / "e", limit=1,
+                          batch_size=1, device="cpu")
+    chosen = decide("auto", precision.detect("cpu"), training=False)
+    assert res[tiny_model.name]["config"]["model_args"]["dtype"] == chosen.dtype
+    written = json.loads((tmp_path / "e" / lm.PRECISION).read_text())
+    assert written == {"dtype": chosen.dtype, **chosen.record()}
+    assert f"eval: {chosen}" in caplog.text
+    monkeypatch.setenv(ENV, "bf16")  # forced: another result, not the finished one
+    res = lm.evaluate([tiny_model], "solar_manual_qa", out=tmp_path / "e", limit=1,
+                      batch_size=1, device="cpu")
+    assert res[tiny_model.name]["config"]["model_args"]["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "e" / lm.PRECISION).read_text())["request"] == "bf16"
+
+
+def test_synth_math_loads_and_records_its_dtype(tmp_path, tiny_model, monkeypatch):
+    import json
+
+    import torch
+
+    from solar_merge import synth_math as sm
+
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text(json.dumps({"question": "Tom has 2 apples and buys 2. How many?",
+                                "answer": "2 + 2 = 4\n#### 4"}) + "\n")
+    loaded = []
+    real = sm.TransformersGenerator.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        loaded.append(self.model.dtype)
+
+    monkeypatch.setattr(sm.TransformersGenerator, "__init__", spy)
+    options = sm.Options(model=str(tiny_model), max_new_tokens=4, batch_size=1,
+                         engine="transformers")
+    result = sm.synth_math(seed, tmp_path / "out", options, progress=False)
+    chosen = decide("auto", training=False)
+    assert loaded == [getattr(torch, chosen.dtype)]
+    assert result.report["precision"] == chosen.record()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"| precision | {chosen.precision} ({chosen.reason}) |" in card
+    monkeypatch.setenv(ENV, "bf16")
+    result = sm.synth_math(seed, tmp_path / "out", options, progress=False)
+    assert not result.skipped and loaded[-1] == torch.bfloat16
+    assert result.report["precision"]["request"] == "bf16"
+
+
+def test_a_recipe_hashes_the_request_and_the_forcing(tmp_path, tiny_model, monkeypatch):
+    """The planner imports no torch: train, eval and synth_math stages are hashed with their
+    request (auto), never a decision; SOLAR_MERGE_PRECISION changes the request, so every
+    such stage is planned anew, and the rest stays as it was."""
+    import json
+
+    import yaml
+
+    from solar_merge import recipe
+
+    (tmp_path / "c.txt").write_text("text\n")
+    (tmp_path / "seed.jsonl").write_text(json.dumps({"question": "1 + 1?",
+                                                      "answer": "#### 2"}) + "\n")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"stages": {
+        "dus": {"upscale": {"model": str(tiny_model), "method": "dus", "drop": 1}},
+        "math": {"synth_math": {"data": "seed.jsonl", "model": str(tiny_model)}},
+        "cpt": {"train": {"stage": "cpt", "model": "dus", "datasets": ["c.txt"]}},
+        "ev": {"eval": {"models": ["cpt"], "tasks": "solar_manual_qa"}}}}))
+    plain = recipe.plan(tmp_path / "r.yaml", out=tmp_path / "runs")
+    assert plain.stages["cpt"].config["precision"] == "auto"
+    assert plain.stages["ev"].config["options"]["precision"] == "auto"
+    assert plain.stages["math"].config["precision"] == "auto"
+    monkeypatch.setenv(ENV, "fp32")
+    forced = recipe.plan(tmp_path / "r.yaml", out=tmp_path / "runs")
+    changed = {n for n in plain.stages if plain.stages[n].hash != forced.stages[n].hash}
+    assert changed == {"math", "cpt", "ev"}
+    assert forced.stages["ev"].config["options"]["precision"] == "fp32"

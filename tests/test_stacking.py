@@ -264,6 +264,35 @@ def test_yaml_takes_the_fast_path_and_no_fast(tiny_model, tmp_path):
     assert len(list((tmp_path / "c").glob("model-*-of-*.safetensors"))) > 1
 
 
+def test_growth_presets_copy_bytes_and_expand_blocks_compute(tiny_model_factory, tmp_path):
+    model = tiny_model_factory(arch="mistral", tied=False)
+    # G_stack: the whole model twice (every layer repeated), the same tensors as stock
+    result = CliRunner().invoke(main, ["dus", str(model), "--preset", "gstack", "--layers", "8",
+                                       "-o", str(tmp_path / "g.yaml"), "--run",
+                                       str(tmp_path / "g")])
+    assert result.exit_code == 0 and FAST in result.output, result.output
+    _mergekit_yaml(tmp_path / "g.yaml", tmp_path / "stock")
+    _same_tensors(tmp_path / "g", tmp_path / "stock")
+    # LLaMA Pro's identity blocks zero o_proj/down_proj (a `scale` filter): mergekit computes
+    result = CliRunner().invoke(main, ["expand", str(model), "--every", "2", "--run",
+                                       str(tmp_path / "e")])
+    assert result.exit_code == 0 and "merging with mergekit (slices[1] sets parameters" \
+        in result.output, result.output
+
+
+def test_a_recipe_upscale_stage_copies_bytes(tiny_model, tmp_path, caplog):
+    from solar_merge import recipe
+
+    path = _write(tmp_path / "recipe.yaml", {"name": "up", "stages": {
+        "dus": {"upscale": {"model": str(tiny_model), "drop": 1}}}})
+    with caplog.at_level(logging.INFO, logger="solar_merge.merging"):
+        recipe.run(path, tmp_path / "runs", progress=False)
+    assert FAST in caplog.text
+    assert is_complete(tmp_path / "runs" / "dus")
+    assert json.loads((tmp_path / "runs" / "dus" / "config.json").read_text())[
+        "num_hidden_layers"] == 6
+
+
 def test_the_fast_path_imports_neither_torch_nor_mergekit(tiny_model, tmp_path):
     config = _write(tmp_path / "dus.yaml", _config(tiny_model, [(0, 3), (1, 4)]))
     code = ("import sys; from solar_merge.cli import main; "

@@ -6,6 +6,13 @@ step 0 with `args.eval_on_start: true`). Its held-out perplexity at that step is
 exp(eval_loss): the exponential of the mean token negative log-likelihood on the held-out
 blocks. The demo's control arm (DUS + CPT against the base model + the same CPT) and the
 up-scaling study plot several such curves on one figure and say where they cross.
+
+Where growth pays off beyond the steps measured: `forecast` fits a saturating law to each
+curve, held-out loss(t) = c + b (1 + t)^-a (log perplexity; c is the loss the run tends to),
+with scipy.optimize.curve_fit, and finds the step from which the fitted treatment stays below
+the fitted control, up to a horizon. Its interval comes from redrawing both laws' parameters
+from their fits' covariances (a parametric bootstrap): the 5th-95th percentile of the
+crossing step over the draws that cross, and the share of draws that cross at all.
 """
 
 import math
@@ -69,6 +76,129 @@ def crossing(treatment: Curve, control: Curve) -> Crossing:
     return Crossing(steps, first, bool(ahead) and ahead[-1], last)
 
 
+def saturating(t, c, b, a):
+    """The law fitted to a held-out loss curve: c + b (1 + t)^-a."""
+    import numpy as np
+
+    return c + b * np.power(1.0 + np.asarray(t, dtype=float), -a)
+
+
+@dataclass
+class Fit:
+    params: tuple[float, float, float]  # c, b, a
+    cov: list[list[float]]
+    points: int
+
+
+def fit_curve(curve: Curve) -> Fit | None:
+    """The saturating law fitted to a curve's log perplexities (several values per step, e.g.
+    one per seed, are all fitted); None with fewer than 4 points or when the fit fails."""
+    import numpy as np
+    from scipy.optimize import curve_fit
+
+    if len(curve) < 4:
+        return None
+    t = np.array([s for s, _ in curve], dtype=float)
+    y = np.log([p for _, p in curve])
+    guess = (float(y.min()) * 0.9, float(y.max() - y.min() * 0.9), 0.5)
+    try:
+        params, cov = curve_fit(saturating, t, y, p0=guess, maxfev=20000,
+                                bounds=([0.0, -np.inf, 1e-3], [np.inf, np.inf, 5.0]))
+    except (RuntimeError, ValueError):
+        return None
+    if not np.all(np.isfinite(cov)):
+        return None
+    return Fit(tuple(float(x) for x in params), cov.tolist(), len(curve))
+
+
+@dataclass
+class Forecast:
+    """When the treatment curve is expected to drop below the control curve for good."""
+    step: float | None           # by the two fitted laws (None: not within the horizon)
+    low: float | None            # 5th-95th percentile over the draws that cross
+    high: float | None
+    share: float                 # share of draws that cross within the horizon
+    horizon: int
+    last: int                    # the last measured step
+    fits: dict[str, Fit | None]
+    points: int = 0              # evaluation points of the shorter curve
+    draws: int = 0
+
+    def sentence(self, treatment: str, control: str) -> str:
+        if any(f is None for f in self.fits.values()):
+            return (f"No forecast of where {treatment} and {control} cross: a saturating law "
+                    "needs at least 4 evaluation points per curve and a fit that converges"
+                    + (f" (fewest points: {self.points})." if self.points < 4 else "."))
+        names = {"treatment": treatment, "control": control}
+        laws = "; ".join(f"{names[k]}: loss = {f.params[0]:.3f} + {f.params[1]:.3f} "
+                         f"(1 + t)^-{f.params[2]:.3f}" for k, f in self.fits.items())
+        share = (f"{self.share:.0%} of {self.draws} parameter draws cross within "
+                 f"{self.horizon} steps")
+        if self.step is None:
+            return (f"{treatment} is **not expected to drop below** {control} within "
+                    f"{self.horizon} steps: the fitted laws do not cross ({share}). Fits on "
+                    f"steps 0-{self.last}: {laws}.")
+        when = ("from the start of the fitted range" if self.step <= 0
+                else f"for good from step **{self.step:.0f}**")
+        interval = (f"90% interval {self.low:.0f}-{self.high:.0f} over the draws that cross; "
+                    if self.low is not None else "")
+        return (f"By the fitted laws, {treatment} drops below {control} {when} ({interval}"
+                f"{share}). Fits on steps 0-{self.last}: {laws}.")
+
+
+def _first_for_good(diff, grid):
+    """The first grid step from which diff (treatment - control) stays <= 0; None if never."""
+    import numpy as np
+
+    above = np.nonzero(diff > 0)[0]
+    if len(above) == 0:
+        return float(grid[0])
+    if above[-1] == len(grid) - 1:
+        return None
+    return float(grid[above[-1] + 1])
+
+
+def forecast(treatment: Curve, control: Curve, *, horizon: int | None = None,
+             draws: int = 2000, seed: int = 0) -> Forecast:
+    """Fit the saturating law to both curves and find where the treatment stays below the
+    control, up to `horizon` steps (default 50 x the last measured step)."""
+    import numpy as np
+
+    last = int(max([s for s, _ in treatment] + [s for s, _ in control] + [0]))
+    horizon = horizon or max(50 * last, 100)
+    fits = {"treatment": fit_curve(treatment), "control": fit_curve(control)}
+    points = min(len(treatment), len(control))
+    if any(f is None for f in fits.values()):
+        return Forecast(None, None, None, 0.0, horizon, last, fits, points)
+    grid = np.unique(np.concatenate([np.arange(0, last + 1),
+                                     np.geomspace(max(last, 1), horizon, 500)]))
+    ft, fc = fits["treatment"], fits["control"]
+    step = _first_for_good(saturating(grid, *ft.params) - saturating(grid, *fc.params), grid)
+    rng = np.random.default_rng(seed)
+    pt = rng.multivariate_normal(ft.params, ft.cov, size=draws)
+    pc = rng.multivariate_normal(fc.params, fc.cov, size=draws)
+    pt[:, 2], pc[:, 2] = np.clip(pt[:, 2], 1e-3, None), np.clip(pc[:, 2], 1e-3, None)
+    found = [_first_for_good(saturating(grid, *a) - saturating(grid, *b), grid)
+             for a, b in zip(pt, pc)]
+    crossed = np.array([x for x in found if x is not None])
+    low, high = ((float(np.percentile(crossed, 5)), float(np.percentile(crossed, 95)))
+                 if len(crossed) else (None, None))
+    return Forecast(step, low, high, len(crossed) / draws, horizon, last, fits, points, draws)
+
+
+def forecast_paragraph(treatment: tuple[str, Curve], control: tuple[str, Curve]) -> list[str]:
+    """Markdown lines: where growth is expected to pay off, with the caveat that goes with it."""
+    (t_name, t), (c_name, c) = treatment, control
+    result = forecast(t, c)
+    lines = [f"**Where growth pays off.** {result.sentence(t_name, c_name)}"]
+    if all(result.fits.values()):
+        lines[0] += (" An extrapolation of the runs as trained: a learning-rate schedule that "
+                     "decays to zero at the last step flattens both curves, so the laws "
+                     "describe these runs continued at their final rate, not longer runs "
+                     "with their own schedules.")
+    return lines
+
+
 def plot(curves: dict[str, Curve], path, *, title: str = "held-out perplexity during "
          "continued pretraining", mark: tuple[int, float] | None = None) -> Path:
     """All curves on one figure (log scale when they span more than 5x)."""
@@ -119,5 +249,6 @@ def arms_section(treatment: tuple[str, Path], control: tuple[str, Path], png: Pa
         tv, cv = dict(t), dict(c)
         lines += [f"| step | {t_name} | {c_name} |", "|---:|---:|---:|"]
         lines += [f"| {s} | {tv[s]:.3f} | {cv[s]:.3f} |" for s in cross.steps]
-        lines += ["", f"![held-out perplexity of both arms]({Path(png).name})"]
+        lines += ["", f"![held-out perplexity of both arms]({Path(png).name})", ""]
+        lines += forecast_paragraph((t_name, t), (c_name, c))
     return lines, cross

@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import yaml
 
 from solar_merge.curves import arms_section, crossing, eval_curve
@@ -64,3 +65,41 @@ def test_demo_control_arm_gets_exactly_the_cpt_of_the_dus_model():
             assert override.replace("stages.cpt.", "stages.base_cpt.", 1) in mirrored
     assert "stages.base_cpt.train.args.max_steps=3" in mirrored
     assert not any(m.startswith("stages.base_cpt.train.model") for m in mirrored)
+
+
+def _law_curve(c, b, a, *, noise=0.003, seed=1, steps=range(0, 21, 4)):
+    import numpy as np
+
+    from solar_merge.curves import saturating
+
+    rng = np.random.default_rng(seed)
+    return [(s, math.exp(saturating(s, c, b, a) + noise * rng.standard_normal())) for s in steps]
+
+
+def test_forecast_finds_a_known_crossing_with_an_interval():
+    """loss 1.8 + 2 (1+t)^-0.5 meets 2 + (1+t)^-0.5 where (1+t)^0.5 = 5: step 24, after the
+    measured steps 0-20 (the treatment is behind at every one of them)."""
+    from solar_merge.curves import forecast
+
+    control, treatment = _law_curve(2.0, 1.0, 0.5), _law_curve(1.8, 2.0, 0.5, seed=2)
+    assert all(t > c for (_, t), (_, c) in zip(treatment, control))
+    result = forecast(treatment, control)
+    assert result.step == pytest.approx(24, abs=1.5)
+    assert result.low <= 24 <= result.high and result.high - result.low < 10
+    assert result.share > 0.9 and result.last == 20
+    text = result.sentence("DUS + CPT", "base + CPT")
+    assert f"for good from step **{result.step:.0f}**" in text and "90% interval" in text
+
+
+def test_forecast_says_when_curves_are_not_expected_to_cross():
+    from solar_merge.curves import forecast, forecast_paragraph
+
+    control = _law_curve(2.0, 1.0, 0.5)
+    never = forecast(_law_curve(2.1, 2.0, 0.5, seed=2), control)
+    assert never.step is None and never.share < 0.05
+    assert "not expected to drop below" in never.sentence("DUS", "base")
+    ahead = forecast(_law_curve(1.5, 0.5, 0.5, seed=3), control)
+    assert ahead.step == 0 and "from the start" in ahead.sentence("DUS", "base")
+    few = forecast_paragraph(("DUS", control[:3]), ("base", control))
+    assert "needs at least 4 evaluation points" in few[0] and "(fewest points: 3)" in few[0]
+    assert "extrapolation" in forecast_paragraph(("DUS", control), ("base", control))[0]

@@ -60,11 +60,10 @@ def markdown(r: dict) -> str:
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in r["cpu_flags"].items())
     return "\n".join([
         "## Precision: 16-bit formats on this CPU", "",
-        f"`python benchmarks/precision.py --repeats {r['repeats']}` (also `benchmarks/run.py "
-        f"--only precision`) on {r['cpu']} ({flags}; "
-        f"oneDNN bf16 {r['onednn_bf16']}), {r['threads']} torch threads, torch {r['torch']}: "
-        "a `Linear(2048, 2048)` forward + backward on 512 rows, median of "
-        f"{r['repeats']} after a warm-up.", "",
+        (f"`python benchmarks/precision.py --repeats {r['repeats']}` (also `benchmarks/run.py "
+         f"--only precision`) on {r['cpu']} ({flags}; oneDNN bf16 {r['onednn_bf16']}), "
+         f"{r['threads']} torch threads, torch {r['torch']}: a `Linear(2048, 2048)` forward + "
+         f"backward on 512 rows, median of {r['repeats']} after a warm-up."), "",
         "| format | with the input's gradient: s | × fp32 | without it: s | × fp32 |",
         "|---|---|---|---|---|",
         *(f"| {name} | {s[name + ' input_grad']:.3f} | {x[name + ' input_grad']:.0f} | "

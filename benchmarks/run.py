@@ -787,8 +787,8 @@ def render(results) -> str:
     runs = results.get("sections_run") or {}
     if runs:
         L += ["## When each section ran", "",
-              "| section | started (UTC) | command | CPU (flags), precision | seconds | repeats | "
-              "load avg 1 min before/after |",
+              ("| section | started (UTC) | command | CPU (flags), precision | seconds | repeats "
+               "| load avg 1 min before/after |"),
               "|---|---|---|---|---|---|---|"]
         for name, r in runs.items():
             flags = ", ".join(f for f, on in (r.get("cpu_flags") or {}).items() if on)

@@ -27,7 +27,7 @@ import os
 import platform
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -91,7 +91,7 @@ class Decision:
     precision: str          # bf16 | fp16 | fp32
     request: str            # auto | bf16 | fp16 | fp32: what was asked, after SOLAR_MERGE_PRECISION
     reason: str
-    device: Device = field(default_factory=lambda: Device("cpu"))
+    device: Device
 
     @property
     def dtype(self) -> str:
@@ -242,14 +242,14 @@ def _cpuinfo() -> str:
 
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
-    m = re.search(r"^model name\s*:\s*(.+)$", _cpuinfo(), re.M)
+    m = re.search(r"^model name\s*:\s*(.+)$", _cpuinfo(), re.MULTILINE)
     return m.group(1).strip() if m else (platform.processor() or platform.machine())
 
 
 def cpu_flags() -> dict[str, bool]:
     """{flag: present} for X86_FLAGS (ARM_FLAGS on ARM), from /proc/cpuinfo; elsewhere from
     torch.cpu.get_capabilities()."""
-    m = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", _cpuinfo(), re.M)
+    m = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", _cpuinfo(), re.MULTILINE)
     if m:
         present = set(m.group(1).split())
     else:

@@ -243,8 +243,8 @@ def _what_fits(shape, est, available: int) -> str:
         tries.append(("peft: {r: 16, target_modules: all-linear} (LoRA)",
                       {"lora": True, "trainable": r16}))
     if s.precision != "bf16":
-        tries.append(("args.model_init_kwargs: {dtype: bfloat16} (bf16 weights, gradients and "
-                      "moments)", {"precision": "bf16"}))
+        bf16 = "args.model_init_kwargs.dtype: bfloat16 (bf16 weights, gradients and moments)"
+        tries.append((bf16, {"precision": "bf16"}))
     fits = []
     for label, change in tries:
         other = memory.with_strategy(est, shape, **change)

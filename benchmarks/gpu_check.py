@@ -593,14 +593,13 @@ class Check:
     # -- 6: peak training memory against the plan
     def memory(self) -> dict:
         if not self.trained:
-            raise Skipped("needs the cpt step, which did not pass")
+            raise Skipped("the cpt step did not train")
         measured = self.trained["memory"]
         if not measured:
             raise Failed("the cpt step's trainer hook wrote no memory figures")
         chosen, weights = self.trained["precision"], self.trained["weights_dtype"]
-        # solar_merge.memory's terms: bf16 = bf16 weights, mixed = fp32 weights under autocast
-        precision = "fp32" if chosen == "fp32" else \
-            "mixed" if weights in ("float32", "torch.float32") else "bf16"
+        # plan's words: bf16 / fp16 = autocast over fp32 weights, bf16-weights = bf16 weights
+        precision = "bf16-weights" if chosen == "bf16" and weights == "bfloat16" else chosen
         run = self.run("plan", ["solar-merge", "plan", self.built["base"], "--stage", "cpt",
                                 "--precision", precision, "--batch", self.s["batch"],
                                 "--seq-len", self.s["seq_len"], "--checkpointing"])
@@ -650,14 +649,12 @@ class Check:
 
 
 def chosen_precision(stage_dir: Path) -> str | None:
-    """The precision a finished stage reports in its card (README.md) or resolved config."""
-    for name in ("stage_config.yaml", "README.md"):
-        path = stage_dir / name
-        if path.is_file():
-            m = re.search(r"precision\W{0,6}(bf16|fp16|fp32)\b", path.read_text())
-            if m:
-                return m.group(1)
-    return None
+    """The precision a finished stage reports on its card (README.md: "- precision: `bf16
+    (auto: ...)`")."""
+    card = stage_dir / "README.md"
+    m = re.search(r"^- precision: `(bf16|fp16|fp32)\b", card.read_text() if card.is_file()
+                  else "", re.MULTILINE)
+    return m.group(1) if m else None
 
 
 # -- the trainer hook (runs inside `solar-merge train`, see SOLAR_MERGE_TRAINER_HOOK) --------

@@ -126,6 +126,11 @@ def overwriting(enabled: bool = True):
         _OVERWRITE.reset(token)
 
 
+def overwrite_allowed() -> bool:
+    """True while `overwriting()` is active (the user typed --overwrite)."""
+    return _OVERWRITE.get()
+
+
 def check_replaceable(out_dir) -> None:
     """Refuse an existing output that is not ours to replace (see the module doc)."""
     out_dir = Path(out_dir).absolute()

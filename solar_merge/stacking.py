@@ -62,6 +62,11 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenize
                    "tokenizer.model", "added_tokens.json", "merges.txt", "chat_template.jinja",
                    "generation_config.json", "chat_template.json",
                    "video_preprocessor_config.json")
+# Files a tokenizer can be loaded from: a model with some, but not tokenizer_config.json with
+# tokenizer.json or tokenizer.model, has its tokenizer re-serialised by mergekit.
+TOKENIZER_SOURCES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model",
+                     "special_tokens_map.json", "added_tokens.json", "merges.txt", "vocab.json",
+                     "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
 # Model types whose transformers config derives no per-layer list when config.json has no
 # `layer_types` (Qwen2 derives one that is all "full_attention" without sliding windows).
 NO_DERIVED_LAYER_TYPES = {"llama", "mistral"}
@@ -410,11 +415,15 @@ def _config_json(cfg: dict, config: dict, key: str, n_out: int) -> str:
 
 
 def _tokenizer_files(folder: Path) -> list:
-    if not (folder / "tokenizer_config.json").is_file() or not any(
+    """The files --copy-tokenizer copies; none when the model has no tokenizer (mergekit then
+    fails to load one, logs it, and writes none)."""
+    if (folder / "tokenizer_config.json").is_file() and any(
             (folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        return [f for f in TOKENIZER_FILES if (folder / f).is_file()]
+    if any((folder / f).is_file() for f in TOKENIZER_SOURCES):
         raise Unstackable("the tokenizer must be re-serialised (no tokenizer_config.json with "
                           "tokenizer.json or tokenizer.model)")
-    return [f for f in TOKENIZER_FILES if (folder / f).is_file()]
+    return []
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -236,6 +236,21 @@ def test_what_is_not_a_pure_copy_goes_to_mergekit(tiny_model, tmp_path, caplog):
     assert "merging with mergekit" in caplog.text and FAST not in caplog.text
 
 
+def test_tokenizer_files_as_copy_tokenizer_leaves_them(tiny_model, tmp_path, caplog):
+    bare = tmp_path / "bare"  # no tokenizer at all: mergekit fails to load one, writes none
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(tiny_model / f, bare / f)
+    config = _write(tmp_path / "c.yaml", _config(bare, [(0, 3), (1, 4)]))
+    ours = _fast(config, tmp_path / "ours", caplog)
+    _mergekit_yaml(config, tmp_path / "stock")
+    _same_tensors(ours, tmp_path / "stock")  # the tokenizer files too: none on either side
+    assert not (ours / "generation_config.json").exists()
+    (bare / "tokenizer.json").write_bytes((tiny_model / "tokenizer.json").read_bytes())
+    with pytest.raises(stacking.Unstackable, match="re-serialised"):
+        stacking.plan(_config(bare, [(0, 3), (1, 4)]))
+
+
 def test_dus_run_says_which_path_ran_and_no_fast_runs_mergekit(tiny_model, tmp_path):
     fast = CliRunner().invoke(main, ["dus", str(tiny_model), "--drop", "1",
                                      "--run", str(tmp_path / "fast")])

@@ -951,11 +951,13 @@ def open_storage(url: str):
             text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             raise UserError(f"--storage {masked(url)}: cannot open the study database "
                             f"({type(e).__name__}: {text})",
-                            fix="install the database driver (PostgreSQL: pip install "
-                                "psycopg2-binary)" if isinstance(e, ImportError) else
+                            fix="install the URL's database driver: postgresql+psycopg2:// "
+                                "needs `pip install psycopg2-binary`, postgresql:// (psycopg 3 "
+                                "with SQLAlchemy 2.1) `pip install \"psycopg[binary]\"`"
+                                if isinstance(e, ImportError) else
                                 "check the URL (e.g. sqlite:///OUT/study.db, "
-                                "postgresql://USER:PASSWORD@HOST/DB) and that the server "
-                                "runs and the database exists") from None
+                                "postgresql+psycopg2://USER:PASSWORD@HOST/DB) and that the "
+                                "server runs and the database exists") from None
 
 
 def _sampler(spec: SamplerSpec, seed: int | None):

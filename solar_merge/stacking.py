@@ -13,8 +13,8 @@ where the kernel cannot (another filesystem). No tensor is ever materialised.
 The rest of the output is the mergekit path's (merging.merge): config.json with the new layer
 count and `layer_types` re-sliced (`sliced_layer_types`, shared by both paths), the tokenizer
 files `--copy-tokenizer` copies, the card, the completion marker. Every copied input tensor is
-checked for NaN/Inf (as the mergekit path checks what it writes), on another thread while the
-kernel copies.
+checked for NaN/Inf (as the mergekit path checks what it writes) on another thread, right
+after the kernel copied it: its pages are then read from the page cache, not the disk.
 
 Imports neither torch, mergekit nor transformers: a DUS costs the disk's time, not seconds of
 imports.
@@ -25,6 +25,7 @@ import functools
 import importlib.util
 import json
 import os
+import queue
 import shutil
 import string
 import struct
@@ -108,13 +109,9 @@ class Stack:
     tokenizer_files: list = field(default_factory=list)
 
     @property
-    def inputs(self) -> list:
-        """Each input tensor once, by file and offset (the NaN/Inf check reads them)."""
-        seen = {}
-        for shard in self.shards:
-            for p in shard.pieces:
-                seen.setdefault((p.source, p.offset), p)
-        return sorted(seen.values(), key=lambda p: (str(p.source), p.offset))
+    def sources(self) -> set:
+        """The input files the shards copy from."""
+        return {p.source for shard in self.shards for p in shard.pieces}
 
 
 # -- which configs qualify -------------------------------------------------------------------
@@ -431,16 +428,15 @@ def _tokenizer_files(folder: Path) -> list:
 def write(stack: Stack, work: Path) -> None:
     """Write the planned output into the (empty, owned) folder `work`."""
     work = Path(work)
-    checker = _FiniteCheck(stack.inputs)
+    checker = _FiniteCheck()
     checker.start()
     sources: dict[Path, int] = {}
     try:
-        for p in stack.inputs:
-            if p.source not in sources:
-                sources[p.source] = os.open(p.source, os.O_RDONLY)
+        for source in stack.sources:
+            sources[source] = os.open(source, os.O_RDONLY)
         copier = _Copier()
         for shard in stack.shards:
-            _write_shard(shard, work / shard.name, sources, copier)
+            _write_shard(shard, work / shard.name, sources, copier, checker)
             crash_point("shard-written")
         checker.result()
     finally:
@@ -454,7 +450,7 @@ def write(stack: Stack, work: Path) -> None:
         shutil.copy(stack.model / name, work / name)
 
 
-def _write_shard(shard: Shard, path: Path, sources: dict, copier) -> None:
+def _write_shard(shard: Shard, path: Path, sources: dict, copier, checker) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         position = 0
@@ -462,6 +458,7 @@ def _write_shard(shard: Shard, path: Path, sources: dict, copier) -> None:
             position += _full(path, lambda: os.pwrite(fd, shard.header[position:], position))
         for p in shard.pieces:
             copier.copy(sources[p.source], p.offset, fd, position, p.size, path)
+            checker.check(p)  # read right after the copy, from the page cache
             position += p.size
     finally:
         os.close(fd)
@@ -537,56 +534,65 @@ _NON_FINITE = {"BF16": ("<u2", 0xFF00), "F16": ("<u2", 0xF800),
 
 
 class _FiniteCheck(threading.Thread):
-    """Reads each input tensor once, BUFFER bytes at a time, and finds the first that holds
-    NaN or Inf; runs beside the copy (numpy and file reads release the GIL)."""
+    """Reads each copied input tensor once, BUFFER bytes at a time, right after the kernel
+    copied it (so from the page cache), and finds the first that holds NaN or Inf; runs
+    beside the copy (numpy and file reads release the GIL)."""
 
-    def __init__(self, pieces: list):
+    def __init__(self):
         super().__init__(name="solar-merge finite check", daemon=True)
-        self.pieces = [p for p in pieces if p.dtype in _NON_FINITE and p.size]
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.seen: set = set()
         self.bad: Piece | None = None
         self.error: BaseException | None = None
         self.stopped = threading.Event()
 
+    def check(self, piece: Piece) -> None:
+        """Queue `piece` for the check (once per input tensor)."""
+        key = (piece.source, piece.offset)
+        if piece.dtype in _NON_FINITE and piece.size and key not in self.seen:
+            self.seen.add(key)
+            self.queue.put(piece)
+
     def run(self):
         try:
-            self.bad = self._scan()
+            self._scan()
         except BaseException as e:  # noqa: BLE001 - handed to the writing thread
             self.error = e
 
-    def _scan(self) -> Piece | None:
+    def _scan(self) -> None:
         import numpy as np
 
         buffer, shifted = bytearray(BUFFER), None
         handles: dict[Path, object] = {}
         try:
-            for p in self.pieces:
+            while (p := self.queue.get()) is not None:
+                if self.bad is not None or self.stopped.is_set():
+                    continue  # drain the queue; the writer stops at result()
                 kind, limit = _NON_FINITE[p.dtype]
                 if p.source not in handles:
                     handles[p.source] = open(p.source, "rb")  # noqa: SIM115 - closed below
                 f = handles[p.source]
                 f.seek(p.offset)
                 left = p.size
-                while left:
-                    if self.stopped.is_set():
-                        return None
+                while left and self.bad is None:
                     n = f.readinto(memoryview(buffer)[:min(left, BUFFER)])
                     if not n:
-                        return None  # cut short: the copy names it
+                        break  # cut short: the copy named it
                     values = np.frombuffer(buffer, dtype=kind, count=n // np.dtype(kind).itemsize)
                     if shifted is None or shifted.dtype != values.dtype:
                         shifted = np.empty(BUFFER // values.itemsize, dtype=values.dtype)
                     out = shifted[:values.size]
                     np.left_shift(values, 1, out=out)
                     if out.size and out.max() >= limit:
-                        return p
+                        self.bad = p
                     left -= n
-            return None
         finally:
             for f in handles.values():
                 f.close()
 
     def result(self) -> None:
-        """Wait for the check; raise if an input holds NaN or Inf."""
+        """Wait for the check of everything queued; raise if an input holds NaN or Inf."""
+        self.queue.put(None)
         self.join()
         if self.error is not None:
             raise self.error
@@ -599,4 +605,5 @@ class _FiniteCheck(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
         if self.is_alive():
+            self.queue.put(None)
             self.join()

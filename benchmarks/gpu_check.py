@@ -424,8 +424,8 @@ class Check:
             if not torch.cuda.is_available():
                 raise Failed(f"no CUDA device (torch {torch.__version__}, CUDA build "
                              f"{torch.version.cuda}); --device cpu runs the tiny check")
-        params = self.args.params or default_params(self.args.device)
-        figures = build(self.work, self.s, params)
+        self.s["params"] = self.args.params or default_params(self.args.device)
+        figures = build(self.work, self.s, self.s["params"])
         self.built = {k: Path(v) for k, v in figures.pop("models").items()}
         self.built_figures = figures
         return figures
@@ -641,7 +641,7 @@ class Check:
         self.step("memory", self.memory)
         if not self.args.keep:
             shutil.rmtree(self.work, ignore_errors=True)
-        return {"machine": self.info, "settings": {**self.s, "params": self.args.params},
+        return {"machine": self.info, "settings": self.s,
                 "steps": self.results, "seconds": round(time.perf_counter() - t0, 1),
                 "failed": [k for k, v in self.results.items() if v["status"] == "failed"],
                 "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

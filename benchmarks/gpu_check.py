@@ -213,6 +213,9 @@ class Runner:
                     "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         if device == "cpu":  # tiny models: one thread is as fast, and spares a shared machine
             self.env.setdefault("OMP_NUM_THREADS", "1")
+        else:  # one GPU, the first visible: a one-process Trainer would use them all
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+            self.env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0] if visible else "0"
 
     def tool(self, name: str) -> str:
         here = Path(sys.executable).parent / name

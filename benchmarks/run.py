@@ -658,6 +658,13 @@ def verdict(ratio, target, higher_is_better=False):
     return "meets" if ok else "**misses**"
 
 
+def _loads(case: dict) -> str:
+    """The range of the 1-minute load average before the timed runs of a case."""
+    loads = [s["load_1m_before"] for k in ("fast", "ours", "stock", "floor_cp")
+             for s in (case.get(k) or {}).get("samples", []) if "load_1m_before" in s]
+    return f"{min(loads):.1f}–{max(loads):.1f}" if loads else "—"
+
+
 def render(results) -> str:
     m = results["machine"]
     L = ["# solar-merge benchmarks", "",
@@ -682,8 +689,8 @@ def render(results) -> str:
                "≤ 1 GB peak RSS."), "",
               ("| case | n | fast s | mergekit path s | stock s | cp floor s | fast/stock | "
                "fast/floor | fast RSS MB | mergekit path RSS MB | stock RSS MB | output GB | "
-               "filesystem |"),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+               "filesystem | load (1 min) |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         cases = []
         if d:
             cases.append(("SmolLM2-135M fp32, 30→44 layers (m=8)", d))
@@ -699,7 +706,8 @@ def render(results) -> str:
                      f"{f1(r['floor_cp']['wall_s'])} | {f2(r.get('ratio_fast_stock_wall'))} | "
                      f"{f2(r.get('ratio_fast_floor'))} | {f1(fast.get('peak_rss_mb'))} | "
                      f"{r['ours']['peak_rss_mb']:.0f} | {r['stock']['peak_rss_mb']:.0f} | "
-                     f"{r['out_bytes'] / 1e9:.2f} | {r.get('filesystem', '—')} |")
+                     f"{r['out_bytes'] / 1e9:.2f} | {r.get('filesystem', '—')} | "
+                     f"{_loads(r)} |")
         L += ["", ("Commands: fast `solar-merge dus MODEL --drop 8 --run OUT [OPTIONS]`; "
               "mergekit path: the same with `--no-fast`; stock `mergekit-yaml dus.yaml OUT "
               "--clone-tensors --copy-tokenizer [OPTIONS]` on the config from "

@@ -82,7 +82,8 @@ def parse_count(text: str) -> int:
 def llama_shape(params: int, vocab: int) -> dict:
     """A Llama-shaped config of about `params` parameters: the widest hidden size (a multiple
     of 64, head_dim 64, 4 query heads per KV head, MLP 2.75x as TinyLlama) that still gives
-    at least 8 layers; untied embeddings."""
+    at least hidden/128 layers and 8 (Llama 2 7B: 4096 x 32; 1B: 2048 x 21); untied
+    embeddings."""
     for hidden in (4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 128, 64):
         heads = hidden // 64
         kv_heads = max(1, heads // 4)
@@ -90,13 +91,12 @@ def llama_shape(params: int, vocab: int) -> dict:
         per_layer = 2 * hidden * hidden + 2 * hidden * kv_heads * 64 + 3 * hidden * inter \
             + 2 * hidden
         layers = round((params - 2 * vocab * hidden - hidden) / per_layer)
-        if layers >= 8 or hidden == 64:
+        if layers >= max(8, hidden // 128) or hidden == 64:
             layers = max(layers, 4)
             return {"hidden_size": hidden, "intermediate_size": inter,
                     "num_hidden_layers": layers, "num_attention_heads": heads,
                     "num_key_value_heads": kv_heads, "vocab_size": vocab,
-                    "tie_word_embeddings": False, "max_position_embeddings": 2048,
-                    "parameters": 2 * vocab * hidden + hidden + layers * per_layer}
+                    "tie_word_embeddings": False, "max_position_embeddings": 2048}
     raise AssertionError("unreachable")
 
 
@@ -276,8 +276,7 @@ def build(work: Path, s: dict, params: int) -> dict:
     tokenizer_s = time.perf_counter() - t0
 
     shape = llama_shape(params, len(tok))
-    config = LlamaConfig(**{k: v for k, v in shape.items() if k != "parameters"},
-                         bos_token_id=0, eos_token_id=0, pad_token_id=0, head_dim=64,
+    config = LlamaConfig(**shape, bos_token_id=0, eos_token_id=0, pad_token_id=0, head_dim=64,
                          architectures=["LlamaForCausalLM"])
     dtype = getattr(torch, s["dtype"])
     built = {}

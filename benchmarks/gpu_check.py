@@ -378,8 +378,9 @@ class Check:
         self.s = settings(args)
         self.info = machine(args.device)
         self.results: dict = {}
-        self.built: dict = {}
-        self.trained: dict = {}
+        self.built: dict = {}          # name -> model folder, once the build step passed
+        self.built_figures: dict = {}  # the build step's figures (layers, ...)
+        self.trained: dict = {}        # the cpt step's precision and memory, once it trained
 
     def write(self, name: str, text: str) -> Path:
         path = self.work / name

@@ -23,7 +23,6 @@ import datetime
 import getpass
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -154,13 +153,10 @@ def run_workers(space: Path, url: str, workers: int, trials: int, folder: Path) 
 
 
 def cpu() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                  if line.startswith("model name")), platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
-                      if line.startswith("flags")), []))
-    return {"model": model, "cores": os.cpu_count(),
-            "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})}
+    from solar_merge.precision import cpu_flags, cpu_name
+
+    return {"model": cpu_name(), "cores": os.cpu_count(),
+            "flags": sorted(k for k, v in cpu_flags().items() if v)}
 
 
 def main():

@@ -480,9 +480,9 @@ class Plan:
                 if layout.scale_overlap is not None:
                     take("scale_overlap")
             else:
-                take("blocks")
-                take("where") if "where" in self.dims else None
-                take("init") if "init" in self.dims else None
+                for name in ("blocks", "where", "init"):
+                    if name in self.dims:
+                        take(name)
         for name in merge_names(self.spec.merge, len(self.candidates)):
             take(name)
         return values
@@ -867,8 +867,7 @@ def _columns(names: list[str], loaded: dict) -> dict[str, bool]:
         elif name in loaded["tasks"]:
             columns.update({f"{name} {k}": h for k, h in of_task(loaded["tasks"][name]).items()})
         else:  # a group or tag: its own aggregate, or its tasks' rows
-            leaves = [t for t in loaded["tasks"].values()]
-            for task in leaves:
+            for task in loaded["tasks"].values():
                 for k, h in of_task(task).items():
                     columns.setdefault(f"{name} {k}", h)
                     columns.setdefault(f"{task.config.task} {k}", h)
@@ -1175,9 +1174,12 @@ class _Worker:
             return folder
         from solar_merge.stages import train
 
-        return train(self.plan.cpt, folder.with_name(f"trial-{number}-cpt"),
-                     overrides=[*self.plan.spec.cpt.overrides, f"model={folder}"],
-                     base_dir=self.plan.cpt_base)
+        trained = train(self.plan.cpt, folder.with_name(f"trial-{number}-cpt"),
+                        overrides=[*self.plan.spec.cpt.overrides, f"model={folder}"],
+                        base_dir=self.plan.cpt_base)
+        if not self.keep_all:  # the merge was only the CPT's start (best.yaml rebuilds it)
+            shutil.rmtree(folder)
+        return trained
 
     def score(self, model: Path, trial) -> tuple[float, dict]:
         import optuna

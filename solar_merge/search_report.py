@@ -120,8 +120,7 @@ def write_report(out: Path, study, plan, storage: str, asked: int) -> None:
              "", "## Best against the hand-chosen default", "",
              "| | trial | " + plan.metric + " | " + " | ".join(names) + " |",
              "|---|---:|---:|" + "---|" * len(names)]
-    for label, t in (("best", best), ("default (m = n/4, 0.4/0.6, t = 0.5 unless set)",
-                                      default)):
+    for label, t in (("best", best), ("default (hand-chosen)", default)):
         if t is not None:
             lines.append(f"| {label} | {t.number} | {_value(t)} | "
                          + " | ".join(_fmt(t.params.get(k)) for k in names) + " |")

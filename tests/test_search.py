@@ -16,6 +16,7 @@ from solar_merge.cli import main
 # candidate's weight 0.3, both measured from the built model itself (its config.json and the
 # mix of the candidates in its embedding), so a wrong config would score wrong.
 SCORER = '''
+import json
 import time
 from pathlib import Path
 
@@ -241,6 +242,38 @@ def test_perplexity_scoring_reports_every_batch(pair, tmp_path):
     assert all(sorted(t.intermediate_values) == [0, 1, 2, 3] for t in done)
     assert all(t.value == pytest.approx(t.intermediate_values[3]) for t in done)
     assert result.best["value"] == min(t.value for t in done)
+
+
+def test_a_short_cpt_before_each_score(pair, tmp_path):
+    """With `cpt:`, each trial's merge is trained by a `solar-merge train` cpt stage and the
+    trained model is scored and published; best.yaml says it rebuilds the merge before it."""
+    from pydoc_data.topics import topics
+
+    from solar_merge.merging import merge
+    from solar_merge.search import parse_space, run
+
+    (tmp_path / "corpus.txt").write_text("\n\n".join(list(topics.values())[:4]))
+    (tmp_path / "cpt.yaml").write_text(yaml.safe_dump({
+        "stage": "cpt", "model": "unused", "datasets": ["corpus.txt"], "seq_len": 32,
+        "args": {"max_steps": 2, "learning_rate": 1e-2, "per_device_train_batch_size": 2,
+                 "save_steps": 100, "logging_steps": 1, "gradient_checkpointing": False}}))
+    scored = []
+
+    def scorer(model_dir):
+        scored.append(model_dir)
+        return {"x": float(len(scored))}, {"x": True}
+
+    doc = space(pair, cpt={"config": "cpt.yaml"})
+    del doc["layout"]
+    result = run(parse_space(doc), tmp_path / "out", base_dir=tmp_path, trials=2,
+                 scorer=scorer)
+    assert [p.name for p in scored] == ["trial-0-cpt", "trial-1-cpt"]
+    assert (result.best_dir / "loss.jsonl").is_file()  # the CPT stage's model, not the merge
+    assert sorted(p.name for p in (tmp_path / "out" / "trials").iterdir()) == ["trial-1-cpt"]
+    best_yaml = tmp_path / "out" / "best.yaml"
+    assert "before its continued pretraining" in best_yaml.read_text()
+    merged, trained = tensors(merge(best_yaml, tmp_path / "merged")), tensors(result.best_dir)
+    assert any(not (merged[k] == trained[k]).all() for k in merged)
 
 
 def test_lm_eval_scoring(pair, tmp_path):

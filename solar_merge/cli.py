@@ -685,7 +685,8 @@ def sweep_command(candidates, method, grid, tasks, include_path, num_fewshot, li
               help="Start no trial after this many seconds.")
 @click.option("--storage", metavar="URL",
               help="The study's database (default: sqlite:///OUT/study.db), e.g. "
-                   "postgresql://USER:PASSWORD@HOST/DB for workers on many machines.")
+                   "postgresql+psycopg2://USER:PASSWORD@HOST/DB for workers on many "
+                   "machines.")
 @click.option("--keep-all", is_flag=True, default=None,
               help="Keep every trial's model under OUT/trials (default: only the best).")
 @_may_overwrite

@@ -431,9 +431,6 @@ def _model_at(loc: list[str]) -> type[BaseModel]:
 
 # -- the plan: the space checked against the models, the scorer, the defaults ----------------
 
-Scorer = Any  # sweep.Scorer: model_dir -> (metrics {column: value}, higher_is_better {column})
-
-
 @dataclass
 class Plan:
     spec: SearchSpec
@@ -504,7 +501,7 @@ class Plan:
             method, options = self._layout(point)
             planned = upscale.plan_upscale(self.model, method, base_dir=self.base_dir,
                                            **options)
-            if getattr(planned, "job", None) is not None and folder is not None:
+            if planned.job is not None and folder is not None:
                 planned = planned.placed(upscale.layers_dir_for(folder))
             return planned.config, planned
         dtype = self.spec.dtype or self.info.dtype

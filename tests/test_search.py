@@ -210,15 +210,15 @@ def test_layout_search_of_one_model(pair, tmp_path):
     from solar_merge import upscale
     from solar_merge.search import parse_space, run
 
-    inits = [i for i in ("identity", "average") if i in upscale.INIT]
     doc = {"model": pair[0],
            "layout": {"method": ["dus", "expand"], "drop": [1, 2, 3], "blocks": [2, 4],
-                      "init": inits},
+                      "init": list(upscale.INIT)},
            "score": {"tasks": "solar_manual_ppl"}, "sampler": {"name": "random", "seed": 1}}
     scorer = load_scorer(write_scorer(tmp_path, pair))
-    result = run(parse_space(doc), tmp_path / "out", trials=5, scorer=scorer)
+    result = run(parse_space(doc), tmp_path / "out", trials=8, scorer=scorer)
     trials = study_of(tmp_path / "out", "search").get_trials()
-    assert len(trials) == 5 and trials[0].params == {"layout": "dus", "drop": 2}
+    assert len(trials) == 8 and trials[0].params == {"layout": "dus", "drop": 2}
+    assert {t.params.get("init") for t in trials} > {None, "identity"}  # several inits ran
     for t in trials:
         want = 2 * (8 - t.params["drop"]) if t.params["layout"] == "dus" else \
             8 + t.params["blocks"]

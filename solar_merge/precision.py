@@ -16,10 +16,10 @@ device computes natively. Importing this module imports no torch (recipes plan w
   Apple's MPS and other devices.
 
 An explicit request (bf16 | fp16 | fp32) is honoured; a 16-bit format the device would only
-emulate is logged once per process as a warning with the slowdown measured by
-benchmarks/precision.py. SOLAR_MERGE_PRECISION (what the CLI's `--precision` sets) forces a
-request over every stage's own, e.g. SOLAR_MERGE_PRECISION=fp32 measures the fp32 path on a
-CPU that computes bf16.
+emulate is logged once per process as a warning with the slowdown benchmarks/precision.py
+measured (benchmarks/precision.md). SOLAR_MERGE_PRECISION (what the CLI's `--precision` sets)
+forces a request over every stage's own, e.g. SOLAR_MERGE_PRECISION=fp32 measures the fp32
+path on a CPU that computes bf16.
 """
 
 import logging
@@ -45,10 +45,10 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # bf16 arithmetic in hardware
 FP16_FLAGS = ("avx512_fp16", "amx_fp16", "fphp")
 _TORCH_NAMES = {"avx512_f": "avx512f", "fp16_arith": "fphp"}  # torch.cpu.get_capabilities()
 CUDA_BF16 = (8, 0)  # Ampere: the first compute capability with bf16 tensor cores
-# benchmarks/precision.py on an AMD EPYC (Zen 3: AVX2, no AVX-512; oneDNN bf16 False), torch
-# 2.13: a Linear(2048, 2048) forward + backward on 512 rows (its input's gradient included)
-# under CPU autocast, against fp32
-CPU_SLOWDOWN = {"bf16": "171x", "fp16": "184x"}
+# benchmarks/precision.md: a Linear(2048, 2048) forward + backward on 512 rows (its input's
+# gradient included) under CPU autocast against fp32, on an AMD EPYC (Zen 3: AVX2, no AVX-512;
+# oneDNN bf16 False) with torch 2.13, 1 and 2 threads on a busy machine
+CPU_SLOWDOWN = {"bf16": "50-100x", "fp16": "50-100x"}
 
 _warned: set = set()
 
@@ -195,8 +195,8 @@ def _warn_if_emulated(request: str, device: Device, asked: str) -> None:
     if native or device.kind not in ("cpu", "cuda") or (request, str(device)) in _warned:
         return
     _warned.add((request, str(device)))
-    cost = (f"a Linear layer's forward + backward ran {CPU_SLOWDOWN[request]} slower than in "
-            "fp32 on a CPU without it (benchmarks/precision.py)" if device.kind == "cpu"
+    cost = (f"a Linear layer's forward + backward took {CPU_SLOWDOWN[request]} as long as in "
+            "fp32 on an AVX2 CPU (benchmarks/precision.md)" if device.kind == "cpu"
             else f"native bf16 needs compute capability {CUDA_BF16[0]}.{CUDA_BF16[1]}")
     log.warning("%s: %s does not compute %s natively, so it is emulated: %s. `precision: "
                 "auto` (--precision auto) chooses %s here", asked, device, request, cost,

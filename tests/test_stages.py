@@ -185,6 +185,22 @@ def test_shipped_stage_configs_are_valid():
     assert seen == set(STAGES)
 
 
+def test_activation_checkpointing_is_gradient_checkpointing_on_older_transformers(
+        tmp_path, tiny_model, monkeypatch):
+    """transformers < 5.23 knows the setting as `gradient_checkpointing` only."""
+    from solar_merge.stages import schema
+
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    config = {"stage": "cpt", "model": str(tiny_model), "datasets": ["d.jsonl"],
+              "args": {"activation_checkpointing": True}}
+    assert resolve(config, base_dir=tmp_path)["args"]["activation_checkpointing"] is True
+    older = schema.trl_fields("cpt") - {"activation_checkpointing",
+                                        "activation_checkpointing_kwargs"}
+    monkeypatch.setitem(schema._FIELD_CACHE, "SFTConfig", older)
+    args = resolve(config, base_dir=tmp_path)["args"]
+    assert args["gradient_checkpointing"] is True and "activation_checkpointing" not in args
+
+
 # -- cpt -----------------------------------------------------------------------------------
 
 def test_cpt_packs_and_trains_only_chosen_layers(tmp_path, tiny_model, hooks):

@@ -424,6 +424,12 @@ def resolve(config: dict, overrides=(), base_dir=None) -> dict:
         cfg.trainable_layers = sorted(set(cfg.trainable_layers))
 
     args = {k: _number(v) for k, v in cfg.args.items()}
+    if "activation_checkpointing" not in trl_fields(stage):
+        # transformers before 5.23 calls the same setting `gradient_checkpointing` (5.23 keeps
+        # that name as an alias): recipes written for either run on both
+        for key in ("activation_checkpointing", "activation_checkpointing_kwargs"):
+            if key in args:
+                args[key.replace("activation", "gradient")] = args.pop(key)
     check_args(stage, args)
     if isinstance(args.get("chat_template_path"), str):  # a .jinja file or a tokenizer
         args["chat_template_path"] = _resolve_path(args["chat_template_path"], base_dir)

@@ -13,8 +13,8 @@ keeps [0, n-m), copy B keeps [m, n)). `recommend` picks, for a target layer coun
 and the repeated range of the same length whose seam joins the most similar states (Yi-9B's
 criterion; `solar-merge dus --repeat A:B`).
 
-Plan: parameter count, weight bytes per dtype and training memory per strategy from
-config.json alone (no torch, no weights read).
+Plan: parameter count (solar_merge.sizing), weight bytes per dtype and training memory per
+strategy (solar_merge.memory) from config.json alone (no torch, no weights read).
 
 Nothing here imports torch or transformers at module import time.
 """
@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from solar_merge.errors import UserError
+from solar_merge.sizing import Shape
 
 SEAM_VERSION = 1  # bump when the measurement changes: finished seam folders are redone
 
@@ -287,14 +288,13 @@ class SeamResult:
 
 
 def _params_fn(model: str):
-    """layers -> parameter count (exact from safetensors headers, else from config.json)."""
+    """layers -> parameter count: the weights' own count (their headers) grown by whole
+    decoder layers as solar_merge.sizing counts them."""
     from solar_merge.checkpoints import model_info, read_config
+    from solar_merge.sizing import Shape
 
-    info = model_info(model)
-    if info.params is None or info.per_layer_params is None:
-        counts = count_params(read_config(model))
-        return lambda s: counts.total + (s - info.n_layers) * counts.per_layer
-    return info.params_with_layers
+    shape = Shape.from_config(read_config(model), params=model_info(model).params)
+    return lambda layers: shape.with_layers(layers).params
 
 
 def _input_hash(model_dir: Path, data_file: Path, options: dict) -> str:
@@ -448,44 +448,6 @@ def plot(dist, r: SeamResult, path: Path) -> None:
     plt.close(fig)
 
 
-# -- sizes from config.json alone ----------------------------------------------------------------
-
-@dataclass
-class ParamCount:
-    total: int
-    per_layer: int
-    embeddings: int   # input embeddings + (untied) output head
-
-
-def count_params(config: dict) -> ParamCount:
-    """Parameters of a Llama/Mistral/Qwen-style decoder from its config.json (no weights):
-    attention (q, o: heads x head_dim; k, v: kv_heads x head_dim; biases when
-    `attention_bias`), gated MLP (3 matrices), two norms per layer, the final norm,
-    embeddings (and the output head unless tied)."""
-    cfg = config.get("text_config") or config
-    try:
-        h = int(cfg["hidden_size"])
-        layers = int(cfg["num_hidden_layers"])
-        vocab = int(cfg["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"config.json has no usable {e.args[0] if e.args else 'size'} key",
-                        fix="plan supports decoder-only models with the usual transformers "
-                            "config keys (hidden_size, num_hidden_layers, vocab_size)") from None
-    inter = int(cfg.get("intermediate_size") or 4 * h)
-    heads = int(cfg.get("num_attention_heads") or 1)
-    kv = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or h // heads)
-    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
-    if cfg.get("attention_bias"):  # Llama-style: q, k, v and o carry biases
-        attn += heads * head_dim + 2 * kv * head_dim + h
-    elif cfg.get("model_type") == "qwen2":  # q, k, v biases, always
-        attn += heads * head_dim + 2 * kv * head_dim
-    per_layer = attn + 3 * h * inter + 2 * h
-    tied = bool(config.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False)))
-    embeddings = vocab * h * (1 if tied else 2)
-    return ParamCount(embeddings + h + per_layer * layers, per_layer, embeddings)
-
-
 def _human(n) -> str:
     from solar_merge.checkpoints import human
 
@@ -506,18 +468,21 @@ class PlanResult:
     n_layers: int
     layers: int
     how: str                     # the layout, in words
-    base: ParamCount
-    params: ParamCount           # of the planned model
+    base: Shape
+    shape: Shape                 # of the planned model
     weights: dict[str, int]      # dtype -> bytes of the weights alone
     memory: dict = field(default_factory=dict)  # strategy -> memory.Estimate (per device)
     setup: str = ""              # the training setup the memory is for, in words
 
     def format(self) -> str:
-        b, p = self.base, self.params
+        b, p = self.base, self.shape
+        source = "from config.json" if p.exact else (
+            f"from config.json, model type `{p.model_type or 'unknown'}` counted as a "
+            "Llama-style decoder")
         lines = [f"{self.model}: {self.how}",
-                 (f"  parameters: {_billions(b.total)} -> {_billions(p.total)} "
+                 (f"  parameters: {_billions(b.params)} -> {_billions(p.params)} "
                  f"({self.layers} layers x {_billions(p.per_layer)} + embeddings and norms "
-                 f"{_billions(p.total - self.layers * p.per_layer)}; from config.json)"),
+                 f"{_billions(p.params - self.layers * p.per_layer)}; {source})"),
                  "  weights alone: " + ", ".join(f"{dtype} {_gb(n)}"
                                                  for dtype, n in self.weights.items())]
         if self.memory:
@@ -571,19 +536,14 @@ def plan(model: str, *, drop: int | None = None, layers: int | None = None,
     config.json alone (a local folder, or a Hub id: config.json only is fetched). Memory is
     solar_merge.memory's formula, per device, for every strategy or the one of `launch` (a
     TRL accelerate preset name or an accelerate config file)."""
-    import dataclasses
-
     from solar_merge import memory
     from solar_merge.checkpoints import read_config
 
-    config = read_config(model)
-    base = count_params(config)
-    cfg = config.get("text_config") or config
-    n = int(cfg["num_hidden_layers"])
+    base = Shape.from_config(read_config(model))
+    n = base.layers
     s, how = planned_layers(n, drop=drop, layers=layers, every=every)
-    total = base.total + (s - n) * base.per_layer
-    params = ParamCount(total, base.per_layer, base.embeddings)
-    weights = {dtype: int(total * size) for dtype, size in WEIGHT_BYTES.items()}
+    shape = base.with_layers(s)
+    weights = {dtype: int(shape.params * size) for dtype, size in WEIGHT_BYTES.items()}
     if devices < 1 or batch < 1 or seq_len < 1:
         raise UserError(f"--num-processes {devices}, --batch {batch}, --seq-len {seq_len}: "
                         "each must be at least 1", fix="e.g. --num-processes 8 --batch 1")
@@ -592,8 +552,6 @@ def plan(model: str, *, drop: int | None = None, layers: int | None = None,
                         fix="bf16 or fp16 (a train stage's precision: autocast over fp32 "
                             "weights), fp32, or bf16-weights (args.model_init_kwargs.dtype "
                             "bfloat16: weights, gradients and moments in bf16)")
-    shape = dataclasses.replace(memory.Shape.from_config(config, params=base.total),
-                                params=total, layers=s, per_layer=base.per_layer)
     strategies = [memory.strategy_of(launch)] if launch else list(memory.STRATEGIES)
     estimates = {}
     for strategy in strategies:
@@ -606,4 +564,4 @@ def plan(model: str, *, drop: int | None = None, layers: int | None = None,
     words = (f"{stage}, {precision}, batch {batch} x {seq_len} tokens, activation "
              f"checkpointing {'on' if checkpointing else 'off'}, full fine-tuning"
              + (f", --launch {launch}" if launch else ""))
-    return PlanResult(model, n, s, how, base, params, weights, estimates, words)
+    return PlanResult(model, n, s, how, base, shape, weights, estimates, words)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from solar_merge.errors import UserError
+from solar_merge.sizing import tied_embeddings
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -492,15 +493,17 @@ def _config_fields(config: dict, label: str, field: str) -> dict:
     if not isinstance(archs, list) or not all(isinstance(a, str) and a for a in archs):
         raise UserError(f"{field}: {label}: `architectures` is {str(archs)[:60]}, not a list "
                         'of class names such as ["LlamaForCausalLM"]', fix=_CONFIG_FIX)
-    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-    if tied is not None and not isinstance(tied, bool):
-        raise UserError(f"{field}: {label}: `tie_word_embeddings` is {str(tied)[:40]!r}, not "
-                        "true or false", fix=_CONFIG_FIX)
+    for where in (config, text):
+        tied = where.get("tie_word_embeddings")
+        if tied is not None and not isinstance(tied, bool):
+            raise UserError(f"{field}: {label}: `tie_word_embeddings` is {str(tied)[:40]!r}, "
+                            "not true or false", fix=_CONFIG_FIX)
     dtype = text.get("dtype") or text.get("torch_dtype") or config.get("torch_dtype")
     if dtype is not None and not isinstance(dtype, str):
         raise UserError(f"{field}: {label}: `dtype` is {str(dtype)[:40]!r}, not a name such as "
                         '"bfloat16"', fix=_CONFIG_FIX)
-    return {**out, "intermediate_size": inter, "architecture": archs[0], "tied": bool(tied),
+    return {**out, "intermediate_size": inter, "architecture": archs[0],
+            "tied": tied_embeddings(config),
             "dtype": dtype or "float32"}
 
 

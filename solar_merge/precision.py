@@ -26,7 +26,6 @@ import logging
 import os
 import platform
 import re
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -167,26 +166,18 @@ def announce(decision: Decision, what: str) -> None:
     log.info("%s: %s", what, decision)
 
 
-class _Stderr(logging.Handler):
-    """One plain line per message on sys.stderr as it is at that moment (click's test runner
-    replaces it); warnings start with `warning: `."""
-
-    def emit(self, record):
-        prefix = "warning: " if record.levelno >= logging.WARNING else ""
-        sys.stderr.write(prefix + record.getMessage() + "\n")
-
-
 def show_on_stderr() -> None:
-    """Print this module's decisions and warnings on stderr: the CLI turns it on, and so does
-    a recipe's stage process when its parent had it (a fork server's children do not inherit
-    the parent's logging)."""
-    if not shown_on_stderr():
-        log.addHandler(_Stderr())
-    log.setLevel(logging.INFO)
+    """solar_merge.console.show(): what a recipe's stage process calls when its parent showed
+    messages (a fork server's children do not inherit the parent's logging)."""
+    from solar_merge import console
+
+    console.show()
 
 
 def shown_on_stderr() -> bool:
-    return any(isinstance(h, _Stderr) for h in log.handlers)
+    from solar_merge import console
+
+    return console.shown()
 
 
 def _warn_if_emulated(request: str, device: Device, asked: str) -> None:

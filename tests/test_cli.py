@@ -71,3 +71,49 @@ def test_demo_dry_run_prints_the_plan_and_runs_nothing(monkeypatch, tmp_path, ti
     assert calls == [(out, False, ("x.y=1",))]
     assert "upscale:dus" in result.output and "dry run: nothing trained" in result.output
     assert not (tmp_path / "d" / "dus").exists()
+
+
+def test_a_user_error_exits_2_with_its_message_and_fix(tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = CliRunner().invoke(main, ["plan", str(missing)])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"Error: model `{missing}` not found")
+    assert "\n  fix: give an existing local model folder" in result.output
+    assert "Traceback" not in result.output
+    debug = CliRunner().invoke(main, ["--debug", "plan", str(missing)])
+    assert debug.exit_code == 2 and "Traceback" in debug.output
+    assert f"Error: model `{missing}` not found" in debug.output
+
+
+def test_user_error_and_library_messages_need_no_click():
+    import subprocess
+    import sys
+
+    code = ("import sys, solar_merge.errors, solar_merge.console, solar_merge.stages.launch\n"
+            "assert 'click' not in sys.modules, 'click imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_messages_show_on_stderr_while_a_command_runs(monkeypatch, capsys, caplog):
+    """Library modules log; the CLI shows INFO and warnings as plain lines on stderr during a
+    command and leaves logging as it found it."""
+    import logging
+
+    from solar_merge import console
+
+    log = logging.getLogger("solar_merge.somewhere")
+
+    def speak(model, **kwargs):
+        log.info("a message")
+        log.warning("a warning")
+        log.debug("a detail")
+        raise SystemExit(0)
+
+    monkeypatch.setattr("solar_merge.analysis.plan", speak)
+    result = CliRunner().invoke(main, ["plan", "m"])
+    assert result.exit_code == 0
+    assert result.output == "a message\nwarning: a warning\n"
+    assert not console.shown() and logging.getLogger("solar_merge").propagate
+    with caplog.at_level(logging.INFO, logger="solar_merge"):
+        log.info("outside a command")
+    assert "outside a command" in caplog.text and capsys.readouterr().err == ""

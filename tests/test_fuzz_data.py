@@ -120,7 +120,7 @@ def _check_reader(suffix, damage):
         try:
             records = load_records(path)
         except UserError as e:
-            assert str(path) in e.message and "fix:" in e.format_message(), e.message
+            assert str(path) in e.message and "fix:" in e.message, e.message
             records = None
         finally:
             _, peak = tracemalloc.get_traced_memory()

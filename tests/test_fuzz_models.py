@@ -181,7 +181,7 @@ def test_header_reader_refuses_or_reads_the_truth(original, damage):
         try:
             header = read_safetensors_header(f)
         except UserError as e:
-            assert str(f) in e.message and "fix:" in e.format_message(), e.message
+            assert str(f) in e.message and "fix:" in e.message, e.message
             return
         from safetensors import safe_open
 
@@ -481,7 +481,7 @@ def test_damaged_gguf(tiny_gguf, damage):
         try:
             check_gguf(f)
         except UserError as e:
-            assert str(f) in e.message and "fix:" in e.format_message(), e.message
+            assert str(f) in e.message and "fix:" in e.message, e.message
         finally:
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
@@ -501,7 +501,7 @@ def test_damaged_gguf_import(tiny_gguf, tmp_path, damage):
     with pytest.raises(UserError) as caught:
         _load_gguf(f)
     assert str(f) in caught.value.message or f.name in caught.value.message
-    assert "pip install --force-reinstall" in caught.value.format_message()
+    assert "pip install --force-reinstall" in caught.value.message
 
 
 # -- the mergekit_config.yml an up-scaled folder carries (read for `trainable_layers: new`) ------

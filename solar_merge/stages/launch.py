@@ -2,20 +2,26 @@
 `accelerate launch` starts (DDP, DeepSpeed ZeRO, FSDP), the way `trl sft --accelerate_config`
 does it; and the run of one stage in one process, where global rank 0 owns the output folder.
 
-    train(config, out_dir, overrides=(), base_dir=None, dry_run=False) -> Path
-        resolve the stage; check that it fits the device memory (memory.py); then either
-        start `accelerate launch [--config_file PRESET] --num_processes N ... -m solar_merge
-        train STAGE.yaml -o OUT` and wait (the stage's `launch:` asks for more than this
-        process), or run() here.
-    run(resolved, out_dir) -> Path
+    train(config, out_dir, overrides=(), base_dir=None) -> Path
+        resolve the stage config, then start() it.
+    start(resolved, out_dir, digest=None, estimate=None) -> Path
+        check that the stage fits the device memory (memory.py); then either start
+        `accelerate launch [--config_file PRESET] --num_processes N ... -m solar_merge train
+        STAGE.yaml -o OUT` and wait (the stage's `launch:` asks for more than this process),
+        or run() here. `digest` keys the output's completion record (default: the stage's
+        own hash), `estimate` is a memory estimate made already (a recipe's plan).
+    run(resolved, out_dir, digest=None) -> Path
         one process, or one rank of a torchrun / accelerate launch (WORLD_SIZE > 1): rank 0
         takes the lock and the `.partial` folder, renames it, writes the marker, card and
-        loss log; the others wait on barriers (stages/common.py: owned_output, agreed).
+        loss log; the others wait on barriers (stages/distributed.py).
+    dry_run(config, out_dir, ...) -> str
+        what `solar-merge train --dry-run` prints: the plan and the memory estimate.
 
 Inside a launched process (WORLD_SIZE set, or SOLAR_MERGE_LAUNCHED from the parent) a stage
 never launches again: `launch:` only says how the parent starts it.
 """
 
+import logging
 import os
 import shlex
 import subprocess
@@ -24,6 +30,8 @@ from pathlib import Path
 
 from solar_merge.errors import UserError, during
 from solar_merge.stages.schema import resolve, stage_hash
+
+log = logging.getLogger(__name__)
 
 LAUNCHED = "SOLAR_MERGE_LAUNCHED"
 STAGE_MODULES = {"cpt": "solar_merge.stages.cpt", "sft": "solar_merge.stages.sft",
@@ -40,45 +48,61 @@ class LaunchFailed(Exception):
                          "checkpoint")
 
 
-def train(config: dict, out_dir=None, *, overrides=(), base_dir=None, dry_run: bool = False
-          ) -> Path:
+def train(config: dict, out_dir=None, *, overrides=(), base_dir=None,
+          digest: str | None = None) -> Path:
     """Run one stage described by `config`; return the finished output folder.
 
     A finished stage with the same resolved config and inputs is not re-run; an interrupted
-    one resumes from its last checkpoint. dry_run: resolve, check and print the memory
-    estimate, run nothing."""
+    one resumes from its last checkpoint."""
+    resolved, out_dir = _resolved(config, out_dir, overrides, base_dir)
+    return start(resolved, out_dir, digest=digest)
+
+
+def dry_run(config: dict, out_dir=None, *, overrides=(), base_dir=None) -> str:
+    """Resolve and check the stage, estimate its memory, run nothing: what to print."""
+    resolved, out_dir = _resolved(config, out_dir, overrides, base_dir)
+    launch = resolved.get("launch") or {}
+    return describe(resolved, launch, check_fit(resolved, launch), out_dir)
+
+
+def _resolved(config: dict, out_dir, overrides, base_dir) -> tuple[dict, Path]:
     resolved = resolve(config, overrides, base_dir)
     out_dir = out_dir or resolved.get("output")
     if not out_dir:
         raise UserError("no output folder for the stage",
                         fix="pass -o OUT (or set `output:` in the stage config)")
+    return resolved, Path(out_dir).absolute()
+
+
+def start(resolved: dict, out_dir, *, digest: str | None = None, estimate=None) -> Path:
+    """Run a resolved stage (stages.resolve) into `out_dir`: launched on the processes its
+    `launch:` asks for, else here. digest: the key of the output's completion record
+    (default: stage_hash(resolved)); estimate: its memory.Estimate when already made."""
     out_dir = Path(out_dir).absolute()
     launch = resolved.get("launch") or {}
     if not inside_launch():
-        estimate = check_fit(resolved, launch)
-        if dry_run:
-            _say(describe(resolved, launch, estimate, out_dir))
-            return out_dir
+        check_fit(resolved, launch, estimate)
         if wants_processes(launch):
-            return spawn(resolved, out_dir)
-    return run(resolved, out_dir)
+            return spawn(resolved, out_dir, digest)
+    return run(resolved, out_dir, digest)
 
 
 # -- one process (or one rank) -----------------------------------------------------------------
 
-def run(resolved: dict, out_dir: Path) -> Path:
+def run(resolved: dict, out_dir: Path, digest: str | None = None) -> Path:
     """Run the stage into `out_dir` here: skip if finished, resume if interrupted."""
     import importlib
 
     from solar_merge.outputs import is_complete
     from solar_merge.stages import common
 
-    h = stage_hash(resolved)
+    h = digest or stage_hash(resolved)
     n = common.world_size()
     if n > 1:
         common.distributed_state()  # one process group for our barriers and TRL's
     if common.agreed(is_complete(out_dir, h)):  # global rank 0 decides for everyone
-        _say(f"{resolved['stage']}: {out_dir} is already complete for this config, skipping")
+        log.info("%s: %s is already complete for this config, skipping", resolved["stage"],
+                 out_dir)
         return out_dir
     common.preflight(resolved)
     stage = importlib.import_module(STAGE_MODULES[resolved["stage"]])
@@ -88,7 +112,7 @@ def run(resolved: dict, out_dir: Path) -> Path:
 
         announce(chosen, resolved["stage"])
     with common.owned_output(out_dir, h) as work:
-        with during(f"{resolved['stage']} training of {resolved['model']}"):  # [HARDEN]
+        with during(f"{resolved['stage']} training of {resolved['model']}"):
             facts = stage.run_stage(resolved, work) or {}
         if common.is_main():
             facts["precision"] = f"{chosen.precision} ({chosen.reason})"
@@ -114,10 +138,10 @@ def wants_processes(launch: dict) -> bool:
 
 # -- launching ---------------------------------------------------------------------------------
 
-def spawn(resolved: dict, out_dir: Path) -> Path:
+def spawn(resolved: dict, out_dir: Path, digest: str | None = None) -> Path:
     """`accelerate launch ... -m solar_merge train STAGE.yaml -o OUT`, waited for. The stage
     config handed to the processes is the resolved one (absolute paths), so they resolve it
-    to the same hash."""
+    to the same hash; a `digest` is handed to them as `--digest`."""
     import tempfile
 
     import yaml
@@ -125,8 +149,9 @@ def spawn(resolved: dict, out_dir: Path) -> Path:
     from solar_merge import outputs
     from solar_merge.stages import common
 
-    if outputs.is_complete(out_dir, stage_hash(resolved)):
-        _say(f"{resolved['stage']}: {out_dir} is already complete for this config, skipping")
+    if outputs.is_complete(out_dir, digest or stage_hash(resolved)):
+        log.info("%s: %s is already complete for this config, skipping", resolved["stage"],
+                 out_dir)
         return out_dir
     common.preflight(resolved)  # missing models/data, QLoRA without a GPU: before any process
     outputs.check_replaceable(out_dir)  # a folder that is not ours: refused before launching
@@ -134,9 +159,11 @@ def spawn(resolved: dict, out_dir: Path) -> Path:
         config_file = Path(folder) / "stage.yaml"
         config_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
         cmd = launch_command(resolved, config_file, out_dir)
+        if digest:
+            cmd += ["--digest", digest]
         if outputs._OVERWRITE.get():  # the user's --overwrite reaches rank 0
             cmd.append("--overwrite")
-        _say("launching: " + " ".join(shlex.quote(c) for c in cmd))
+        log.info("launching: %s", " ".join(shlex.quote(c) for c in cmd))
         code = subprocess.run(cmd, env={**os.environ, LAUNCHED: "1"}, check=False).returncode
     if code != 0:
         raise LaunchFailed(code, out_dir)
@@ -196,21 +223,25 @@ def _launch_file_settings(launch: dict) -> dict:
 
 # -- will it fit? ------------------------------------------------------------------------------
 
-def check_fit(resolved: dict, launch: dict):
-    """memory.from_stage for this launch; a UserError when it cannot fit the device memory
-    the user gave (launch.device_memory / --device-memory), a warning when it cannot fit the
-    memory found here (GPUs by nvidia-smi, else this machine's RAM shared by its processes).
-    None when the model's size is unknown (a Hub model not in the local cache)."""
+def check_fit(resolved: dict, launch: dict, estimate=None):
+    """memory.from_stage for this launch (or the `estimate` given); a UserError when it cannot
+    fit the device memory the user gave (launch.device_memory / --device-memory), a warning
+    when it cannot fit the memory found here (GPUs by nvidia-smi, else this machine's RAM
+    shared by its processes). None when the model's size is unknown (a Hub model not in the
+    local cache)."""
     from solar_merge import memory
     from solar_merge.checkpoints import human
 
-    shape = model_shape(resolved["model"])
-    if shape is None:
-        return None
-    from solar_merge.stages.common import decide_precision
-
     effective = {**_launch_file_settings(launch), **launch}
-    est = memory.from_stage(resolved, shape, effective, decide_precision(resolved).precision)
+    est = estimate
+    if est is None:
+        shape = model_shape(resolved["model"])
+        if shape is None:
+            return None
+        from solar_merge.stages.common import decide_precision
+
+        est = memory.from_stage(resolved, shape, effective,
+                                decide_precision(resolved).precision)
     given = launch.get("device_memory")
     available = given or detected_device_memory(effective)
     need = est.total + memory.RUNTIME
@@ -219,14 +250,14 @@ def check_fit(resolved: dict, launch: dict):
                    f"per device ({est.describe()}, + {human(memory.RUNTIME, 'B')} runtime), "
                    f"more than the {human(available, 'B')} "
                    + ("given (device_memory)" if given else "found on this machine"))
-        fix = _what_fits(shape, est, available)
+        fix = _what_fits(est, available)
         if given:
             raise UserError(message, fix=fix)
-        _say(f"warning: {message}; {fix}")
+        log.warning("%s; %s", message, fix)
     return est
 
 
-def _what_fits(shape, est, available: int) -> str:
+def _what_fits(est, available: int) -> str:
     """The first few changes that make the estimate fit, each with its own estimate."""
     from solar_merge import memory
     from solar_merge.checkpoints import human
@@ -239,7 +270,7 @@ def _what_fits(shape, est, available: int) -> str:
     if not s.activation_checkpointing:
         tries.append(("args.gradient_checkpointing: true", {"activation_checkpointing": True}))
     if not s.lora:
-        r16 = memory.lora_params(shape, 16, "all-linear")
+        r16 = memory.lora_params(est.shape, 16, "all-linear")
         tries.append(("peft: {r: 16, target_modules: all-linear} (LoRA)",
                       {"lora": True, "trainable": r16}))
     if s.precision != "bf16":
@@ -247,7 +278,7 @@ def _what_fits(shape, est, available: int) -> str:
         tries.append((bf16, {"precision": "bf16"}))
     fits = []
     for label, change in tries:
-        other = memory.with_strategy(est, shape, **change)
+        other = memory.with_strategy(est, **change)
         if other.total + memory.RUNTIME <= available:
             fits.append(f"{label} (~{human(other.total + memory.RUNTIME, 'B')} per device)")
     if fits:
@@ -325,9 +356,3 @@ def describe(resolved: dict, launch: dict, estimate, out_dir: Path) -> str:
         lines.append("would run: " + " ".join(shlex.quote(c) for c in launch_command(
             resolved, Path("STAGE.yaml"), out_dir)))
     return "\n".join(lines)
-
-
-def _say(msg: str) -> None:
-    import click
-
-    click.echo(msg, err=True)

@@ -36,7 +36,9 @@ from solar_merge.readers import load_yaml, read_text
 
 log = logging.getLogger(__name__)
 
-# mergekit 0.1.5's MergeConfiguration and its nested models, as allowed keys per level.
+# mergekit 0.1.5's MergeConfiguration and its nested models, as allowed keys per level
+# (tests/test_merging.py pins them to mergekit.config's pydantic models: importing mergekit
+# costs seconds, which checking a config must not).
 TOP_KEYS = {"modules", "slices", "models", "merge_method", "base_model", "dtype",
             "tokenizer_source", "tokenizer", "chat_template", "out_dtype", "parameters"}
 MODEL_KEYS = {"model", "parameters"}
@@ -44,7 +46,36 @@ SLICE_KEYS = {"sources", "base_model", "residual_weight", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 MODULE_KEYS = {"slices", "models", "parameters"}
 TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
-DTYPES = {"float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16"}
+# The dtype names mergekit.common.dtype_from_name accepts for `dtype` and `out_dtype`.
+DTYPES = {"float32", "float16", "bfloat16", "float64"}
+# Every merge method mergekit 0.1.5 registers (ours included), with its parameter names.
+METHODS = {
+    "arcee_fusion": set(),
+    "breadcrumbs": {"density", "gamma", "int8_mask", "lambda", "normalize", "rescale",
+                    "weight"},
+    "breadcrumbs_ties": {"density", "gamma", "int8_mask", "lambda", "normalize", "rescale",
+                         "weight"},
+    "dare_linear": {"density", "int8_mask", "lambda", "normalize", "rescale", "weight"},
+    "dare_ties": {"density", "int8_mask", "lambda", "normalize", "rescale", "weight"},
+    "della": {"density", "epsilon", "int8_mask", "lambda", "normalize", "rescale", "weight"},
+    "della_linear": {"density", "epsilon", "int8_mask", "lambda", "normalize", "rescale",
+                     "weight"},
+    "karcher": {"max_iter", "tol"},
+    "linear": {"normalize", "weight"},
+    "model_stock": {"filter_wise"},
+    "multislerp": {"eps", "normalize_weights", "weight"},
+    "nearswap": {"t"},
+    "nuslerp": {"nuslerp_flatten", "nuslerp_row_wise", "weight"},
+    "passthrough": {"scale"},
+    "ram": {"epsilon"},
+    "ramplus_tl": {"alpha", "epsilon", "r"},
+    "sce": {"int8_mask", "select_topk"},
+    "slerp": {"t"},
+    "solar_average": {"normalize", "weight"},
+    "solar_slerp": {"t"},
+    "task_arithmetic": {"density", "int8_mask", "lambda", "normalize", "rescale", "weight"},
+    "ties": {"density", "int8_mask", "lambda", "normalize", "rescale", "weight"},
+}
 
 
 def load_config(config, *, label: str = "merge config") -> dict:
@@ -65,191 +96,248 @@ def load_config(config, *, label: str = "merge config") -> dict:
     return copy.deepcopy(config)
 
 
-def _method_specs() -> dict:
-    """name -> set of parameter names, for every method mergekit knows (ours included)."""
-    # Our methods are registered when mergekit.merge_methods is imported (solar_merge/__init__).
-    from mergekit.merge_methods import registered_methods
+class Checker:
+    """Checks a mergekit config strictly, collecting every problem, each named by its field
+    path (after `where`, e.g. a recipe stage's `stages.avg.merge`).
 
-    return {m.spec.name: {p.name for p in m.spec.parameters} for m in registered_methods()}
+    `structure` checks the keys, the method and its parameters, and resolves every model
+    reference; `shapes` checks what the models hold: layer ranges inside each model, and
+    shapes that can be merged. By default a reference is a local folder (relative to
+    `base_dir`) or a Hub id, read from disk; a recipe passes `resolve(field, ref) -> ref` and
+    `info(ref) -> ModelInfo | None` for references to its earlier stages' outputs."""
 
-
-class _Checker:
-    """Walks a config, collecting every problem, each named by its field path."""
-
-    def __init__(self, base_dir):
+    def __init__(self, base_dir=None, *, where: str = "", resolve=None, info=None):
         self.base_dir = Path(base_dir) if base_dir else Path.cwd()
+        self.where = where
         self.problems: list[str] = []
+        self._resolve = resolve
+        self._info = info
         self.infos: dict[str, object] = {}
+
+    def add(self, path: str, message: str) -> None:
+        path = ".".join(p for p in (self.where, path) if p)
+        self.problems.append(f"{path}: {message}" if path else message)
 
     def keys(self, where: str, value, allowed: set) -> bool:
         if not isinstance(value, dict):
-            self.problems.append(f"{where}: expected a mapping, got {value!r}")
+            self.add(where, f"expected a mapping, got {value!r}")
             return False
         for key in value:
             if key not in allowed:
-                path = f"{where}.{key}" if where else str(key)
-                self.problems.append(f"{path}: unknown key{did_you_mean(str(key), allowed)}"
-                                     f"; allowed here: {', '.join(sorted(allowed))}")
+                self.add(f"{where}.{key}" if where else str(key),
+                         f"unknown key{did_you_mean(str(key), allowed)}; allowed here: "
+                         f"{', '.join(sorted(allowed))}")
         return True
 
     def model(self, where: str, ref):
-        """Make a local model path absolute; remember its info for shape checks."""
+        """A model reference with its folder made absolute (or the recipe's reference
+        resolved); its info is remembered for `shapes`."""
         if isinstance(ref, dict):  # mergekit's expanded form {model: {path: ...}, lora: ...}
             inner = ref.get("model", {})
             if isinstance(inner, dict) and isinstance(inner.get("path"), str):
                 inner["path"] = self.model(where + ".model.path", inner["path"])
             return ref
         if not isinstance(ref, str) or not ref:
-            self.problems.append(f"{where}: expected a model path or Hub id, got {ref!r}")
+            self.add(where, f"expected a model path or Hub id, got {ref!r}")
             return ref
         path, plus, lora = ref.partition("+")
+        if self._resolve is not None:
+            return self._resolve(".".join(p for p in (self.where, where) if p), path) \
+                + plus + lora
         try:
             folder = local_dir(path, self.base_dir)
             resolved = str(folder) if folder else path
             self.infos.setdefault(resolved, model_info(resolved, field=where))
         except UserError as e:
             message = e.message.split("\n  fix:")[0]
-            self.problems.append(message if message.startswith(where) else f"{where}: {message}")
+            self.problems.append(message if message.startswith(where) else
+                                 f"{'.'.join(p for p in (self.where, where) if p)}: {message}")
             return ref
         return resolved + plus + lora
+
+    def info(self, ref):
+        path = os.path.normpath(_model_path(ref)) if _model_path(ref) else ""
+        if self._info is not None:
+            return self._info(path) if path else None
+        return self.infos.get(path)
 
     def parameters(self, where: str, params, allowed: set | None, method: str):
         if params is None or allowed is None:
             return
         if not isinstance(params, dict):
-            self.problems.append(f"{where}: expected a mapping of parameter names to values")
+            self.add(where, "expected a mapping of parameter names to values")
             return
         for key in params:
             if key not in allowed:
-                self.problems.append(
-                    f"{where}.{key}: `{method}` has no parameter `{key}`"
-                    f"{did_you_mean(str(key), allowed)}; its parameters: "
-                    f"{', '.join(sorted(allowed)) or 'none'}")
+                self.add(f"{where}.{key}", f"`{method}` has no parameter `{key}`"
+                         f"{did_you_mean(str(key), allowed)}; its parameters: "
+                         f"{', '.join(sorted(allowed)) or 'none'}")
+
+    def structure(self, config: dict) -> dict:
+        """The config with its references resolved; problems noted (see the class doc)."""
+        self.keys("", config, TOP_KEYS)
+        method = config.get("merge_method")
+        allowed = None
+        if not isinstance(method, str):
+            self.add("merge_method", "missing; e.g. `merge_method: solar_average`")
+        elif method not in METHODS:
+            self.add("merge_method", f"unknown method `{method}`{did_you_mean(method, METHODS)};"
+                     f" known: {', '.join(sorted(METHODS))}")
+        else:
+            allowed = METHODS[method]
+        for key in ("dtype", "out_dtype"):
+            if isinstance(config.get(key), str) and config[key] not in DTYPES:
+                self.add(key, f"unknown dtype `{config[key]}`"
+                         f"{did_you_mean(config[key], DTYPES)}; one of "
+                         f"{', '.join(sorted(DTYPES))}")
+        if config.get("base_model") is not None:
+            config["base_model"] = self.model("base_model", config["base_model"])
+        self.parameters("parameters", config.get("parameters"), allowed, method)
+        if isinstance(config.get("tokenizer"), dict):
+            self.keys("tokenizer", config["tokenizer"], TOKENIZER_KEYS)
+        groups = [k for k in ("models", "slices", "modules") if config.get(k)]
+        if len(groups) != 1:
+            self.add("", "exactly one of `models`, `slices` or `modules` must be given"
+                     + (f" (found {', '.join(groups)})" if groups else ""))
+        self._models("models", config.get("models"), allowed, method)
+        self._slices("slices", config.get("slices"), allowed, method)
+        modules = config.get("modules") or {}
+        if not isinstance(modules, dict):
+            self.add("modules", "expected a mapping of module names to {models|slices}")
+            modules = {}
+        for name, module in modules.items():
+            where = f"modules.{name}"
+            if self.keys(where, module, MODULE_KEYS):
+                self._models(where + ".models", module.get("models"), allowed, method)
+                self._slices(where + ".slices", module.get("slices"), allowed, method)
+                self.parameters(where + ".parameters", module.get("parameters"), allowed,
+                                method)
+        return config
+
+    def _listed(self, where, value) -> list:
+        """`value` if it is a list; [] (with a problem noted unless it is absent) otherwise."""
+        if value is not None and not isinstance(value, list):
+            self.add(where, "expected a list")
+        return value if isinstance(value, list) else []
+
+    def _models(self, where, models, allowed, method):
+        for i, entry in enumerate(self._listed(where, models)):
+            w = f"{where}[{i}]"
+            if self.keys(w, entry, MODEL_KEYS):
+                if "model" not in entry:
+                    self.add(f"{w}.model", "missing")
+                else:
+                    entry["model"] = self.model(w + ".model", entry["model"])
+                self.parameters(w + ".parameters", entry.get("parameters"), allowed, method)
+
+    def _slices(self, where, slices, allowed, method):
+        for i, out_slice in enumerate(self._listed(where, slices)):
+            w = f"{where}[{i}]"
+            if not self.keys(w, out_slice, SLICE_KEYS):
+                continue
+            if out_slice.get("base_model") is not None:
+                out_slice["base_model"] = self.model(w + ".base_model", out_slice["base_model"])
+            self.parameters(w + ".parameters", out_slice.get("parameters"), allowed, method)
+            lengths, folders = set(), set()
+            for j, source in enumerate(self._listed(f"{w}.sources", out_slice.get("sources"))):
+                ws = f"{w}.sources[{j}]"
+                if not self.keys(ws, source, SOURCE_KEYS):
+                    continue
+                if "model" not in source:
+                    self.add(f"{ws}.model", "missing")
+                    continue
+                written = source["model"]
+                source["model"] = self.model(ws + ".model", written)
+                if isinstance(source["model"], str):  # not a list or mapping (unhashable)
+                    if source["model"] in folders and isinstance(written, str) \
+                            and ".." in written:
+                        # One folder twice in a slice (upscale.twin: an average of two of its
+                        # layers) keeps its second spelling `DIR/../NAME`: mergekit tells models
+                        # apart by their spelling and refuses one model twice ("Duplicate merge
+                        # inputs").
+                        source["model"] = str(Path(self.base_dir,
+                                                   os.path.expanduser(written)).absolute())
+                    folders.add(source["model"])
+                self.parameters(ws + ".parameters", source.get("parameters"), allowed, method)
+                lr = source.get("layer_range")
+                if (not isinstance(lr, list) or len(lr) != 2
+                        or not all(isinstance(x, int) for x in lr)):
+                    self.add(f"{ws}.layer_range",
+                             f"expected [start, end) as two integers, got {lr!r}")
+                    continue
+                lengths.add(lr[1] - lr[0])
+            if not out_slice.get("sources"):
+                self.add(f"{w}.sources", "missing or empty")
+            elif len(lengths) > 1:
+                self.add(f"{w}.sources", f"layer ranges of different lengths {sorted(lengths)}"
+                         " cannot be merged layer by layer")
+
+    def shapes(self, config: dict) -> None:
+        """Layer ranges inside each model; models merged tensor by tensor (or stacked) agree
+        on hidden, MLP and (unless a tokenizer is built) vocabulary sizes."""
+        sliced = [("slices", config.get("slices"))] + [
+            (f"modules.{name}.slices", module.get("slices"))
+            for name, module in (config.get("modules") or {}).items()]
+        for where, slices in sliced:
+            for i, s in enumerate(slices or []):
+                for j, src in enumerate(s["sources"]):
+                    info, lr = self.info(src["model"]), src["layer_range"]
+                    if info is not None and not 0 <= lr[0] < lr[1] <= info.n_layers:
+                        self.add(f"{where}[{i}].sources[{j}].layer_range",
+                                 f"{lr} is outside the model's {info.n_layers} layers (ranges "
+                                 f"are end-exclusive: use 0 <= start < end <= {info.n_layers})")
+        groups = []
+        if config.get("models"):
+            refs = [m["model"] for m in config["models"]]
+            if config.get("base_model"):
+                refs.append(config["base_model"])
+            groups.append(("models", refs, True))
+        if config.get("slices"):
+            groups.append(("slices", [src["model"] for s in config["slices"]
+                                      for src in s["sources"]], False))
+        vocab_aligned = bool(config.get("tokenizer") or config.get("tokenizer_source"))
+        for where, refs, whole_models in groups:
+            infos = [(r, self.info(r)) for r in refs]
+            infos = [(r, i) for r, i in infos if i is not None]
+            for ref, info in infos[1:]:
+                first_ref, first = infos[0]
+                a, b = first.shape_key(), info.shape_key()
+                if vocab_aligned:
+                    a, b = a[:2], b[:2]
+                if a != b or (whole_models and first.n_layers != info.n_layers):
+                    self.add(where, f"{_described(ref, info)} cannot be merged with "
+                             f"{_described(first_ref, first)}: merge models of the same "
+                             "architecture and size")
+
+    def error(self, label: str) -> UserError:
+        return UserError(f"{label} has {len(self.problems)} problem(s):\n  - "
+                         + "\n  - ".join(self.problems),
+                         fix="correct the fields named above" + (
+                             " (mergekit would have ignored unknown keys silently)"
+                             if any("unknown key" in p or "has no parameter" in p
+                                    for p in self.problems) else ""))
 
 
-def check_config(config, base_dir=None, *, label: str = "merge config",
-                 methods: dict | None = None) -> dict:
+def _described(ref, info) -> str:
+    return (f"`{Path(_model_path(ref)).name}` (hidden {info.hidden_size}, mlp "
+            f"{info.intermediate_size}, vocab {info.vocab_size}, {info.n_layers} layers)")
+
+
+def check_config(config, base_dir=None, *, label: str = "merge config") -> dict:
     """Validate a mergekit config strictly, without running it. Returns it with absolute paths.
 
     Raises UserError listing every problem: unknown keys, unknown method or parameters,
     missing models, layer ranges outside a model, models whose shapes cannot be merged.
-    `methods` (name -> parameter names) replaces mergekit's registry, which takes seconds to
-    import, for a config known to use only those methods.
     """
     config = load_config(config, label=label)
     config.pop("name", None)  # mergekit-multi documents carry a name
-    c = _Checker(base_dir)
-    c.keys("", config, TOP_KEYS)
-    specs = methods if methods is not None else _method_specs()
-    method = config.get("merge_method")
-    allowed = None
-    if not isinstance(method, str):
-        c.problems.append("merge_method: missing; e.g. `merge_method: solar_average`")
-    elif method not in specs:
-        c.problems.append(f"merge_method: unknown method `{method}`"
-                          f"{did_you_mean(method, specs)}; known: {', '.join(sorted(specs))}")
-    else:
-        allowed = specs[method]
-    if isinstance(config.get("dtype"), str) and config["dtype"] not in DTYPES:
-        c.problems.append(f"dtype: unknown dtype `{config['dtype']}`"
-                          f"{did_you_mean(config['dtype'], DTYPES)}")
-    if config.get("base_model") is not None:
-        config["base_model"] = c.model("base_model", config["base_model"])
-    c.parameters("parameters", config.get("parameters"), allowed, method)
-    if isinstance(config.get("tokenizer"), dict):
-        c.keys("tokenizer", config["tokenizer"], TOKENIZER_KEYS)
-    groups = [k for k in ("models", "slices", "modules") if config.get(k)]
-    if len(groups) != 1:
-        c.problems.append("exactly one of `models`, `slices` or `modules` must be given"
-                          + (f" (found {', '.join(groups)})" if groups else ""))
-    _check_models(c, "models", config.get("models"), allowed, method)
-    _check_slices(c, "slices", config.get("slices"), allowed, method)
-    modules = config.get("modules") or {}
-    if not isinstance(modules, dict):  # [HARDEN] `modules: true` was an AttributeError
-        c.problems.append("modules: expected a mapping of module names to {models|slices}")
-        modules = {}
-    for name, module in modules.items():
-        where = f"modules.{name}"
-        if c.keys(where, module, MODULE_KEYS):
-            _check_models(c, where + ".models", module.get("models"), allowed, method)
-            _check_slices(c, where + ".slices", module.get("slices"), allowed, method)
-            c.parameters(where + ".parameters", module.get("parameters"), allowed, method)
-    if not c.problems:
-        _check_shapes(c, config)
-    if c.problems:
-        raise UserError(f"{label} has {len(c.problems)} problem(s):\n  - "
-                        + "\n  - ".join(c.problems),
-                        fix="correct the fields named above" + (
-                            " (mergekit would have ignored unknown keys silently)"
-                            if any("unknown key" in p or "has no parameter" in p
-                                   for p in c.problems) else ""))
+    checker = Checker(base_dir)
+    config = checker.structure(config)
+    if not checker.problems:
+        checker.shapes(config)
+    if checker.problems:
+        raise checker.error(label)
     return config
-
-
-def _listed(c: _Checker, where, value) -> list:
-    """`value` if it is a list; [] (with a problem noted unless it is absent) otherwise."""
-    if value is not None and not isinstance(value, list):
-        c.problems.append(f"{where}: expected a list")
-    return value if isinstance(value, list) else []
-
-
-def _check_models(c: _Checker, where, models, allowed, method):
-    for i, entry in enumerate(_listed(c, where, models)):
-        w = f"{where}[{i}]"
-        if c.keys(w, entry, MODEL_KEYS):
-            if "model" not in entry:
-                c.problems.append(f"{w}.model: missing")
-            else:
-                entry["model"] = c.model(w + ".model", entry["model"])
-            c.parameters(w + ".parameters", entry.get("parameters"), allowed, method)
-
-
-def _check_slices(c: _Checker, where, slices, allowed, method):
-    for i, out_slice in enumerate(_listed(c, where, slices)):
-        w = f"{where}[{i}]"
-        if not c.keys(w, out_slice, SLICE_KEYS):
-            continue
-        if out_slice.get("base_model") is not None:
-            out_slice["base_model"] = c.model(w + ".base_model", out_slice["base_model"])
-        c.parameters(w + ".parameters", out_slice.get("parameters"), allowed, method)
-        lengths, folders = set(), set()
-        # [HARDEN] `sources: true` was a TypeError: a non-list is a problem, not a crash
-        for j, source in enumerate(_listed(c, f"{w}.sources", out_slice.get("sources"))):
-            ws = f"{w}.sources[{j}]"
-            if not c.keys(ws, source, SOURCE_KEYS):
-                continue
-            if "model" not in source:
-                c.problems.append(f"{ws}.model: missing")
-                continue
-            written = source["model"]
-            source["model"] = c.model(ws + ".model", written)
-            if isinstance(source["model"], str):  # [HARDEN] not a list or mapping (unhashable)
-                if source["model"] in folders and isinstance(written, str) and ".." in written:
-                    # One folder twice in a slice (upscale.twin: an average of two of its
-                    # layers) keeps its second spelling `DIR/../NAME`: mergekit tells models
-                    # apart by their spelling and refuses one model twice ("Duplicate merge
-                    # inputs").
-                    source["model"] = str(Path(c.base_dir,
-                                               os.path.expanduser(written)).absolute())
-                folders.add(source["model"])
-            c.parameters(ws + ".parameters", source.get("parameters"), allowed, method)
-            lr = source.get("layer_range")
-            if (not isinstance(lr, list) or len(lr) != 2
-                    or not all(isinstance(x, int) for x in lr)):
-                c.problems.append(f"{ws}.layer_range: expected [start, end) as two integers, "
-                                  f"got {lr!r}")
-                continue
-            info = c.infos.get(os.path.normpath(_model_path(source["model"])))
-            if info is not None and not 0 <= lr[0] < lr[1] <= info.n_layers:
-                c.problems.append(
-                    f"{ws}.layer_range: {lr} is outside the model's {info.n_layers} layers "
-                    f"(ranges are end-exclusive: use 0 <= start < end <= {info.n_layers})")
-            lengths.add(lr[1] - lr[0])
-        if not out_slice.get("sources"):
-            c.problems.append(f"{w}.sources: missing or empty")
-        elif len(lengths) > 1:
-            c.problems.append(f"{w}.sources: layer ranges of different lengths {sorted(lengths)}"
-                              " cannot be merged layer by layer")
 
 
 def _model_path(ref) -> str:
@@ -258,37 +346,6 @@ def _model_path(ref) -> str:
         path = inner.get("path") if isinstance(inner, dict) else None
         return path if isinstance(path, str) else ""
     return ref.partition("+")[0] if isinstance(ref, str) else ""
-
-
-def _check_shapes(c: _Checker, config: dict):
-    """Models merged tensor by tensor must agree on hidden, MLP and vocabulary sizes."""
-    groups = []
-    if config.get("models"):
-        refs = [m["model"] for m in config["models"]]
-        if config.get("base_model"):
-            refs.append(config["base_model"])
-        groups.append(("models", refs, True))
-    for i, s in enumerate(config.get("slices") or []):
-        groups.append((f"slices[{i}]", [src["model"] for src in s["sources"]], False))
-    vocab_aligned = bool(config.get("tokenizer") or config.get("tokenizer_source"))
-    for where, refs, whole_models in groups:
-        infos = [(r, c.infos.get(_model_path(r))) for r in refs]
-        infos = [(r, i) for r, i in infos if i is not None]
-        if len(infos) < 2:
-            continue
-        first_ref, first = infos[0]
-        for ref, info in infos[1:]:
-            a, b = first.shape_key(), info.shape_key()
-            if vocab_aligned:
-                a, b = a[:2], b[:2]
-            if a != b or (whole_models and first.n_layers != info.n_layers):
-                c.problems.append(
-                    f"{where}: `{Path(_model_path(ref)).name}` (hidden {info.hidden_size}, "
-                    f"mlp {info.intermediate_size}, vocab {info.vocab_size}, "
-                    f"{info.n_layers} layers) cannot be merged with "
-                    f"`{Path(_model_path(first_ref)).name}` (hidden {first.hidden_size}, "
-                    f"mlp {first.intermediate_size}, vocab {first.vocab_size}, "
-                    f"{first.n_layers} layers): merge models of the same architecture and size")
 
 
 def _repeats_layers(config: dict) -> bool:
@@ -406,27 +463,36 @@ def _non_finite_input(inputs, name: str) -> str | None:
 
 def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
           label: str = "merge config", kind: str = "merge", fast: bool = True) -> Path:
-    """Run a mergekit config into `out_dir`; skip if it is already there with the same config.
+    """Check a mergekit config (check_config) and run it into `out_dir` (`run`); skip it if
+    `out_dir` is already complete for this config and these inputs. Relative paths resolve
+    against `base_dir` (default: the config file's folder, else the current one)."""
+    if base_dir is None and isinstance(config, (str, Path)) and str(config).endswith(
+            (".yaml", ".yml")) and Path(config).is_file():
+        base_dir = Path(config).absolute().parent
+    return run(check_config(config, base_dir, label=label), out_dir, options=options,
+               kind=kind, fast=fast)
+
+
+def run(resolved: dict, out_dir, *, options: dict | None = None, kind: str = "merge",
+        fast: bool = True, digest: str | None = None) -> Path:
+    """Run a checked config (check_config's result: references resolved) into `out_dir`.
 
     `options` are mergekit's MergeOptions fields (e.g. {"out_shard_size": ..., "lazy_unpickle":
     True}). A config that only slices and stacks one local model is written by copying tensor
     bytes (solar_merge.stacking: the tensors stock mergekit writes, in seconds less), unless
-    `fast` is False. Logs which path ran. Returns the finished folder.
+    `fast` is False. Logs which path ran. `digest` marks the output complete (a recipe's stage
+    hash); by default the hash of the config, the options and the inputs' contents, so that a
+    model retrained in place is merged again. Returns the finished folder.
     """
-    if base_dir is None and isinstance(config, (str, Path)) and str(config).endswith(
-            (".yaml", ".yml")) and Path(config).is_file():
-        base_dir = Path(config).absolute().parent
-    why = stacking.why_not(load_config(config, label=label), options) if fast else "--no-fast"
-    resolved = check_config(config, base_dir, label=label,
-                            methods=None if why else stacking.METHODS)
+    why = stacking.why_not(resolved, options) if fast else "--no-fast"
     options = dict(options or {})
     if _repeats_layers(resolved):
         options["clone_tensors"] = True
     options.setdefault("copy_tokenizer", True)
     allow_pickle = bool(options.pop("allow_pickle", False))
-    # Complete only for these exact inputs: a model retrained in place is merged again.
-    digest = config_hash({"merge": resolved, "options": _hashed_options(options),
-                          "inputs": {ref: fingerprint(ref) for ref in _all_models(resolved)}})
+    digest = digest or config_hash({
+        "merge": resolved, "options": _hashed_options(options),
+        "inputs": {ref: fingerprint(ref) for ref in _all_models(resolved)}})
     out_dir = Path(out_dir).absolute()
     if is_complete(out_dir, digest):
         log.info("%s is complete for this config and these inputs: nothing to do", out_dir)
@@ -445,7 +511,7 @@ def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
                  "without running it; --no-fast runs mergekit)")
         with atomic_output(out_dir, digest) as work:
             stacking.write(stack, work)
-            _finish(work, resolved, source, kind, out_dir)
+            _finish(work, resolved, source, kind, out_dir, _all_models(resolved))
         return out_dir
     log.info("merging with mergekit (%s)", why)
 
@@ -455,17 +521,17 @@ def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
 
     from solar_merge.checkpoints import require_safetensors
 
-    for ref in _all_models(resolved):
+    merge_config = MergeConfiguration.model_validate(resolved)
+    inputs = sorted({str(ref.model.path) for ref in merge_config.referenced_models()})
+    for ref in inputs:
         folder = local_dir(ref)
         if folder is not None:
             require_safetensors(folder, allow_pickle=allow_pickle)
-    merge_config = MergeConfiguration.model_validate(resolved)
     merge_options = MergeOptions(**options)
     with atomic_output(out_dir, digest) as work:
         try:
             layer_types = _output_layer_types(resolved, bool(options.get("trust_remote_code")))
-            with _mergekit_fixes(layer_types, _all_models(resolved)), \
-                    during(f"the merge of {', '.join(_all_models(resolved))}"):
+            with _mergekit_fixes(layer_types, inputs), during(f"the merge of {', '.join(inputs)}"):
                 mergekit.merge.run_merge(merge_config, str(work), options=merge_options,
                                          config_source=source)
         except (ValueError, TypeError, RuntimeError) as e:
@@ -476,16 +542,16 @@ def merge(config, out_dir, *, base_dir=None, options: dict | None = None,
             raise UserError(f"merge into {out_dir} failed: {e}",
                             fix="correct the config as the message says (--debug shows "
                                 "the traceback)") from e
-        _finish(work, resolved, source, kind, out_dir)
+        _finish(work, resolved, source, kind, out_dir, inputs)
     return out_dir
 
 
-def _finish(work: Path, resolved: dict, source: str, kind: str, out_dir: Path) -> None:
+def _finish(work: Path, resolved: dict, source: str, kind: str, out_dir: Path,
+            inputs: list[str]) -> None:
     """What every merged output carries besides the weights: the config and the card."""
     crash_point("merged")
     from solar_merge.hub import write_card
 
-    inputs = _all_models(resolved)
     write_card(work, kind=kind, source_yaml=source, source_name="mergekit_config.yml",
                base_models=inputs, merge_method=resolved["merge_method"],
                lineage=[{"stage": out_dir.name, "kind": kind, "inputs": inputs}])
@@ -500,6 +566,8 @@ def _hashed_options(options: dict) -> dict:
 
 
 def _all_models(config: dict) -> list[str]:
+    """The input models' paths, as mergekit's MergeConfiguration.referenced_models() gives
+    them (tests/test_merging.py holds the two to each other), without importing mergekit."""
     refs = []
     if config.get("base_model"):
         refs.append(config["base_model"])

@@ -48,8 +48,6 @@ NEUTRAL_OPTIONS = {"copy_tokenizer", "clone_tensors", "out_shard_size", "write_m
                    "lora_merge_dtype", "random_seed", "allow_crimes", "allow_pickle"}
 REQUIRED_OPTIONS = {"safe_serialization": True, "trust_remote_code": False,
                     "unsafe_truncate_embeddings": False}
-# mergekit's parameter names for `passthrough`, for check_config without importing mergekit.
-METHODS = {"passthrough": {"scale"}}
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 SHARD_SIZE = 5 * 10**9  # mergekit's default --out-shard-size ("5B"), compared with bytes
 # The order safetensors gives dtypes (its Dtype enum); a file holds its tensors by dtype,

@@ -696,14 +696,17 @@ class Planned:
         return write_layers(self.info.source, self.job, self.layers_dir)
 
     def run(self, out_dir, *, base_dir=None, options: dict | None = None,
-            fast: bool = True) -> Path:
+            fast: bool = True, digest: str | None = None) -> Path:
+        """Write the up-scale into `out_dir` (solar_merge.merging); `digest` marks it
+        complete (a recipe's stage hash; default: merging's hash of config and inputs)."""
         planned = self
         if self.job is not None:
             planned = self if self.layers_dir else self.placed(layers_dir_for(out_dir))
             planned.write_layers()
         check_residual_names(self.info, planned.config)
         return run_config(planned.config, out_dir, base_dir=base_dir, options=options,
-                          label=f"{self.title} of {self.model}", kind=self.kind, fast=fast)
+                          label=f"{self.title} of {self.model}", kind=self.kind, fast=fast,
+                          digest=digest)
 
 
 def layers_dir_for(out) -> Path:
@@ -742,14 +745,15 @@ def plan_upscale(model: str, method: str = "dus", *, base_dir=None, layers_dir=N
 # -- running --------------------------------------------------------------------------------
 
 def run_config(config: dict, out_dir, *, base_dir=None, options: dict | None = None,
-               label: str = "up-scale", kind: str = "upscale", fast: bool = True) -> Path:
-    """Run an up-scale config through solar-merge's mergekit runner (atomic, resumable): by
-    copying tensor bytes when it only slices and stacks (solar_merge.stacking), unless
-    `fast` is False."""
-    from solar_merge.merging import merge
+               label: str = "up-scale", kind: str = "upscale", fast: bool = True,
+               digest: str | None = None) -> Path:
+    """Check and run an up-scale config through solar-merge's mergekit runner (atomic,
+    resumable): by copying tensor bytes when it only slices and stacks
+    (solar_merge.stacking), unless `fast` is False."""
+    from solar_merge import merging
 
-    return merge(config, out_dir, base_dir=base_dir, options=options, label=label, kind=kind,
-                 fast=fast)
+    resolved = merging.check_config(config, base_dir, label=label)
+    return merging.run(resolved, out_dir, options=options, kind=kind, fast=fast, digest=digest)
 
 
 def upscale(model: str, drop: int, out_dir, *, base_dir=None, options: dict | None = None,

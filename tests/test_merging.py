@@ -5,6 +5,7 @@ import yaml
 from click.testing import CliRunner
 
 from solar_merge.cli import main
+from solar_merge.errors import UserError
 from solar_merge.merging import check_config
 from solar_merge.outputs import is_complete
 
@@ -151,3 +152,108 @@ def test_multi_runs_with_our_methods(tiny_model_factory, tmp_path):
     result = CliRunner().invoke(main, ["multi", str(path), "-I", str(tmp_path / "i2"),
                                        "--out-path", str(tmp_path / "final2")])
     assert result.exit_code == 2 and "did you mean `weight`" in result.output
+
+
+# -- our checker against mergekit's own model ---------------------------------------------------
+# merging.py checks configs without importing mergekit (seconds of torch and peft); these tests
+# hold its key sets, dtypes, methods and input list to what mergekit 0.1.5 itself defines.
+
+def test_key_sets_are_mergekits_pydantic_models():
+    from mergekit.config import (
+        InputModelDefinition,
+        InputSliceDefinition,
+        MergeConfiguration,
+        OutputModuleDefinition,
+        OutputSliceDefinition,
+    )
+    from mergekit.tokenizer.config import TokenizerConfig
+
+    from solar_merge import merging
+
+    assert merging.TOP_KEYS == set(MergeConfiguration.model_fields)
+    assert merging.SLICE_KEYS == set(OutputSliceDefinition.model_fields)
+    assert merging.SOURCE_KEYS == set(InputSliceDefinition.model_fields)
+    assert merging.MODEL_KEYS == set(InputModelDefinition.model_fields)
+    assert merging.MODULE_KEYS == set(OutputModuleDefinition.model_fields)
+    assert merging.TOKENIZER_KEYS == set(TokenizerConfig.model_fields)
+
+
+def test_dtypes_are_the_ones_mergekit_parses(tiny_model_factory):
+    from mergekit.common import dtype_from_name
+
+    from solar_merge.merging import DTYPES
+
+    for name in DTYPES:
+        assert dtype_from_name(name).is_floating_point
+    a, b = tiny_model_factory(seed=0), tiny_model_factory(seed=1)
+    for name in ("fp32", "bf16", "fp16", "half"):  # names mergekit fails on mid-merge
+        with pytest.raises(RuntimeError):
+            dtype_from_name(name)
+        with pytest.raises(UserError, match=f"dtype: unknown dtype `{name}`"):
+            check_config(avg(a, b, dtype=name))
+
+
+def test_methods_are_mergekits_registry():
+    from mergekit.merge_methods import registered_methods
+
+    import solar_merge  # noqa: F401 - registers solar_average and solar_slerp
+    from solar_merge.merging import METHODS
+
+    assert METHODS == {m.spec.name: {p.name for p in m.spec.parameters}
+                       for m in registered_methods()}
+
+
+def _configs(a, b):
+    """One config of each form mergekit takes models in."""
+    return [
+        avg(a, b, base_model=str(a)),
+        {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": str(a), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(b), "layer_range": [1, 3]}]}]},
+        {"merge_method": "linear", "modules": {"decoder": {
+            "models": [{"model": str(a), "parameters": {"weight": 1.0}},
+                       {"model": {"model": {"path": str(b)}}, "parameters": {"weight": 1.0}}]}}},
+        {"merge_method": "linear", "models": [{"model": f"{a}+{b}", "parameters": {"weight": 1}},
+                                              {"model": str(b), "parameters": {"weight": 1}}]},
+    ]
+
+
+def test_a_checked_config_is_a_valid_merge_configuration_with_the_same_inputs(
+        tiny_model_factory):
+    from mergekit.config import MergeConfiguration
+
+    from solar_merge.merging import _all_models
+
+    a, b = tiny_model_factory(seed=0), tiny_model_factory(seed=1)
+    for config in _configs(a, b):
+        checked = check_config(config)
+        parsed = MergeConfiguration.model_validate(checked)
+        assert _all_models(checked) == sorted({str(r.model.path)
+                                               for r in parsed.referenced_models()})
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"merge_method": "linear"}, "exactly one of `models`, `slices` or `modules`"),
+    ({"merge_method": "linear", "models": [{"model": "A"}], "slices": [
+        {"sources": [{"model": "A", "layer_range": [0, 1]}]}]}, "found models, slices"),
+])
+def test_what_mergekit_refuses_we_refuse_before_importing_it(config, message, tiny_model):
+    from mergekit.config import MergeConfiguration
+
+    config = yaml.safe_load(yaml.safe_dump(config).replace(": A", f": {tiny_model}"))
+    with pytest.raises(RuntimeError):
+        MergeConfiguration.model_validate(config)
+    with pytest.raises(UserError) as e:
+        check_config(config)
+    assert message in e.value.message
+
+
+def test_keys_mergekit_ignores_silently_are_refused(tiny_model):
+    from mergekit.config import MergeConfiguration
+
+    config = {"merge_method": "passthrough", "slices": [{"sources": [
+        {"model": str(tiny_model), "layer_range": [0, 1], "wieght": 1}]}]}
+    MergeConfiguration.model_validate(config)  # mergekit: accepted, the key dropped
+    with pytest.raises(UserError) as e:
+        check_config(config)
+    assert "slices[0].sources[0].wieght: unknown key" in e.value.message

@@ -103,8 +103,8 @@ def parse_spec(spec: dict, *, where: str = "eval") -> EvalSpec:
 def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | None = None,
              limit: float | None = None, batch_size: int | str = 8, device: str | None = None,
              apply_chat_template: bool = False, model_args: dict | None = None,
-             precision: str = "auto", contamination: dict | None = None, base_dir=None
-             ) -> dict[str, dict]:
+             precision: str = "auto", contamination: dict | None = None, base_dir=None,
+             digest: str | None = None) -> dict[str, dict]:
     """Evaluate each model with lm-eval; return {label: lm-eval results dict}.
 
     models: a list of model folders / Hub ids (labelled by folder name) or {label: model}.
@@ -118,6 +118,8 @@ def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | N
     sets against the tasks' documents first (solar_merge.contamination) and stops above the
     threshold. out: the output folder (None: nothing written). A finished `out` with the
     same inputs is read back, not re-run; an interrupted one resumes model by model.
+    digest: what marks `out` complete (a recipe's stage hash; default: the hash of the
+    options and of every model's and data set's contents).
     """
     labels = model_labels(models, base_dir=base_dir)
     names = catalog.split_names(tasks)
@@ -137,7 +139,7 @@ def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | N
             for label, ref in labels.items()}
     checked = contamination and {**contamination, "train": [
         fingerprint(_resolve(t, base_dir)) for t in contamination.get("train") or []]}
-    want = config_hash({"models": keys, "contamination": checked})
+    want = digest or config_hash({"models": keys, "contamination": checked})
     if out is not None and is_complete(out, want):
         return read_results(out, labels)
     manager, loaded = catalog.load(names, include_path)  # reads the data: fails before any model
@@ -169,12 +171,6 @@ def evaluate(models, tasks, *, out=None, include_path=None, num_fewshot: int | N
                 shutil.rmtree(stale)
         write_table(results, work)
     return results
-
-
-def evaluate_one(model, tasks, *, out_dir=None, **options) -> dict:
-    """lm-eval's results dict for one model (`evaluate` with one model; out_dir: its out)."""
-    label = Path(str(model)).name or "model"
-    return evaluate({label: model}, tasks, out=out_dir, **options)[label]
 
 
 def prefetch(tasks, *, include_path=None) -> str:

@@ -1,9 +1,11 @@
 """Output folders that are either complete or visibly not, and never eat a user's files.
 
 Every stage writes into `<parent>/.<name>.partial`, then renames it to `<name>` with a
-completion marker holding the hash of the resolved config (and of the inputs' contents) that
-produced it. A folder without the marker (or with another hash) is never taken for finished.
-The partial folder survives a crash so that training can resume from its checkpoints; a lock
+completion marker (MARKER) holding the hash of the resolved config (and of the inputs'
+contents) that produced it: a tool's own hash, or the stage hash a recipe passed it. A folder
+without the marker (or with another hash) is never taken for finished. The marker is the
+folder's one completion record: a recipe adds what the stage cost to it (`record`). The
+partial folder survives a crash so that training can resume from its checkpoints; a lock
 file keeps two runs apart.
 
 What may be deleted: only folders solar-merge made. An existing output folder is replaced
@@ -36,15 +38,35 @@ def config_hash(resolved) -> str:
 
 
 def is_complete(out_dir, expected_hash: str | None = None) -> bool:
+    """The folder is finished (for `expected_hash`, if given)."""
     marker = Path(out_dir) / MARKER
     if not marker.is_file():
         return False
     if expected_hash is None:
         return True
+    found = read_record(out_dir)
+    return found is not None and found.get("config_hash") == expected_hash
+
+
+def read_record(out_dir) -> dict | None:
+    """The completion record of a finished folder: {"config_hash", ...what `record` added}."""
     try:
-        return json.loads(marker.read_text())["config_hash"] == expected_hash
-    except (ValueError, KeyError, OSError):
-        return False
+        found = json.loads((Path(out_dir) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def record(out_dir, **facts) -> None:
+    """Add `facts` (JSON values) to a finished folder's completion record, atomically."""
+    found = read_record(out_dir)
+    if found is None:
+        raise UserError(f"{out_dir} is not a finished output (no {MARKER})",
+                        fix="run the stage that writes it")
+    marker = Path(out_dir) / MARKER
+    tmp = marker.with_name(f".{MARKER}.tmp")
+    tmp.write_text(json.dumps({**found, **facts}) + "\n")
+    tmp.replace(marker)
 
 
 def partial_dir(out_dir) -> Path:
@@ -64,8 +86,7 @@ _SAMPLES, _SAMPLE_BYTES = 16, 64 * 1024
 _SMALL = 64 * 2**20
 _WEIGHTS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"}
 # Files of a model folder that do not change what the model computes.
-_NOT_CONTENT = {MARKER, "recipe_stage.json", "README.md", "loss.jsonl", "loss.png",
-                "resolved_hash", "steps.json"}
+_NOT_CONTENT = {MARKER, "README.md", "loss.jsonl", "loss.png", "resolved_hash", "steps.json"}
 
 
 def fingerprint(path) -> str:
@@ -164,11 +185,15 @@ def remove_partial(out_dir) -> bool:
     return False
 
 
-def _foreign_partial(work: Path) -> UserError:
-    return UserError(f"{work} exists but was not created by this version of solar-merge "
-                     "(no ownership file in it), so it is left alone",
-                     fix="if it is an old solar-merge work folder, it is safe to delete: "
-                         f"rm -r '{work}'; otherwise choose another output folder")
+def check_partial(out_dir) -> None:
+    """Refuse `out_dir` when its hidden partial folder exists and is not ours (see the module
+    doc): a run must never write into, or delete, a folder someone else made."""
+    work = partial_dir(out_dir)
+    if work.exists() and not owns_partial(work):
+        raise UserError(f"{work} exists but was not created by solar-merge (no ownership file "
+                        "in it), so it is left alone",
+                        fix="if it is an old solar-merge work folder, it is safe to delete: "
+                            f"rm -r '{work}'; otherwise choose another output folder")
 
 
 def _lock(out_dir: Path):
@@ -207,9 +232,8 @@ def atomic_output(out_dir, resolved_hash: str, *, keep_partial=False):
                         fix="choose a writable output folder or fix its permissions")
     lock = _lock(out_dir)
     try:
+        check_partial(out_dir)
         work = partial_dir(out_dir)
-        if work.exists() and not owns_partial(work):
-            raise _foreign_partial(work)
         if work.exists() and not keep_partial:
             shutil.rmtree(work)
         if not work.exists():  # made under a temporary name, so it never exists unowned

@@ -223,12 +223,13 @@ def sweep(candidates: list[str], out_dir, *, method: str, grid, tasks=None,
           batch_size: int | str = 8, device: str | None = None, metric: str | None = None,
           keep_all: bool = False, dtype: str | None = None, options: dict | None = None,
           best_name: str | None = BEST, base_dir=None, scorer: Scorer | None = None,
-          progress: bool = True) -> SweepResult:
+          progress: bool = True, digest: str | None = None) -> SweepResult:
     """Run (or resume) a sweep into out_dir; see the module doc.
 
     best_name=None puts the best merge at out_dir itself (the recipe's `sweep:` stage, whose
     output later stages use as a model). `scorer` replaces lm-eval (benchmarks, tests of the
-    merge loop)."""
+    merge loop). `digest` marks out_dir complete (a recipe's stage hash; default: the hash
+    of the candidates' contents and the sweep's settings)."""
     from solar_merge.merging import check_config
     from solar_merge.outputs import (
         atomic_output,
@@ -259,10 +260,11 @@ def sweep(candidates: list[str], out_dir, *, method: str, grid, tasks=None,
                         num_fewshot, limit, batch_size, device)
         catalog.load(spec.tasks, spec.include_path or None)
         default = default_metric(spec.tasks)
-    digest = config_hash({"candidates": {r: fingerprint(r) for r in refs}, "method": method,
-                          "points": [p.label for p in points], "dtype": dtype,
-                          "eval": spec.as_dict() if spec else "custom", "metric": metric,
-                          "keep_all": keep_all, "best_name": best_name})
+    digest = digest or config_hash({
+        "candidates": {r: fingerprint(r) for r in refs}, "method": method,
+        "points": [p.label for p in points], "dtype": dtype,
+        "eval": spec.as_dict() if spec else "custom", "metric": metric, "keep_all": keep_all,
+        "best_name": best_name})
     out = Path(out_dir).absolute()
     best_dir = out / best_name if best_name else out
     if is_complete(out, digest):
@@ -496,12 +498,14 @@ def stage_spec(spec: dict, where: str) -> dict:
     return parsed.model_dump()
 
 
-def run_stage(models: list[str], out_dir, spec: dict) -> SweepResult:
+def run_stage(models: list[str], out_dir, spec: dict, *, digest: str | None = None
+              ) -> SweepResult:
     """The recipe's `sweep:` stage: the best merge becomes the stage's output folder itself
-    (with sweep.csv, sweep.png and scores/ beside its weights), so later stages use it."""
+    (with sweep.csv, sweep.png and scores/ beside its weights), so later stages use it;
+    `digest` (the stage hash) marks it complete."""
     return sweep(models, out_dir, method=spec["method"], grid=spec["grid"], tasks=spec["tasks"],
                  include_path=spec.get("include_path"), num_fewshot=spec.get("num_fewshot"),
                  limit=spec.get("limit"), batch_size=spec.get("batch_size", 8),
                  metric=spec.get("metric"), keep_all=spec.get("keep_all", False),
                  dtype=spec.get("dtype"), options=spec.get("options") or None, best_name=None,
-                 progress=False)
+                 progress=False, digest=digest)

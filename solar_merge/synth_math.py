@@ -342,8 +342,7 @@ class TransformersGenerator(Generator):
             sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         torch.manual_seed(seed)
         # CPU threads for this call only. On a machine whose cores are busy, every thread
-        # beyond the free cores costs more than it brings (OpenMP threads wait for each other):
-        # measured 46 s with 2 threads vs 7 s with 1 for the same batch at load 6 on 2 cores.
+        # beyond the free cores costs more than it brings (OpenMP threads wait for each other).
         before = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -531,9 +530,12 @@ class Result:
 
 
 def synth_math(source, out_dir, options: Options | None = None, *,
-               generator: Generator | None = None, progress: bool = True) -> Result:
+               generator: Generator | None = None, progress: bool = True,
+               digest: str | None = None) -> Result:
     """Rephrase the seed problems of `source` into `out_dir` (see the module doc); resumes a
-    killed run, skips a finished one. `generator` replaces the model (tests)."""
+    killed run, skips a finished one. `generator` replaces the model (tests). `digest`
+    marks `out_dir` complete (a recipe's stage hash; default: the hash of the seed data, the
+    model and the options)."""
     from solar_merge.outputs import (
         atomic_output,
         check_replaceable,
@@ -558,13 +560,12 @@ def synth_math(source, out_dir, options: Options | None = None, *,
     from solar_merge import precision
 
     request = precision.requested(o.precision)
-    want = config_hash({"version": VERSION, "seed_data": fingerprint(source),
-                        "split": o.split, "subset": o.subset, "limit": o.limit,
-                        "precision": request,
-                        "model": fingerprint(model_id) if os.path.exists(model_id) else model_id,
-                        "engine": engine, **{k: getattr(o, k) for k in (
-                            "samples_per_problem", "batch_size", "seed", "temperature",
-                            "max_new_tokens")}})
+    want = digest or config_hash({
+        "version": VERSION, "seed_data": fingerprint(source), "split": o.split,
+        "subset": o.subset, "limit": o.limit, "precision": request,
+        "model": fingerprint(model_id) if os.path.exists(model_id) else model_id,
+        "engine": engine, **{k: getattr(o, k) for k in (
+            "samples_per_problem", "batch_size", "seed", "temperature", "max_new_tokens")}})
     if is_complete(out, want):
         report = json.loads((out / REPORT).read_text())
         return _result(out, report, skipped=True)

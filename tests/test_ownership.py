@@ -1,11 +1,12 @@
-"""Issue 18: never delete what we did not write; results are complete only for the exact
-inputs they were made from; configs written into outputs travel (no absolute paths)."""
+"""Never delete what we did not write; results are complete only for the exact inputs they
+were made from; configs written into outputs travel (no absolute paths)."""
 
 import json
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from stage_fakes import Spy
 
 from solar_merge import recipe
 from solar_merge.cli import main
@@ -91,7 +92,7 @@ def test_a_partial_folder_we_did_not_make_is_never_deleted(tmp_path):
     foreign.mkdir()
     (foreign / "mine.txt").write_text("keep")
     for keep in (False, True):
-        with pytest.raises(UserError, match="not created by this version"), \
+        with pytest.raises(UserError, match="not created by solar-merge"), \
                 atomic_output(out, "h", keep_partial=keep):
             pass
     assert (foreign / "mine.txt").read_text() == "keep"
@@ -196,8 +197,6 @@ def test_a_train_stage_is_complete_only_for_its_exact_inputs(tiny_model_factory,
 
 
 def test_a_recipe_reruns_a_stage_whose_data_file_changed(tmp_path, tiny_model):
-    from test_recipe import Spy
-
     data = tmp_path / "corpus.txt"
     data.write_text("some text\n")
     path = tmp_path / "r.yaml"
@@ -253,8 +252,6 @@ def test_allow_pickle_reaches_every_model(tmp_path, tiny_model_factory):
 
 
 def test_the_final_recipe_copy_travels_and_resumes_in_place(tmp_path, tiny_model):
-    from test_recipe import Spy
-
     (tmp_path / "corpus.txt").write_text("some text\n")
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"name": "r", "out": "runs", "final": "avg", "stages": {

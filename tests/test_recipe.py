@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stage_fakes import Spy
 
 from solar_merge import recipe
 from solar_merge.errors import UserError
-from solar_merge.outputs import MARKER, OWNED, atomic_output, is_complete, partial_dir
+from solar_merge.kinds.registry import KINDS
+from solar_merge.outputs import MARKER, OWNED, is_complete, partial_dir, read_record
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"logging_steps": 1, "per_device_train_batch_size": 2, "gradient_checkpointing": False,
@@ -55,30 +57,7 @@ def _pipeline(model: Path, folder: Path) -> dict:
     }
 
 
-# -- fake runners: the resume logic without any model ----------------------------------------
-
-class Spy:
-    """Runners that write a complete output (like the real tools) and record every call."""
-
-    def __init__(self, fail: str | None = None):
-        self.calls: list[str] = []
-        self.fail = fail
-
-    def runner(self, st):
-        self.calls.append(st.name)
-        # like the real tools: training keeps its partial folder (checkpoints) to resume
-        with atomic_output(st.out_dir, "tool-" + st.hash[:4],
-                           keep_partial=st.kind == "train") as work:
-            (work / "config.json").write_text(json.dumps(st.config, default=str))
-            if st.name == self.fail:
-                (work / "checkpoint-1").mkdir()
-                raise RuntimeError("interrupted")
-            if st.kind == "eval":
-                (work / "metrics.json").write_text(json.dumps({"m": {"score": 1.0}}))
-
-    def runners(self):
-        return dict.fromkeys(recipe.KINDS, self.runner)
-
+# -- fake runners (stage_fakes.Spy): the resume logic without any model --------------------
 
 @pytest.fixture
 def fake_recipe(tmp_path, tiny_model):
@@ -152,27 +131,41 @@ def test_interrupted_stage_is_not_taken_for_finished(fake_recipe):
     assert recipe.stage_done(sft)
 
 
-def test_upstream_change_clears_a_stale_partial_and_forces_the_tool(fake_recipe):
-    """The tools' own markers see paths, not upstream contents: the recipe must force them."""
+def test_upstream_change_gives_the_tool_a_new_hash_and_its_old_output_no_longer_counts(
+        fake_recipe):
+    """A change upstream changes every downstream stage hash: the tool is asked for the new
+    hash, so neither its old complete output nor a partial folder of the old hash is taken
+    for this config (the tools refuse to resume a partial folder of another hash)."""
     recipe.run(fake_recipe, runners=Spy().runners(), progress=False, card=False)
+    old = recipe.plan(fake_recipe).stages["sft"]
     p = recipe.plan(fake_recipe, overrides=["stages.cpt.train.seq_len=16"])
     sft = p.stages["sft"]
-    stale = partial_dir(sft.out_dir)
-    stale.mkdir()
-    (stale / OWNED).touch()  # ours: made by an earlier run
-    (stale / "checkpoint-9").mkdir()  # left by a run of the old config
-    old_hash = json.loads((sft.out_dir / MARKER).read_text())["config_hash"]
+    assert sft.hash != old.hash and p.stages["other"].hash == \
+        recipe.plan(fake_recipe).stages["other"].hash
     seen = []
 
     def runner(st):
         if st.name == "sft":
-            # the old tool marker no longer matches anything, so a real tool cannot skip
-            seen.append((is_complete(st.out_dir), is_complete(st.out_dir, old_hash),
-                         stale.exists()))
+            seen.append((is_complete(st.out_dir), is_complete(st.out_dir, st.hash)))
         Spy().runner(st)
 
-    recipe.run(p, runners=dict.fromkeys(recipe.KINDS, runner), progress=False, card=False)
-    assert seen == [(True, False, False)]
+    result = recipe.run(p, runners=dict.fromkeys(KINDS, runner), progress=False, card=False)
+    assert seen == [(True, False)] and "other" in result.skipped
+    assert read_record(sft.out_dir)["config_hash"] == sft.hash
+
+
+def test_one_completion_record_holds_the_hash_and_the_costs(fake_recipe):
+    result = recipe.run(fake_recipe, runners=Spy().runners(), progress=False, card=False)
+    p = recipe.plan(fake_recipe)
+    costs = recipe.stage_costs(p)
+    assert list(costs) == result.ran
+    for name, st in p.stages.items():
+        found = read_record(st.out_dir)
+        assert found["config_hash"] == st.hash and found["stage"] == name
+        assert costs[name]["kind"] == st.kind and costs[name]["seconds"] >= 0
+        assert sorted(f.name for f in st.out_dir.iterdir() if f.name.endswith(".json")) == \
+            sorted(["config.json", MARKER] + (["metrics.json"] if st.kind == "eval" else []))
+    assert not any(f.name.startswith(".recipe") for f in p.out.iterdir())
 
 
 def test_a_partial_folder_we_did_not_make_is_left_alone(fake_recipe):
@@ -312,10 +305,10 @@ def test_tiny_recipe_end_to_end_with_resume(tmp_path, tiny_model):
     def spy(kind):
         def runner(st):
             calls.append(st.name)
-            return recipe.RUNNERS[kind](st)
+            return KINDS[kind].run(st)
         return runner
 
-    spies = {k: spy(k) for k in recipe.KINDS}
+    spies = {k: spy(k) for k in KINDS}
 
     # 1. interrupted in the middle of the SLERP merge: nothing complete-looking is left
     def broken(st):

@@ -436,11 +436,11 @@ def test_remote_code_is_never_run(model_type, models, tmp_path, monkeypatch):
         assert f"{m} needs custom Python code" in output, output
     from solar_merge.checkpoints import model_info
     from solar_merge.errors import UserError
-    from solar_merge.eval import evaluate_one
+    from solar_merge.eval import evaluate
     from solar_merge.stages import common
 
     model_info(str(m))
-    loaders = [lambda: evaluate_one(str(m), "solar_manual_ppl", limit=1, batch_size=1),
+    loaders = [lambda: evaluate([str(m)], "solar_manual_ppl", limit=1, batch_size=1),
                lambda: common.load_model(str(m))]
     for load in loaders:
         if model_type == "llama":

@@ -676,7 +676,7 @@ def test_validate_checks_chat_templates_before_anything_runs(tmp_path, tiny_mode
     ship SOLAR's (args.chat_template_path) and pass; without it validate fails on them, and the
     DPO stages inherit the template through the merges."""
     from solar_merge import recipe
-    from solar_merge.recipe import planner
+    from solar_merge.kinds import context
 
     mistral = tmp_path / "mistral"  # config.json and tokenizer files as the Hub has them
     mistral.mkdir()
@@ -702,7 +702,7 @@ def test_validate_checks_chat_templates_before_anything_runs(tmp_path, tiny_mode
 
     # a Hub model that is not in the local cache: a note, not a failure
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(planner, "_REACHABLE", [False])
+    monkeypatch.setattr(context, "_REACHABLE", [False])
     _jsonl(tmp_path / "qa.jsonl", QA)
     data = {"name": "t", "stages": {"sft": {"train": {
         "stage": "sft", "model": "someone/not-cached-7b", "datasets": ["qa.jsonl"]}}}}

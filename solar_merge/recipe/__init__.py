@@ -1,4 +1,4 @@
-"""Recipes: one YAML file of named stages (upscale, train, merge, eval), run in dependency order.
+"""Recipes: one YAML file of named stages, run in dependency order.
 
     # solar-merge run training/demo.yaml
     name: demo
@@ -12,29 +12,28 @@
       dpo:   {train: {stage: dpo, model: avg, datasets: [...]}}
       eval:  {eval: {models: [dus, cpt, dpo], tasks: [solar_manual_ppl, solar_arith]}}
 
-Each stage has exactly one kind. A model field whose value is a stage name stands for that
-stage's output folder `<out>/<stage>` and makes it a dependency; any other value is a local
-path (relative to the recipe file; for `merge: {file: ...}`, relative to that file) or a Hub
-id. A `merge` stage is a mergekit config, inline or `file:` (inline keys replace the file's
-top-level keys, `key: null` removes one) plus optional mergekit `options:`. An `eval`
-stage runs lm-evaluation-harness (solar_merge.eval.EvalSpec: tasks, num_fewshot, limit,
-include_path, batch_size, ..., contamination).
+Each stage has exactly one kind; what a kind's body holds, how it is checked, sized and run
+is its module's (solar_merge.kinds: upscale, train, merge, eval, sweep, synth_math). A model
+field whose value is a stage name stands for that stage's model and makes it a dependency;
+any other value is a local path (relative to the recipe file) or a Hub id.
 
-A `synth_math` stage (solar_merge.synth_math) writes rephrased math data, not a model: train
-stages name its files in `datasets:` as `<stage>/math_instruct.jsonl` (sft) or
-`<stage>/math_alignment.jsonl` (dpo), which makes it a dependency as a stage named in a model
-field does.
+    schema.py   the recipe file: its strict schema, loading, `key=value` overrides
+    planner.py  plan(): each stage resolved by its kind, the graph ordered, each stage hashed
+                with its inputs (resolved config, earlier stages' hashes, the contents of local
+                files it reads) and sized; format_plan() for `validate`
+    runner.py   run(): stages in order, each skipped when complete for its hash, else run by
+                its kind (in a fresh process with `isolate`); the final model's card
 
-Resume: each stage's config is resolved (paths absolute, stage references replaced by their
-output folder *and* their hash) and hashed. A stage whose output is complete and stamped
-with the same hash (`recipe_stage.json`) is skipped; a changed stage re-runs, and so does
-everything downstream (their hashes include it). Planning imports neither torch nor mergekit
-and never downloads weights (Hub models: config.json at most).
+Resume: a stage whose output is complete for its hash (solar_merge.outputs: the completion
+record its tool writes) is skipped; a changed stage re-runs, and so does everything
+downstream (their hashes include it). Planning imports neither torch nor mergekit and never
+downloads weights (Hub models: config.json at most).
 """
 
-from solar_merge.recipe.planner import Plan, StagePlan, format_plan, plan
-from solar_merge.recipe.runner import RUNNERS, RunResult, run, stage_costs, stage_done
-from solar_merge.recipe.schema import KINDS, Loaded, Recipe, load
+from solar_merge.kinds.context import StagePlan
+from solar_merge.recipe.planner import Plan, format_plan, plan
+from solar_merge.recipe.runner import RunResult, run, stage_costs, stage_done
+from solar_merge.recipe.schema import Loaded, Recipe, load
 
-__all__ = ["KINDS", "RUNNERS", "Loaded", "Plan", "Recipe", "RunResult", "StagePlan",
-           "format_plan", "load", "plan", "run", "stage_costs", "stage_done"]
+__all__ = ["Loaded", "Plan", "Recipe", "RunResult", "StagePlan", "format_plan", "load",
+           "plan", "run", "stage_costs", "stage_done"]

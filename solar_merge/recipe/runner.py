@@ -1,5 +1,12 @@
-"""Running: stages in dependency order, each skipped when its output is complete and stamped
-with the same hash, else cleared of any other config's leftovers and run."""
+"""Running: stages in dependency order, each skipped when its output is complete for its
+stage hash, else run by its kind on the planned config.
+
+One completion record per stage: the kind passes the stage hash to its tool, whose atomic
+output marks the folder complete with it (solar_merge.outputs.MARKER); the runner adds what
+the stage cost (seconds, peak memory, training tokens/s) to that same record. A stage whose
+hash changed (its config, its inputs' contents, or any stage upstream) is run again; its tool
+never resumes a partial folder of another hash.
+"""
 
 
 import json
@@ -11,81 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from solar_merge.errors import UserError, during, failing_library
+from solar_merge.kinds.context import StagePlan
+from solar_merge.kinds.registry import KINDS
 from solar_merge.outputs import (
-    MARKER,
+    check_partial,
     check_replaceable,
     is_complete,
-    partial_dir,
+    read_record,
+    record,
     relocate,
-    remove_partial,
 )
-from solar_merge.recipe.planner import Plan, StagePlan, plan
-
-STAMP = "recipe_stage.json"  # inside a finished stage folder: {"stage", "recipe_hash"}
-STATE = ".recipe_state.json"  # in the output root: stage -> hash of the config last started
-
-
-# -- running ---------------------------------------------------------------------------------
+from solar_merge.recipe.planner import Plan, plan
 
 Runner = Callable[[StagePlan], Any]
-
-
-def _run_upscale(st: StagePlan):
-    from solar_merge.upscale import plan_upscale, spec_options
-
-    c = st.config
-    planned = plan_upscale(c["model"], c["method"], **spec_options(c))
-    return planned.run(st.out_dir, options=c["options"])
-
-
-def _run_train(st: StagePlan):
-    from solar_merge.stages import train
-
-    return train(st.config, st.out_dir, base_dir=st.base_dir)
-
-
-def _run_merge(st: StagePlan):
-    from solar_merge.merging import merge
-
-    return merge(st.config["merge"], st.out_dir,
-                 options=st.config["options"], label=f"stages.{st.name}.merge")
-
-
-def _run_eval(st: StagePlan):
-    """lm-eval on every model: their results.json, the table (metrics.json, read below) and
-    the contamination report when asked (solar_merge.eval.evaluate)."""
-    from solar_merge import eval as lm
-
-    c = st.config
-    results = lm.evaluate(c["models"], c["tasks"], out=st.out_dir,
-                          include_path=c["include_path"] or None,
-                          contamination=c["contamination"], **c["options"])
-    return lm.table(results)
-
-
-RUNNERS: dict[str, Runner] = {"upscale": _run_upscale, "train": _run_train,
-                              "merge": _run_merge, "eval": _run_eval}
-
-
-def _run_synth_math(st: StagePlan):  # issue 17: a data folder that train stages name
-    from solar_merge.synth_math import Options, synth_math
-
-    options = dict(st.config)
-    data = options.pop("data")
-    return synth_math(data, st.out_dir, Options(**options))
-
-
-RUNNERS["synth_math"] = _run_synth_math
-
-
-def _run_sweep(st: StagePlan):  # issue 14: the best merge is the stage's output folder
-    from solar_merge.sweep import run_stage
-
-    spec = dict(st.config)
-    return run_stage(spec.pop("models"), st.out_dir, spec)
-
-
-RUNNERS["sweep"] = _run_sweep
 
 
 # -- one stage, in this process or in a fresh one ------------------------------------------------
@@ -116,11 +61,11 @@ def _in_child(fn, what: str, fix: str):
     a word (the OOM killer, a signal) is a UserError naming `what`, with `fix`."""
     ctx = _context()
     receive, send = ctx.Pipe(duplex=False)
-    from solar_merge import precision
+    from solar_merge import console
 
     # a forked process has the fork server's environment, folder and logging: ours are passed
     process = ctx.Process(target=_child, args=(fn, what, send, dict(os.environ), os.getcwd(),
-                                               precision.shown_on_stderr()))
+                                               console.shown()))
     process.start()
     send.close()
     try:
@@ -136,9 +81,9 @@ def _in_child(fn, what: str, fix: str):
     return report["result"], report["peak_rss_mb"]
 
 
-def _child(fn, what: str, send, environ: dict, cwd: str, show_precision: bool = False) -> None:
+def _child(fn, what: str, send, environ: dict, cwd: str, show: bool = False) -> None:
     """The body of _in_child's process: fn() with the caller's environment and folder (and
-    the precision decisions on stderr if the caller shows them), then its result and peak
+    solar-merge's messages on stderr if the caller shows them), then its result and peak
     memory, or its error as an exception the parent can raise."""
     import resource
     import traceback
@@ -147,10 +92,10 @@ def _child(fn, what: str, send, environ: dict, cwd: str, show_precision: bool = 
         os.environ.clear()
         os.environ.update(environ)
         os.chdir(cwd)
-        if show_precision:
-            from solar_merge import precision
+        if show:
+            from solar_merge import console
 
-            precision.show_on_stderr()
+            console.show()
         result = fn()
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -189,40 +134,8 @@ def run_stage(run: Runner, st: StagePlan, *, isolate: bool = False) -> dict:
 
 
 def stage_done(st: StagePlan) -> bool:
-    """Complete and stamped with this very config hash."""
-    if not is_complete(st.out_dir):
-        return False
-    try:
-        return json.loads((st.out_dir / STAMP).read_text())["recipe_hash"] == st.hash
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def _state(out: Path) -> dict:
-    try:
-        return json.loads((out / STATE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _prepare(st: StagePlan, out: Path) -> None:
-    """Before (re-)running a stage: if its last start was for another config, nothing left of
-    that run may be taken for this one (the tools' own markers do not see upstream changes)."""
-    state = _state(out)
-    if state.get(st.name) != st.hash:
-        if not remove_partial(st.out_dir):
-            raise UserError(f"{partial_dir(st.out_dir)} was not created by solar-merge, so it "
-                            "is left alone and the stage cannot run",
-                            fix="delete it if it is an old solar-merge work folder, or choose "
-                                "another output root (--out)")
-        if is_complete(st.out_dir):  # still ours to replace, but never taken for this config
-            (st.out_dir / MARKER).write_text(json.dumps({"config_hash": "superseded"}) + "\n")
-        (st.out_dir / STAMP).unlink(missing_ok=True)
-        state[st.name] = st.hash
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (STATE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-        tmp.replace(out / STATE)
+    """Complete for this very stage hash."""
+    return is_complete(st.out_dir, st.hash)
 
 
 @dataclass
@@ -240,26 +153,26 @@ def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = N
     """Run a recipe: stages in dependency order, finished ones skipped (see the module doc).
 
     `runners` replaces the function run for a kind (tests inject fakes). Returns which
-    stages ran and which were skipped, and every eval stage's metrics. `merge_options`
-    (mergekit's, from the command line: --cuda, ...) apply to every merge stage as it runs;
-    they choose where a merge computes, not what it is, so they are not in the hashes.
-    `isolate` runs every stage in a fresh process (see `run_stage`); each stage's cost (wall
-    time, peak memory, training tokens/s) is kept in its stamp, `stage_costs` reads them."""
+    stages ran and which were skipped, and the scores of every stage that has some.
+    `merge_options` (mergekit's, from the command line: --cuda, ...) apply to every merge
+    stage as it runs; they choose where a merge computes, not what it is, so they are not in
+    the hashes. `isolate` runs every stage in a fresh process (see `run_stage`); each stage's
+    cost is kept in its completion record, `stage_costs` reads them."""
     p = source
     if not isinstance(source, Plan):
         planning = partial(plan, source, out, overrides, base_dir=base_dir)
         # checking eval tasks imports lm-eval (datasets, pandas: ~150 MB), kept out of this
         # process when the stages run in their own
         p = in_fresh_process(planning, "planning the recipe") if isolate else planning()
-    runners = {**RUNNERS, **(runners or {})}
-    for st in p.stages.values():  # [TRAIN] issue 12: after hashing
-        if merge_options and st.kind == "merge":
-            st.config = {**st.config, "options": {**st.config["options"], **merge_options}}
+    runners = {**{kind: module.run for kind, module in KINDS.items()}, **(runners or {})}
+    for st in p.stages.values():
+        st.runtime["merge_options"] = dict(merge_options or {})
     from tqdm.auto import tqdm
 
     for name in p.order:  # refuse a user's folder before hours of earlier stages, not after
         if not stage_done(p.stages[name]):
             check_replaceable(p.stages[name].out_dir)
+            check_partial(p.stages[name].out_dir)
     ran, skipped, metrics = [], [], {}
     bar = tqdm(p.order, desc=p.name, unit="stage", disable=not progress, dynamic_ncols=True)
     for name in bar:
@@ -268,18 +181,17 @@ def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = N
         if stage_done(st):
             skipped.append(name)
         else:
-            _prepare(st, p.out)
             with during(f"stage `{name}` ({st.kind}) of {', '.join(st.inputs) or '-'}"):
                 cost = run_stage(runners[st.kind], st, isolate=isolate)
-            if not is_complete(st.out_dir):
+            if not stage_done(st):
                 raise UserError(f"stage {name} finished without a complete output in "
                                 f"{st.out_dir}", fix="re-run; report a bug if it persists")
-            cost.update(_tokens_per_second(st.out_dir))
-            (st.out_dir / STAMP).write_text(json.dumps({"stage": name, "recipe_hash": st.hash,
-                                                        "kind": st.kind, **cost}) + "\n")
+            record(st.out_dir, stage=name, kind=st.kind, **cost,
+                   **_tokens_per_second(st.out_dir))
             ran.append(name)
-        if st.kind == "eval":
-            metrics[name] = json.loads((st.out_dir / "metrics.json").read_text())
+        scores = KINDS[st.kind].metrics(st)
+        if scores is not None:
+            metrics[name] = scores
     bar.close()
     final = p.stages[p.final].out_dir if p.final else None
     if card and final is not None:
@@ -305,12 +217,10 @@ def stage_costs(p: Plan) -> dict[str, dict]:
     """stage -> {kind, seconds, peak_rss_mb, tokens_per_second} of the run that made it."""
     costs = {}
     for name in p.order:
-        try:
-            stamp = json.loads((p.stages[name].out_dir / STAMP).read_text())
-        except (OSError, ValueError):
-            continue
-        costs[name] = {k: stamp[k] for k in ("kind", "seconds", "peak_rss_mb",
-                                             "tokens_per_second") if k in stamp}
+        found = read_record(p.stages[name].out_dir)
+        if found and "seconds" in found:
+            costs[name] = {k: found[k] for k in ("kind", "seconds", "peak_rss_mb",
+                                                 "tokens_per_second") if k in found}
     return costs
 
 
@@ -331,42 +241,24 @@ def _write_final_card(p: Plan, final: Path, metrics: dict) -> None:
               + travelling_recipe(p, final))
     if (final / "recipe.yaml").is_file() and (final / "recipe.yaml").read_text() == source:
         return
-    try:
-        from solar_merge import hub
-    except ImportError:  # pragma: no cover
-        (final / "recipe.yaml").write_text(source)
-        return
+    from solar_merge import hub
+
     lineage, bases, datasets = [], [], []
     for name in p.order:
         st = p.stages[name]
-        if st.kind == "eval":
+        part = KINDS[st.kind].card(st)
+        if part is None:
             continue
         lineage.append({"stage": name, "kind": st.kind, "inputs": st.inputs})
-        if st.kind == "synth_math":  # its seed data is a data set, its generator no base model
-            datasets += [st.inputs[0]] if st.inputs[0] not in datasets else []
-            continue
-        bases += [i for i in st.inputs if i not in p.stages and i not in bases]
-        if st.kind == "train":
-            datasets += [d["path"] for d in st.config.get("datasets") or []
-                         if d["path"] not in datasets]
+        bases += [i for i in part["bases"] if i not in p.stages and i not in bases]
+        datasets += [d for d in part["datasets"] if d not in datasets]
     table = {}
     for results in metrics.values():
         for model, values in results.items():
             table.setdefault(model, {}).update(values)
+    results = [r for st in p.stages.values() for r in KINDS[st.kind].hub_results(st, p.final)]
     hub.write_card(final, kind="recipe", source_yaml=source, source_name="recipe.yaml",
                    base_models=bases, lineage=lineage, datasets=datasets,
                    eval_table=table or None, license=p.loaded.recipe.license if p.loaded
                    else None, description=p.loaded.recipe.description if p.loaded else None,
-                   eval_results=_final_eval_results(p))
-
-
-def _final_eval_results(p: Plan) -> list:
-    """The final model's lm-eval results as the Hub's model-index entries (EVAL)."""
-    from solar_merge import eval as lm
-
-    found = []
-    for st in p.stages.values():
-        res = st.out_dir / (p.final or "") / lm.RESULTS
-        if st.kind == "eval" and p.final in st.config.get("models", {}) and res.is_file():
-            found += lm.eval_results(json.loads(res.read_text()))
-    return found
+                   eval_results=results)

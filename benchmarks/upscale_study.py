@@ -172,11 +172,24 @@ def train_seconds(stage_dir: Path) -> float | None:
     return float(runtime[-1]) - sum(evals.values()) if runtime else None
 
 
-def _stamp_seconds(folder: Path) -> float | None:
+def _stage_seconds(folder: Path) -> float | None:
+    """The wall seconds the recipe recorded in a finished stage's completion marker."""
+    from solar_merge.outputs import MARKER
+
     try:
-        return json.loads((folder / "recipe_stage.json").read_text()).get("seconds")
+        return json.loads((folder / MARKER).read_text()).get("seconds")
     except (OSError, ValueError):
         return None
+
+
+def _eval_limit(folder: Path):
+    """lm-eval's `limit` as it ran (its results.json), None: every document."""
+    for results in sorted(folder.glob("*/results.json")):
+        try:
+            return json.loads(results.read_text()).get("config", {}).get("limit")
+        except (OSError, ValueError):
+            return None
+    return None
 
 
 def collect(out: Path) -> dict:
@@ -190,8 +203,6 @@ def collect(out: Path) -> dict:
     found = {p.name.rpartition("_s")[2] for p in out.glob("cpt_*_s*") if p.is_dir()}
     seeds = sorted(int(s) for s in found if s.isdigit())
     recipe = expand(yaml.safe_load(RECIPE.read_text()), seeds or [0])
-    ran = out / f"{NAME}.yaml"
-    last = yaml.safe_load(ran.read_text())["stages"] if ran.is_file() else {}
     stages = recipe["stages"]
     runs = []
     for name, stage in stages.items():
@@ -200,7 +211,6 @@ def collect(out: Path) -> dict:
         arm, _, seed = name[len("cpt_"):].rpartition("_s")
         train = yaml.safe_load((out / name / "stage_config.yaml").read_text())
         model = stage["train"]["model"]
-        evals = (last.get(f"eval_{arm}_s{seed}") or stages[f"eval_{arm}_s{seed}"])["eval"]
         up = (stages.get(model) or {}).get("upscale")
         metrics = out / f"eval_{arm}_s{seed}" / "metrics.json"
         word_ppl = None
@@ -214,9 +224,9 @@ def collect(out: Path) -> dict:
             "curve": eval_curve(out / name), "train_s": train_seconds(out / name),
             "args": train["args"], "eval_datasets": train.get("eval_datasets"),
             "lm_eval_word_ppl": word_ppl,
-            "prepare_s": _stamp_seconds(out / model) if up else None,
+            "prepare_s": _stage_seconds(out / model) if up else None,
             "compute_s": record["seconds"] if record else None,
-            "eval_limit": evals.get("limit"),
+            "eval_limit": _eval_limit(out / f"eval_{arm}_s{seed}"),
         })
     return {"recipe": recipe, "runs": runs}
 

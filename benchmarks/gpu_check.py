@@ -507,7 +507,8 @@ class Check:
         memory_json = self.work / "cpt_memory.json"
         hook = f"{Path(__file__).resolve()}:record_peak_memory"
         seconds = self.run("cpt", ["solar-merge", "train", config, "-o", out],
-                           env={"SOLAR_MERGE_TRAINER_HOOK": hook, MEMORY_ENV: str(memory_json)})
+                           env={"SOLAR_MERGE_TEST_HOOKS": "1", "SOLAR_MERGE_TRAINER_HOOK": hook,
+                                MEMORY_ENV: str(memory_json)})
         losses = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
         steps = [r for r in losses if "loss" in r]
         if len(steps) != CPT_STEPS or not all(math.isfinite(r["loss"]) for r in steps):

@@ -8,7 +8,7 @@ paper's settings, solar_merge.inits.LESA; all seven matrix types), its seconds (
 on their own, the predictors' training the rest), their floating-point operations
 (inits.lesa_cost) and so the rates this CPU reached; then the same operation counts for a
 Mistral-7B-shaped model (its config.json's sizes, as the planner counts them:
-solar_merge.memory.Shape) turned into hours at those rates, and the largest memory held at
+solar_merge.sizing.Shape) turned into hours at those rates, and the largest memory held at
 once. The same fit gives LESA's held-out error: how close its prediction from that layer's
 neighbours comes to the real layer, against the neighbours' mean.
 Writes benchmarks/lesa_cost.md and .json (command, date, CPU, load).
@@ -52,7 +52,7 @@ def main():
 
     from solar_merge.embedded import embedded_model
     from solar_merge.inits import LESA, Weights, lesa_cost, lesa_holdout
-    from solar_merge.memory import Shape
+    from solar_merge.sizing import Shape
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -414,8 +414,10 @@ class Timer(TrainerCallback):
 timer = Timer()
 t_start = time.perf_counter()
 if side == "ours":
-    from solar_merge.stages import common, train
-    common.TRAINER_HOOKS.append(lambda trainer, info: trainer.add_callback(timer))
+    from solar_merge import testhooks
+    from solar_merge.stages import train
+    testhooks.arm()  # the timer rides on the trainer hook
+    testhooks.TRAINER_HOOKS.append(lambda trainer, info: trainer.add_callback(timer))
     cfg = {"stage": "cpt", "model": model, "datasets": [{"path": corpus}], "seq_len": 128,
            "precision": "fp32",  # as the direct side, on any CPU
            "args": {"per_device_train_batch_size": 4, "max_steps": steps,

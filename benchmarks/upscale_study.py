@@ -542,7 +542,7 @@ def step_times(out: Path, rounds: int = 3) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from solar_merge.stages.common import freeze_except_layers
+    from solar_merge.stages.models import freeze_except_layers
     from solar_merge.upscale import new_layers_of
 
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ Curve = list[tuple[int, float]]  # (step, held-out perplexity), sorted by step
 def eval_curve(stage_dir_or_log) -> Curve:
     """(step, exp(eval_loss)) from a stage folder's loss.jsonl (or the file itself); a step
     logged twice (a resumed run) keeps its last value; a line cut short by a kill is skipped."""
-    from solar_merge.stages.common import LOSS_LOG, read_loss
+    from solar_merge.stages.logs import LOSS_LOG, read_loss
 
     path = Path(stage_dir_or_log)
     if path.is_dir():

@@ -220,16 +220,14 @@ def lesa_holdout(weights: Weights, layer: int, *, seed: int = 0, hp: dict = LESA
 
 
 def lesa_cost(shape, *, hp: dict = LESA) -> dict:
-    """What LESA's fit costs for a model of `shape` (solar_merge.memory.Shape): floating-point
+    """What LESA's fit costs for a model of `shape` (solar_merge.sizing.Shape): floating-point
     operations of the SVDs (thin SVD of an m x n matrix, m <= n: ~4 m^2 n + 8 m^3) and of the
     predictors' training (6 x parameters per row and epoch), and the bytes of the largest
     matrix type held at once in fp32 (the concatenation, then U and V^T)."""
-    h, inter, n, kv = shape.hidden, shape.intermediate, shape.layers, shape.kv
-    types = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
-             "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
+    n = shape.layers
     svd = fit = peak = 0
     hidden = hp["hidden"]
-    for out_dim, in_dim in types.values():
+    for in_dim, out_dim in shape.matrices.values():
         m, width = sorted((out_dim, n * in_dim))
         svd += 4 * m * m * width + 8 * m ** 3
         rank = min(out_dim, n * in_dim)

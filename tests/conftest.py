@@ -11,6 +11,11 @@ CHAT_TEMPLATE = (
 
 
 def pytest_configure(config):
+    # kill points and trainer hooks (solar_merge/testhooks.py) work in this process and in
+    # every process a test starts, which inherit the environment
+    from solar_merge import testhooks
+
+    testhooks.arm()
     # tests that need the embedded SmolLM2 (imported once to ~/.cache/solar-merge) or start
     # torchrun / accelerate processes: `-m "not smollm2 and not torchrun"` skips them
     config.addinivalue_line("markers", "smollm2: uses the embedded SmolLM2-135M-Instruct")

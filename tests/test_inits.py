@@ -114,7 +114,7 @@ def test_lesa_reconstructs_the_layers_it_learns_from_exactly_in_its_basis():
 
 
 def test_lesa_cost_counts_the_svds_and_the_predictor():
-    from solar_merge.memory import Shape
+    from solar_merge.sizing import Shape
 
     shape = Shape(params=0, layers=3, hidden=4, intermediate=8, vocab=10, kv_dim=2)
     cost = lesa_cost(shape, hp={**LESA, "hidden": 2, "epochs": 1})

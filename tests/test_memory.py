@@ -86,8 +86,10 @@ def test_weights_load_in_the_dtype_the_estimate_counts(tmp_path, tiny_model, con
                                                        layout, monkeypatch):
     import torch
 
-    from solar_merge.stages import common, train
+    from solar_merge import testhooks
+    from solar_merge.stages import train
     from solar_merge.stages.schema import resolve
+    from solar_merge.stages.training import decide_precision
 
     seen = []
 
@@ -95,7 +97,7 @@ def test_weights_load_in_the_dtype_the_estimate_counts(tmp_path, tiny_model, con
         seen.append((trainer.model.dtype, trainer.args.bf16, trainer.args.fp16))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common, "TRAINER_HOOKS", [stop])
+    monkeypatch.setattr(testhooks, "TRAINER_HOOKS", [stop])
     (tmp_path / "c.txt").write_text("some text to pack\n\n" * 40)
     if config.get("args", {}).get("fp16"):
         pytest.importorskip("torch").cuda.is_available() or pytest.skip("fp16 needs a GPU")
@@ -104,7 +106,7 @@ def test_weights_load_in_the_dtype_the_estimate_counts(tmp_path, tiny_model, con
     with pytest.raises(KeyboardInterrupt):
         train(stage, tmp_path / "out")
     resolved = resolve(stage)
-    chosen = common.decide_precision(resolved).precision
+    chosen = decide_precision(resolved).precision
     assert seen == [(getattr(torch, dtype), chosen == "bf16", chosen == "fp16")]
     expected = layout or ("fp32" if chosen == "fp32" else "mixed")
     assert memory.layout(resolved["args"], chosen) == expected

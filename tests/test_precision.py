@@ -219,13 +219,13 @@ def test_trl_args_and_the_estimate_follow_the_decision(tmp_path, tiny_model, mon
                                                        extra, device, bf16, fp16, weights,
                                                        layout):
     from solar_merge import memory
-    from solar_merge.stages import common
+    from solar_merge.stages.training import decide_precision, trl_args
 
     monkeypatch.setattr(precision, "detect", lambda device_=None: device)
     resolved = _resolved(tmp_path, tiny_model, **extra)
-    chosen = common.decide_precision(resolved)
+    chosen = decide_precision(resolved)
     if device.kind == "cpu":
-        args, init = common.trl_args(resolved, tmp_path / "work", "SFTConfig")
+        args, init = trl_args(resolved, tmp_path / "work", "SFTConfig")
         assert (args.bf16, args.fp16, init["dtype"]) == (bf16, fp16, weights)
     assert (chosen.precision == "bf16", chosen.precision == "fp16") == (bf16, fp16)
     assert memory.layout(resolved["args"], chosen.precision) == layout

@@ -33,8 +33,10 @@ if limit >= 0:
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 if uid >= 0:  # the interpreter lives under /root: import what the command needs first
     import difflib, errno, filelock, hashlib, json, shutil, yaml
-    import solar_merge.cli, solar_merge.outputs, solar_merge.stages.common, solar_merge.data
-    import solar_merge.stages.launch, solar_merge.memory  # [TRAIN] train's launch/memory check
+    import solar_merge.cli, solar_merge.outputs, solar_merge.stages.launch, solar_merge.data
+    import solar_merge.memory, solar_merge.sizing  # train's memory check
+    import solar_merge.precision, torch  # the precision decision reads the device
+    solar_merge.precision.detect()
     solar_merge.stages.trl_fields("sft")  # reads TRL's source files
     os.setgid(uid)
     os.setuid(uid)
@@ -427,9 +429,9 @@ def test_remote_code_is_never_run(model_type, models, tmp_path, monkeypatch):
     code, output = cli(["yaml", config, tmp_path / "out"])
     if model_type == "llama":  # transformers' own code serves it: the merge just works
         assert code == 0, output
-        from solar_merge.stages import common
+        from solar_merge.stages.models import load_model
 
-        common.load_model(str(tmp_path / "out"))
+        load_model(str(tmp_path / "out"))
     else:  # only the custom code could load it: a clear refusal
         assert code == 2, output
         assert "Traceback" not in output and "fix:" in output
@@ -437,18 +439,18 @@ def test_remote_code_is_never_run(model_type, models, tmp_path, monkeypatch):
     from solar_merge.checkpoints import model_info
     from solar_merge.errors import UserError
     from solar_merge.eval import evaluate
-    from solar_merge.stages import common
+    from solar_merge.stages.models import load_model, load_tokenizer
 
     model_info(str(m))
     loaders = [lambda: evaluate([str(m)], "solar_manual_ppl", limit=1, batch_size=1),
-               lambda: common.load_model(str(m))]
+               lambda: load_model(str(m))]
     for load in loaders:
         if model_type == "llama":
             load()
         else:
             with pytest.raises(UserError, match="needs custom Python code"):
                 load()
-    common.load_tokenizer(str(m))  # the tokenizer itself is a plain one
+    load_tokenizer(str(m))  # the tokenizer itself is a plain one
     assert not sentinel.exists(), "custom code from the model folder was imported"
 
 

@@ -31,7 +31,8 @@ import json, sys
 import torch, transformers, datasets, matplotlib.pyplot
 from trl import SFTTrainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from solar_merge.stages import common, train
+from solar_merge import testhooks
+from solar_merge.stages import train
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -48,7 +49,7 @@ class Peak(transformers.TrainerCallback):
     def on_step_end(self, *args, **kwargs):
         peaks.append(status("VmHWM") - base)
 
-common.TRAINER_HOOKS.append(lambda trainer, info: trainer.add_callback(Peak()))
+testhooks.TRAINER_HOOKS.append(lambda trainer, info: trainer.add_callback(Peak()))
 train(config, out)
 print("PEAKS", json.dumps(peaks))
 """
@@ -214,7 +215,7 @@ def test_two_processes_killed_and_resumed_end_like_one_process(single, smollm2, 
 
 
 def _read_loss(folder: Path):
-    from solar_merge.stages.common import read_loss
+    from solar_merge.stages.logs import read_loss
 
     return read_loss(folder / "loss.jsonl")
 

@@ -1,6 +1,7 @@
 """Training stages on tiny random models: a few TRL steps each, seconds per test."""
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -11,8 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from solar_merge import testhooks
 from solar_merge.errors import UserError
-from solar_merge.stages import STAGES, common, load_stage_config, resolve, train
+from solar_merge.stages import STAGES, load_stage_config, resolve, train
+from solar_merge.stages.logs import read_loss
+from solar_merge.stages.models import checksum
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small and fast on 2 CPU cores; every key is a plain trl.SFTConfig / DPOConfig field.
@@ -32,7 +36,7 @@ def _weights(folder: Path) -> dict:
 
 
 def _losses(out: Path) -> list[float]:
-    return [loss for _, loss in common.read_loss(out / "loss.jsonl")]
+    return [loss for _, loss in read_loss(out / "loss.jsonl")]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,7 +55,7 @@ def _one_thread():
 def hooks(monkeypatch):
     """Calls of the pre-train hook: (trainer, info) for every trainer.train() of a stage."""
     calls: list = []
-    monkeypatch.setattr(common, "TRAINER_HOOKS", [lambda t, info: calls.append((t, info))])
+    monkeypatch.setattr(testhooks, "TRAINER_HOOKS", [lambda t, info: calls.append((t, info))])
     return calls
 
 
@@ -68,7 +72,7 @@ def stopped(monkeypatch):
         calls.append((trainer, info))
         raise _Stop
 
-    monkeypatch.setattr(common, "TRAINER_HOOKS", [stop])
+    monkeypatch.setattr(testhooks, "TRAINER_HOOKS", [stop])
     return calls
 
 
@@ -212,7 +216,7 @@ def test_cpt_packs_and_trains_only_chosen_layers(tmp_path, tiny_model, hooks):
         def on_save(self, args, state, control, **kwargs):
             saved.append(state.global_step)
 
-    common.TRAINER_HOOKS.append(lambda trainer, info: trainer.add_callback(Saves()))
+    testhooks.TRAINER_HOOKS.append(lambda trainer, info: trainer.add_callback(Saves()))
     corpus = _text_file(tmp_path)
     trainer_config = {"stage": "cpt", "model": str(tiny_model), "datasets": [str(corpus)],
                       "seq_len": 32, "trainable_layers": [1, 2],
@@ -399,8 +403,8 @@ def test_dpo_trains_against_explicit_reference(tmp_path, tiny_model_factory, hoo
                  "args": {**FAST, "max_steps": 4, "learning_rate": 5e-3}}, tmp_path / "out")
     (trainer, info), = hooks
     assert info["ref_model"] == str(ref) and trainer.args.beta == 0.5
-    assert common.checksum(trainer.ref_model) == common.checksum(
-        _load(ref)) != common.checksum(_load(model))
+    assert checksum(trainer.ref_model) == checksum(
+        _load(ref)) != checksum(_load(model))
     losses = _losses(out)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert _weights(out).keys() == _weights(model).keys()
@@ -501,23 +505,23 @@ def test_stepwise_dpo_uses_previous_step_as_reference(tmp_path, tiny_model, hook
     steps = json.loads((out / "steps.json").read_text())
     assert [s["records"] for s in steps] == [4, 4] and [s["first_record"] for s in steps] == [0, 4]
     # step 1: reference = the starting model; step 2: reference = step 1's result
-    assert steps[0]["ref_checksum"] == common.checksum(_load(tiny_model))
+    assert steps[0]["ref_checksum"] == checksum(_load(tiny_model))
     step1 = out / "steps" / "step-1"
     assert steps[0]["ref_model"] == steps[0]["model"] == str(tiny_model)
     assert steps[1]["ref_model"] == "steps/step-1" == steps[1]["model"]
-    assert steps[1]["ref_checksum"] == steps[0]["result_checksum"] == common.checksum(
+    assert steps[1]["ref_checksum"] == steps[0]["result_checksum"] == checksum(
         _load(step1))
     assert steps[1]["ref_checksum"] != steps[0]["ref_checksum"]  # step 1 did change the weights
-    assert common.checksum(_load(out)) == steps[1]["result_checksum"]
+    assert checksum(_load(out)) == steps[1]["result_checksum"]
     # the trainers really got those references, and the data chunks in order
-    assert [common.checksum(t.ref_model) for t, _ in hooks] == [s["ref_checksum"] for s in steps]
+    assert [checksum(t.ref_model) for t, _ in hooks] == [s["ref_checksum"] for s in steps]
     assert [t.train_dataset.num_rows for t, _ in hooks] == [4, 4]
     assert len(_losses(out)) == 4
 
 
 # -- resume, skip, re-run ------------------------------------------------------------------
 
-def test_killed_stage_resumes_to_the_same_weights(tmp_path, tiny_model, hooks, capsys):
+def test_killed_stage_resumes_to_the_same_weights(tmp_path, tiny_model, hooks, caplog):
     import torch
 
     corpus = _text_file(tmp_path)
@@ -535,14 +539,15 @@ def test_killed_stage_resumes_to_the_same_weights(tmp_path, tiny_model, hooks, c
     partial = killed.parent / f".{killed.name}.partial"
     assert (partial / "checkpoint-3").is_dir() and not killed.exists()
 
-    train(config, killed)
-    assert "resuming from" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="solar_merge.stages"):
+        train(config, killed)
+    assert f"cpt: resuming from {partial / 'checkpoint-3'}" in caplog.text
     straight = train(config, tmp_path / "straight")
     a, b = _weights(killed), _weights(straight)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
-    assert [s for s, _ in common.read_loss(killed / "loss.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in read_loss(killed / "loss.jsonl")] == [1, 2, 3, 4, 5, 6]
 
     # finished + same config: skipped; a changed config runs again (stopped in the pre-train
     # hook here to save time: the finished output stays untouched until a new one is complete)
@@ -553,7 +558,7 @@ def test_killed_stage_resumes_to_the_same_weights(tmp_path, tiny_model, hooks, c
     def stop(trainer, info):
         raise KeyboardInterrupt
 
-    common.TRAINER_HOOKS.append(stop)
+    testhooks.TRAINER_HOOKS.append(stop)
     with pytest.raises(KeyboardInterrupt):
         train(config, straight, overrides=["args.max_steps=2"])
     assert len(hooks) == n + 1 and trainer_max_steps(hooks[-1][0]) == 2

@@ -169,7 +169,7 @@ def test_outputs_load_in_the_sft_and_dpo_stages_and_card(tmp_path):
     from huggingface_hub import DatasetCard
 
     from solar_merge.data import detect_format, to_preference, to_prompt_completion
-    from solar_merge.stages.common import load_stage_records
+    from solar_merge.stages.records import load_stage_records
 
     result, _ = run(tmp_path, {r["question"]: [good(r)] for r in GSM8K})
     assert result.kept == 3 and is_finished(result.out)
@@ -338,7 +338,7 @@ def synth_recipe(tmp_path, tiny_model, **extra) -> dict:
 def test_recipe_stage_feeds_train_stages(tmp_path, tiny_model, monkeypatch):
     from solar_merge import recipe
     from solar_merge.data import to_preference, to_prompt_completion
-    from solar_merge.stages.common import load_stage_records
+    from solar_merge.stages.records import load_stage_records
 
     data = synth_recipe(tmp_path, tiny_model)
     p = recipe.plan(data, base_dir=tmp_path)

@@ -101,7 +101,7 @@ def _curve(cpt_curve) -> list[tuple[float, float]]:
     if cpt_curve is None:
         return []
     if isinstance(cpt_curve, (str, Path)):
-        from solar_merge.stages.common import LOSS_LOG, read_loss
+        from solar_merge.stages.logs import LOSS_LOG, read_loss
 
         path = Path(cpt_curve)
         return read_loss(path / LOSS_LOG if path.is_dir() else path)

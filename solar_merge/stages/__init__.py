@@ -1,10 +1,16 @@
 """Training stages (cpt, sft, dpo, stepwise_dpo) as thin wrappers around TRL's trainers.
 
-    schema.py   the stage config: schema, `key=value` overrides, resolve(), stage_hash()
-    launch.py   train(): in this process, or on N processes / machines via `accelerate launch`;
-                global rank 0 owns the output folder
-    common.py   what the stages share (data, models, LoRA, the trainer run, saving, the card);
-                it imports no stage
+    schema.py       the stage config: schema, `key=value` overrides, resolve(), stage_hash()
+    launch.py       train() / start(): in this process, or on N processes / machines via
+                    `accelerate launch`; the memory check and the checks before a run
+    distributed.py  several processes, one output folder: global rank 0 owns it
+    records.py      the stage's datasets as records and as the Dataset every rank loads
+    chat.py         chat templates: the one a stage renders with, and the plan-time check
+    models.py       tokenizer and model loading, layer freezing, weight checksums
+    lora.py         LoRA / QLoRA: peft's config, the 4-bit base, the merged adapter
+    training.py     one TRL trainer run: its args, resume, the final checkpoint
+    logs.py         loss.jsonl and loss.png
+    card.py         the model card and stage_config.yaml
     cpt.py, sft.py, dpo.py (dpo and stepwise_dpo): each stage's run_stage()
 
 Importing this package imports neither torch nor TRL (recipes plan with it).

@@ -14,9 +14,15 @@ chooses it explicitly. Either way the model's own EOS (tokenizer, config, genera
 is saved unchanged: the separator is a property of the data, not of the model.
 """
 
+import logging
 from pathlib import Path
 
-from solar_merge.stages import common
+from solar_merge.stages.chat import chat_template
+from solar_merge.stages.models import load_tokenizer
+from solar_merge.stages.records import load_stage_records
+from solar_merge.stages.training import train_sft, trl_args
+
+log = logging.getLogger(__name__)
 
 # End-of-document tokens of common pretraining vocabularies, in order of preference.
 PRETRAINING_SEPARATORS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>",
@@ -36,9 +42,9 @@ def document_separator(tokenizer, template: str | None) -> str:
     for token in PRETRAINING_SEPARATORS:
         if token in vocab and not chat_token(token):
             return token
-    common._say(f"cpt: the EOS {eos!r} is also the chat template's end of turn and the "
-                "vocabulary has no other end-of-document token: packing with it (set "
-                "args.eos_token to choose another)")
+    log.info("cpt: the EOS %r is also the chat template's end of turn and the vocabulary has "
+             "no other end-of-document token: packing with it (set args.eos_token to choose "
+             "another)", eos)
     return eos
 
 
@@ -46,18 +52,18 @@ def run_stage(resolved: dict, work: Path) -> dict:
     from solar_merge.data import to_text
 
     field = resolved["args"].get("dataset_text_field", "text")
-    args, init_kwargs = common.trl_args(resolved, work, "SFTConfig")
-    records = common.load_stage_records(
+    args, init_kwargs = trl_args(resolved, work, "SFTConfig")
+    records = load_stage_records(
         resolved, lambda r, fmt: {field: to_text(r, fmt, field)["text"]})
-    tokenizer = common.load_tokenizer(resolved["model"])
+    tokenizer = load_tokenizer(resolved["model"])
     if args.eos_token is None:
-        args.eos_token = document_separator(tokenizer, common.chat_template(tokenizer, args))
-    common._say(f"cpt: documents are separated by {args.eos_token!r}")
+        args.eos_token = document_separator(tokenizer, chat_template(tokenizer, args))
+    log.info("cpt: documents are separated by %r", args.eos_token)
     held_out = None
-    if resolved.get("eval_datasets"):  # [UPSCALE] packed like the training text
-        held_out = common.load_stage_records(
+    if resolved.get("eval_datasets"):  # held-out text, packed like the training text
+        held_out = load_stage_records(
             {"datasets": resolved["eval_datasets"]},
             lambda r, fmt: {field: to_text(r, fmt, field)["text"]})
-    common.train_sft(resolved, work, args, init_kwargs, records, tokenizer, "cpt",
+    train_sft(resolved, work, args, init_kwargs, records, tokenizer, "cpt",
                      keep_eos=True, eval_records=held_out)
     return {"document_separator": args.eos_token}

@@ -14,12 +14,27 @@ the step's result: step i's `ref_checksum` equals step i-1's `result_checksum`.
 """
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from solar_merge.errors import UserError
 from solar_merge.outputs import MARKER, config_hash, is_complete
-from solar_merge.stages import common
+from solar_merge.stages.distributed import HASH_FILE, agreed, is_main, owned_output
+from solar_merge.stages.logs import LOSS_LOG, read_loss
+from solar_merge.stages.lora import lora_config, quantized
+from solar_merge.stages.models import (
+    check_same_vocab,
+    checksum,
+    freeze_except_layers,
+    load_model,
+    load_tokenizer,
+    ref_tokenizer_if_any,
+)
+from solar_merge.stages.records import load_stage_records, to_dataset, unify_chat
+from solar_merge.stages.training import fit, save_final, trl_args
+
+log = logging.getLogger(__name__)
 
 KEYS = ("prompt", "chosen", "rejected")
 STEP_INFO = "step.json"
@@ -31,8 +46,8 @@ def run_stage(resolved: dict, work: Path) -> None:
 
     from solar_merge.data import to_preference
 
-    common.trl_args(resolved, work, "DPOConfig")  # validate args before loading anything
-    records = explicit_prompts(common.load_stage_records(resolved, to_preference))
+    trl_args(resolved, work, "DPOConfig")  # validate args before loading anything
+    records = explicit_prompts(load_stage_records(resolved, to_preference))
     if resolved["stage"] == "dpo":
         train_once(resolved, work, resolved["model"], resolved["ref_model"], records, step=None)
         return
@@ -48,14 +63,14 @@ def run_stage(resolved: dict, work: Path) -> None:
     for i, chunk in enumerate(chunks, 1):
         step_dir = work / "steps" / f"step-{i}"
         h = config_hash({"stage": resolved, "step": i, "model": model, "ref_model": ref})
-        if not common.agreed(is_complete(step_dir, h)):  # global rank 0 decides
-            with common.owned_output(step_dir, h) as sw:
+        if not agreed(is_complete(step_dir, h)):  # global rank 0 decides
+            with owned_output(step_dir, h) as sw:
                 train_once(resolved, sw, model, ref, chunk, step=i)
                 gc.collect()  # step i's model and trainer hold reference cycles: free them now
-                if common.is_main():
-                    (sw / common.HASH_FILE).unlink(missing_ok=True)
+                if is_main():
+                    (sw / HASH_FILE).unlink(missing_ok=True)
         else:
-            common._say(f"stepwise_dpo: step {i} already complete, skipping")
+            log.info("stepwise_dpo: step %d already complete, skipping", i)
         info = json.loads((step_dir / STEP_INFO).read_text())
         for key in ("model", "ref_model"):  # step folders: relative to the stage output
             if info[key].startswith(str(work)):
@@ -64,19 +79,19 @@ def run_stage(resolved: dict, work: Path) -> None:
                            **info})
         offset_records += len(chunk)
         last = 0
-        for step, loss in common.read_loss(step_dir / common.LOSS_LOG):
+        for step, loss in read_loss(step_dir / LOSS_LOG):
             rows.append({"step": offset + step, "sdpo_step": i, "loss": loss})
             last = step
         offset += last
         model = ref = str(step_dir)
-    if not common.is_main():
+    if not is_main():
         return
     # The final model is the last step's: copy its files (not the step folders) to the root.
     last_dir = work / "steps" / f"step-{k}"
     for f in last_dir.iterdir():
-        if f.is_file() and f.name not in (MARKER, common.LOSS_LOG, STEP_INFO):
+        if f.is_file() and f.name not in (MARKER, LOSS_LOG, STEP_INFO):
             shutil.copy2(f, work / f.name)
-    (work / common.LOSS_LOG).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (work / LOSS_LOG).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (work / "steps.json").write_text(json.dumps(rows_steps, indent=1) + "\n")
     if not resolved.get("keep_steps"):
         shutil.rmtree(work / "steps")
@@ -113,17 +128,17 @@ def train_once(resolved: dict, work: Path, model_path: str, ref_path: str, recor
                step: int | None) -> None:
     from trl import DPOTrainer
 
-    args, init_kwargs = common.trl_args(resolved, work, "DPOConfig")
-    tokenizer = common.load_tokenizer(model_path)
+    args, init_kwargs = trl_args(resolved, work, "DPOConfig")
+    tokenizer = load_tokenizer(model_path)
     if ref_path != model_path:
-        common.check_same_vocab(model_path, tokenizer, ref_path,
-                                common.ref_tokenizer_if_any(ref_path))
-    records = common.unify_chat(records, KEYS, tokenizer, args, resolved["stage"])
-    dataset = common.to_dataset(records, work)
+        check_same_vocab(model_path, tokenizer, ref_path,
+                                ref_tokenizer_if_any(ref_path))
+    records = unify_chat(records, KEYS, tokenizer, args, resolved["stage"])
+    dataset = to_dataset(records, work)
     if resolved.get("load_in_4bit"):
-        init_kwargs = common.quantized(init_kwargs)
-    model = common.load_model(model_path, init_kwargs)
-    lora = common.lora_config(resolved)
+        init_kwargs = quantized(init_kwargs)
+    model = load_model(model_path, init_kwargs)
+    lora = lora_config(resolved)
     # No second model where the policy can score the reference itself: with LoRA (TRL switches
     # the adapter off), or when the reference IS the starting model and its log-probabilities
     # are computed once before training (args.precompute_ref_log_probs): one model in memory.
@@ -131,18 +146,18 @@ def train_once(resolved: dict, work: Path, model_path: str, ref_path: str, recor
                                           and ref_path == model_path)
     ref = None
     if not self_reference:
-        ref = common.load_model(ref_path, init_kwargs, field="ref_model")
+        ref = load_model(ref_path, init_kwargs, field="ref_model")
         ref.requires_grad_(False)
-    common.freeze_except_layers(model, resolved.get("trainable_layers"))
-    ref_sum = common.checksum(model) if self_reference and step is not None else None
+    freeze_except_layers(model, resolved.get("trainable_layers"))
+    ref_sum = checksum(model) if self_reference and step is not None else None
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset,
                          processing_class=tokenizer, peft_config=lora)
     if ref is not None and step is not None:
-        ref_sum = common.checksum(trainer.ref_model)  # the reference TRL really uses
-    common.fit(trainer, work, {"stage": resolved["stage"], "work": work, "model": model_path,
+        ref_sum = checksum(trainer.ref_model)  # the reference TRL really uses
+    fit(trainer, work, {"stage": resolved["stage"], "work": work, "model": model_path,
                                "ref_model": ref_path, "step": step})
-    common.save_final(trainer, tokenizer, work, resolved)
-    if step is not None and common.is_main():  # the result as saved (any strategy)
+    save_final(trainer, tokenizer, work, resolved)
+    if step is not None and is_main():  # the result as saved (any strategy)
         (work / STEP_INFO).write_text(json.dumps({
             "model": model_path, "ref_model": ref_path, "ref_checksum": ref_sum,
-            "result_checksum": common.checksum(work)}) + "\n")
+            "result_checksum": checksum(work)}) + "\n")

@@ -29,7 +29,19 @@ import sys
 from pathlib import Path
 
 from solar_merge.errors import UserError, during
+from solar_merge.stages.card import write_stage_card
+from solar_merge.stages.distributed import (
+    HASH_FILE,
+    agreed,
+    distributed_state,
+    is_main,
+    owned_output,
+    world_size,
+)
+from solar_merge.stages.logs import LOSS_LOG, plot_loss
+from solar_merge.stages.lora import describe_lora, require_4bit
 from solar_merge.stages.schema import resolve, stage_hash
+from solar_merge.stages.training import decide_precision
 
 log = logging.getLogger(__name__)
 
@@ -90,38 +102,39 @@ def start(resolved: dict, out_dir, *, digest: str | None = None, estimate=None) 
 # -- one process (or one rank) -----------------------------------------------------------------
 
 def run(resolved: dict, out_dir: Path, digest: str | None = None) -> Path:
-    """Run the stage into `out_dir` here: skip if finished, resume if interrupted."""
+    """Run the stage into `out_dir` here: skip if finished, resume if interrupted. Global
+    rank 0 writes the loss plot, stage_config.yaml and the card once the weights are saved."""
     import importlib
 
     from solar_merge.outputs import is_complete
-    from solar_merge.stages import common
+    from solar_merge.precision import announce
 
     h = digest or stage_hash(resolved)
-    n = common.world_size()
+    n = world_size()
     if n > 1:
-        common.distributed_state()  # one process group for our barriers and TRL's
-    if common.agreed(is_complete(out_dir, h)):  # global rank 0 decides for everyone
+        distributed_state()  # one process group for our barriers and TRL's
+    if agreed(is_complete(out_dir, h)):  # global rank 0 decides for everyone
         log.info("%s: %s is already complete for this config, skipping", resolved["stage"],
                  out_dir)
         return out_dir
-    common.preflight(resolved)
+    preflight(resolved)
     stage = importlib.import_module(STAGE_MODULES[resolved["stage"]])
-    chosen = common.decide_precision(resolved)
-    if common.is_main():
-        from solar_merge.precision import announce
-
+    chosen = decide_precision(resolved)
+    if is_main():
         announce(chosen, resolved["stage"])
-    with common.owned_output(out_dir, h) as work:
+    with owned_output(out_dir, h) as work:
         with during(f"{resolved['stage']} training of {resolved['model']}"):
             facts = stage.run_stage(resolved, work) or {}
-        if common.is_main():
+        if is_main():
             facts["precision"] = f"{chosen.precision} ({chosen.reason})"
             if n > 1:
-                facts["processes"] = (f"{n} ({common.distributed_state().distributed_type.value}"
-                                      ", launched by torchrun/accelerate)")
+                facts["processes"] = (f"{n} ({distributed_state().distributed_type.value}, "
+                                      "launched by torchrun/accelerate)")
             if resolved.get("peft"):
-                facts["LoRA"] = common.describe_lora(resolved)
-            common.finish(work, resolved, facts)
+                facts["LoRA"] = describe_lora(resolved)
+            plot_loss(work / LOSS_LOG, work / "loss.png", title=resolved["stage"])
+            write_stage_card(work, resolved, facts)
+            (work / HASH_FILE).unlink(missing_ok=True)
     return out_dir
 
 
@@ -147,13 +160,12 @@ def spawn(resolved: dict, out_dir: Path, digest: str | None = None) -> Path:
     import yaml
 
     from solar_merge import outputs
-    from solar_merge.stages import common
 
     if outputs.is_complete(out_dir, digest or stage_hash(resolved)):
         log.info("%s: %s is already complete for this config, skipping", resolved["stage"],
                  out_dir)
         return out_dir
-    common.preflight(resolved)  # missing models/data, QLoRA without a GPU: before any process
+    preflight(resolved)  # missing models/data, QLoRA without a GPU: before any process
     outputs.check_replaceable(out_dir)  # a folder that is not ours: refused before launching
     with tempfile.TemporaryDirectory(prefix="solar-merge-launch-") as folder:
         config_file = Path(folder) / "stage.yaml"
@@ -186,8 +198,6 @@ def launch_command(resolved: dict, config_file: Path, out_dir: Path) -> list[str
                 "main_process_port"):
         if launch.get(key) is not None:
             cmd += [f"--{key}", str(launch[key])]
-    from solar_merge.stages.common import decide_precision
-
     chosen = decide_precision(resolved).precision
     cmd += ["--mixed_precision", "no" if chosen == "fp32" else chosen]
     return cmd + ["-m", "solar_merge", "train", str(config_file), "-o", str(out_dir)]
@@ -221,7 +231,34 @@ def _launch_file_settings(launch: dict) -> dict:
     return {k: data[k] for k in ("num_processes", "num_machines") if isinstance(data.get(k), int)}
 
 
-# -- will it fit? ------------------------------------------------------------------------------
+# -- will it run? will it fit? ------------------------------------------------------------------
+
+def preflight(resolved: dict) -> None:
+    """What resolve() could not check (paths may be created by earlier recipe steps):
+    local models exist and hold safetensors, data files exist."""
+    from solar_merge.checkpoints import require_safetensors
+
+    for field in ("model", "ref_model"):
+        value = resolved.get(field)
+        if value and Path(value).is_absolute():
+            folder = Path(value)
+            if not folder.is_dir():
+                raise UserError(f"{field}: {folder} not found",
+                                fix="train or merge that model first, or fix the path")
+            if not (folder / "config.json").is_file():
+                raise UserError(f"{field}: {folder} has no config.json",
+                                fix="point to a folder saved with save_pretrained()")
+            require_safetensors(folder)
+    sets = [(key, i, spec) for key in ("datasets", "eval_datasets")
+            for i, spec in enumerate(resolved.get(key) or [])]
+    for key, i, spec in sets:
+        if Path(spec["path"]).is_absolute() and not Path(spec["path"]).exists():
+            raise UserError(f"{key}[{i}]: {spec['path']} not found",
+                            fix="give an existing file or folder (relative paths resolve "
+                                "against the stage config's folder), or a Hub dataset name")
+    if resolved.get("load_in_4bit"):
+        require_4bit()
+
 
 def check_fit(resolved: dict, launch: dict, estimate=None):
     """memory.from_stage for this launch (or the `estimate` given); a UserError when it cannot
@@ -238,8 +275,6 @@ def check_fit(resolved: dict, launch: dict, estimate=None):
         shape = model_shape(resolved["model"])
         if shape is None:
             return None
-        from solar_merge.stages.common import decide_precision
-
         est = memory.from_stage(resolved, shape, effective,
                                 decide_precision(resolved).precision)
     given = launch.get("device_memory")
@@ -342,8 +377,6 @@ def describe(resolved: dict, launch: dict, estimate, out_dir: Path) -> str:
              + (f" over {launch['num_machines']} machines"
                 if launch.get("num_machines", 1) > 1 else "")
              + (f" ({launch['accelerate_config']})" if launch.get("accelerate_config") else ""))
-    from solar_merge.stages.common import decide_precision
-
     lines = [f"{resolved['stage']}: {resolved['model']} -> {out_dir}, {where}",
              str(decide_precision(resolved))]
     if estimate is None:

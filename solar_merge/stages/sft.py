@@ -9,23 +9,26 @@ The loss is on what the assistant says only: on the completion of prompt/complet
 
 from pathlib import Path
 
-from solar_merge.stages import common
+from solar_merge.stages.chat import require_assistant_masks
+from solar_merge.stages.models import load_tokenizer
+from solar_merge.stages.records import as_turns, load_stage_records, unify_chat
+from solar_merge.stages.training import train_sft, trl_args
 
 
 def run_stage(resolved: dict, work: Path) -> None:
     from solar_merge.data import to_prompt_completion
 
-    records = common.load_stage_records(resolved, to_prompt_completion)
+    records = load_stage_records(resolved, to_prompt_completion)
     conversations = any("messages" in r for r in records)
     if conversations:  # one schema per Dataset: every record becomes a conversation
-        records = [r if "messages" in r else {"messages": common.as_turns(r["prompt"], "user")
-                                              + common.as_turns(r["completion"], "assistant")}
+        records = [r if "messages" in r else {"messages": as_turns(r["prompt"], "user")
+                                              + as_turns(r["completion"], "assistant")}
                    for r in records]
         resolved = {**resolved, "args": {"assistant_only_loss": True, **resolved["args"]}}
-    args, init_kwargs = common.trl_args(resolved, work, "SFTConfig")
-    tokenizer = common.load_tokenizer(resolved["model"])
+    args, init_kwargs = trl_args(resolved, work, "SFTConfig")
+    tokenizer = load_tokenizer(resolved["model"])
     keys = ("messages",) if conversations else ("prompt", "completion")
-    records = common.unify_chat(records, keys, tokenizer, args, "sft")
+    records = unify_chat(records, keys, tokenizer, args, "sft")
     if conversations and args.assistant_only_loss:
-        common.require_assistant_masks(tokenizer, args, resolved["model"])
-    common.train_sft(resolved, work, args, init_kwargs, records, tokenizer, "sft")
+        require_assistant_masks(tokenizer, args, resolved["model"])
+    train_sft(resolved, work, args, init_kwargs, records, tokenizer, "sft")

@@ -174,17 +174,6 @@ def owns_partial(work) -> bool:
     return (Path(work) / OWNED).is_file() or (Path(work) / MARKER).is_file()
 
 
-def remove_partial(out_dir) -> bool:
-    """Remove `out_dir`'s hidden partial folder if we made it; True if it is gone."""
-    work = partial_dir(out_dir)
-    if not work.exists():
-        return True
-    if owns_partial(work):
-        shutil.rmtree(work)
-        return True
-    return False
-
-
 def check_partial(out_dir) -> None:
     """Refuse `out_dir` when its hidden partial folder exists and is not ours (see the module
     doc): a run must never write into, or delete, a folder someone else made."""

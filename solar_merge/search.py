@@ -1435,13 +1435,15 @@ def _scorer_hook():
 
 def run(spec: SearchSpec, out_dir, *, base_dir=None, trials: int | None = None,
         timeout: float | None = None, storage: str | None = None,
-        keep_all: bool | None = None, scorer=None) -> SearchResult:
+        keep_all: bool | None = None, scorer=None, digest: str | None = None) -> SearchResult:
     """Run (or resume, or join) the search of `spec` into `out_dir` until its study holds
     `trials` finished trials (or `timeout` seconds pass); publish the best to out_dir/best.
 
     Arguments given here win over the spec's. `scorer(model_dir) -> (metrics,
     higher_is_better)` replaces lm-eval (tests, benchmarks); the metric is then `score.metric`
-    (default: the first column) and the direction `score.direction` (default: maximize)."""
+    (default: the first column) and the direction `score.direction` (default: maximize).
+    `digest` marks out_dir/best complete (a recipe's stage hash; default: the space, the
+    study and the best trial)."""
     trials = trials or spec.trials
     timeout = timeout if timeout is not None else spec.timeout
     keep_all = spec.keep_all if keep_all is None else keep_all
@@ -1466,7 +1468,7 @@ def run(spec: SearchSpec, out_dir, *, base_dir=None, trials: int | None = None,
                         fix="re-run the search (it resumes), or see trials.csv for errors")
     with _lock(out):
         tidy(out, study, keep_all)
-        publish(out, study, plan, best)
+        publish(out, study, plan, best, digest)
         from solar_merge.search_report import write_report
 
         write_report(out, study, plan, masked(url), trials)
@@ -1490,7 +1492,7 @@ def _default_trial(study):
     return (done or rows or [None])[0]
 
 
-def publish(out: Path, study, plan: Plan, best) -> Path:
+def publish(out: Path, study, plan: Plan, best, digest: str | None = None) -> Path:
     """OUT/best: the best trial's model (hard links to its trial folder; rebuilt from its
     parameters if another machine ran it), with a card that says how it was found, and
     OUT/best.yaml, its stock mergekit config."""
@@ -1499,8 +1501,8 @@ def publish(out: Path, study, plan: Plan, best) -> Path:
     from solar_merge.outputs import MARKER, atomic_output, config_hash, is_complete, portable
 
     best_dir = out / "best"
-    digest = config_hash({"space": plan.space_hash, "study": study.study_name,
-                          "trial": best.number})
+    digest = digest or config_hash({"space": plan.space_hash, "study": study.study_name,
+                                    "trial": best.number})
     point = plan.point_of(best.params)
     config, _ = plan.config(point, out / "trials" / f"trial-{best.number}")
     header = ("# mergekit-yaml best.yaml OUT --copy-tokenizer --clone-tensors\n"

@@ -1,6 +1,7 @@
 """Stage kinds: what a kind declares is all the planner and the runner use, so a kind added
 with one module and one registry entry plans, prints, runs, resumes and reaches the card."""
 
+import json
 import shutil
 import types
 
@@ -121,3 +122,64 @@ def test_done_means_complete_for_the_stage_hash(tmp_path, tiny_model):
     result = recipe.run(p, progress=False, card=False)
     assert result.ran == ["dus"] and recipe.stage_done(st)
     assert read_record(st.out_dir)["config_hash"] == st.hash
+
+
+SCORER = '''
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+A, B = {a!r}, {b!r}
+
+
+def score(model_dir):
+    def embedding(folder):
+        return load_file(str(Path(folder) / "model.safetensors"))["model.embed_tokens.weight"]
+
+    a, b, e = embedding(A), embedding(B), embedding(model_dir)
+    w = float(((e - a) * (b - a)).sum() / ((b - a) ** 2).sum())
+    return {{"planted": -abs(w - 0.3), "w": w}}, {{"planted": True}}
+'''
+
+
+def test_a_search_stage_plans_runs_and_feeds_the_next_stage(tmp_path, tiny_model_factory,
+                                                            monkeypatch):
+    """A `search:` stage (solar_merge.search) scored by a test scorer: its best model,
+    <stage>/best, is what a later stage names; finished, it is skipped."""
+    import optuna
+
+    a, b = str(tiny_model_factory(seed=0)), str(tiny_model_factory(seed=1))
+    scorer = tmp_path / "scorer.py"
+    scorer.write_text(SCORER.format(a=a, b=b))
+    monkeypatch.setenv("SOLAR_MERGE_SEARCH_SCORER", f"{scorer}:score")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "r", "out": "runs", "stages": {
+        "best": {"search": {"candidates": [a, b], "trials": 3,
+                            "merge": {"method": "solar_average",
+                                      "weight": {"low": 0.0, "high": 1.0}},
+                            "score": {"tasks": "solar_manual_ppl"},
+                            "sampler": {"name": "random", "seed": 0}}},
+        "deeper": {"upscale": {"model": "best", "drop": 1}}}}))
+    p = recipe.plan(path)
+    runs = tmp_path / "runs"
+    assert p.order == ["best", "deeper"] and p.stages["deeper"].deps == ["best"]
+    assert p.stages["deeper"].config["model"] == str(runs / "best" / "best")
+    assert p.stages["deeper"].info.n_layers == 6
+    assert "search:merge" in recipe.format_plan(p)
+
+    result = recipe.run(path, progress=False)
+    assert result.ran == ["best", "deeper"] and result.final == runs / "deeper"
+    assert read_record(runs / "best" / "best")["config_hash"] == p.stages["best"].hash
+    assert recipe.stage_costs(p)["best"]["kind"] == "search"
+    study = optuna.load_study(study_name="best",
+                              storage=f"sqlite:///{runs / 'best' / 'study.db'}")
+    scores = [t.value for t in study.get_trials() if t.value is not None]
+    assert len(scores) == 3
+    best = json.loads((runs / "best" / "best" / "config.json").read_text())
+    assert best["num_hidden_layers"] == 4
+    assert recipe.run(path, progress=False).skipped == ["best", "deeper"]
+
+    with pytest.raises(UserError, match="stages.best.search: unknown key `trails`"):
+        recipe.plan({"stages": {"best": {"search": {
+            "candidates": [a, b], "trails": 3, "score": {"tasks": "solar_manual_ppl"},
+            "merge": {"method": "solar_average", "weight": 0.5}}}}})

@@ -40,6 +40,11 @@ class StagePlan:
     estimate: object = None             # the memory estimate behind `memory`, for the tool
     runtime: dict = field(default_factory=dict)  # settings of this run, not hashed: where a
     #                                              stage computes, not what it makes
+    record_dir: Path | None = None      # the folder whose completion record (outputs.MARKER)
+    #                                     says the stage is done; default: out_dir
+
+    def __post_init__(self):
+        self.record_dir = self.record_dir or self.out_dir
 
 
 def first_line(e: UserError) -> str:

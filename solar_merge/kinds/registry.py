@@ -1,7 +1,7 @@
 """Every recipe stage kind, by the key that names it in a recipe. Adding a kind: its module
 (see solar_merge.kinds) and one line here."""
 
-from solar_merge.kinds import eval, merge, sweep, synth_math, train, upscale
+from solar_merge.kinds import eval, merge, search, sweep, synth_math, train, upscale
 
 KINDS = {
     "upscale": upscale,
@@ -10,4 +10,5 @@ KINDS = {
     "eval": eval,
     "sweep": sweep,
     "synth_math": synth_math,
+    "search": search,
 }

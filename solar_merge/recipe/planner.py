@@ -176,8 +176,8 @@ def format_plan(p: Plan) -> str:
             inputs = inputs[:45] + "..."
         if KINDS[s.kind].MODEL is None:
             layers = params = "-"
-        elif s.info is None:
-            layers = params = "unknown (offline)"
+        elif s.info is None:  # offline (see the notes), or decided when the stage runs
+            layers = params = "unknown"
         else:
             layers = str(s.info.n_layers)
             params = ("~" if s.params_estimated else "") + human(s.info.params)

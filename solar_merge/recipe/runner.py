@@ -135,7 +135,7 @@ def run_stage(run: Runner, st: StagePlan, *, isolate: bool = False) -> dict:
 
 def stage_done(st: StagePlan) -> bool:
     """Complete for this very stage hash."""
-    return is_complete(st.out_dir, st.hash)
+    return is_complete(st.record_dir, st.hash)
 
 
 @dataclass
@@ -171,8 +171,8 @@ def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = N
 
     for name in p.order:  # refuse a user's folder before hours of earlier stages, not after
         if not stage_done(p.stages[name]):
-            check_replaceable(p.stages[name].out_dir)
-            check_partial(p.stages[name].out_dir)
+            check_replaceable(p.stages[name].record_dir)
+            check_partial(p.stages[name].record_dir)
     ran, skipped, metrics = [], [], {}
     bar = tqdm(p.order, desc=p.name, unit="stage", disable=not progress, dynamic_ncols=True)
     for name in bar:
@@ -185,15 +185,15 @@ def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = N
                 cost = run_stage(runners[st.kind], st, isolate=isolate)
             if not stage_done(st):
                 raise UserError(f"stage {name} finished without a complete output in "
-                                f"{st.out_dir}", fix="re-run; report a bug if it persists")
-            record(st.out_dir, stage=name, kind=st.kind, **cost,
-                   **_tokens_per_second(st.out_dir))
+                                f"{st.record_dir}", fix="re-run; report a bug if it persists")
+            record(st.record_dir, stage=name, kind=st.kind, **cost,
+                   **_tokens_per_second(st.record_dir))
             ran.append(name)
         scores = KINDS[st.kind].metrics(st)
         if scores is not None:
             metrics[name] = scores
     bar.close()
-    final = p.stages[p.final].out_dir if p.final else None
+    final = p.stages[p.final].record_dir if p.final else None
     if card and final is not None:
         _write_final_card(p, final, metrics)
     return RunResult(p.out, final, ran, skipped, metrics)
@@ -217,7 +217,7 @@ def stage_costs(p: Plan) -> dict[str, dict]:
     """stage -> {kind, seconds, peak_rss_mb, tokens_per_second} of the run that made it."""
     costs = {}
     for name in p.order:
-        found = read_record(p.stages[name].out_dir)
+        found = read_record(p.stages[name].record_dir)
         if found and "seconds" in found:
             costs[name] = {k: found[k] for k in ("kind", "seconds", "peak_rss_mb",
                                                  "tokens_per_second") if k in found}

@@ -166,20 +166,6 @@ def announce(decision: Decision, what: str) -> None:
     log.info("%s: %s", what, decision)
 
 
-def show_on_stderr() -> None:
-    """solar_merge.console.show(): what a recipe's stage process calls when its parent showed
-    messages (a fork server's children do not inherit the parent's logging)."""
-    from solar_merge import console
-
-    console.show()
-
-
-def shown_on_stderr() -> bool:
-    from solar_merge import console
-
-    return console.shown()
-
-
 def _warn_if_emulated(request: str, device: Device, asked: str) -> None:
     """One warning per process and (format, device) for a 16-bit format the device emulates."""
     native = {"bf16": device.native_bf16, "fp16": device.native_fp16}.get(request, True)

@@ -1132,7 +1132,7 @@ class _Worker:
         point = self.plan.point(trial)
         try:
             model = self.build(trial.number, point, trial)
-            from solar_merge.outputs import crash_point
+            from solar_merge.testhooks import crash_point
 
             crash_point("search-built")  # kill tests: a worker dies inside a trial
             value, metrics = self.score(model, trial)
@@ -1208,7 +1208,7 @@ class _Worker:
     def after(self, study, trial) -> None:
         from optuna.trial import TrialState
 
-        from solar_merge.outputs import crash_point
+        from solar_merge.testhooks import crash_point
 
         if trial.user_attrs.get("worker", {}).get("pid") == self.me["pid"]:
             self.ran.append(trial.number)

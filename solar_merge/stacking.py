@@ -36,7 +36,7 @@ from pathlib import Path
 
 from solar_merge.checkpoints import INDEX_FILE, _index_map, read_json, read_safetensors_header
 from solar_merge.errors import UserError
-from solar_merge.outputs import crash_point
+from solar_merge.testhooks import crash_point
 
 # Config keys and mergekit options a pure copy can honour. Options absent here (or with
 # another value than the one given) change the tensors, so mergekit runs instead.

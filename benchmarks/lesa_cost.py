@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What LESA costs, measured on SmolLM2-135M and sized for a 7B model; how well it predicts.
 
-    python benchmarks/lesa_cost.py [--held-out 15] [--threads N]
+    python benchmarks/lesa_cost.py [--held-out 15] [--threads N] [--types k_proj,v_proj]
 
 On the embedded SmolLM2-135M-Instruct (30 layers): LESA fitted without layer --held-out (the
 paper's settings, solar_merge.inits.LESA; all seven matrix types), its seconds (the SVDs timed
@@ -11,7 +11,9 @@ Mistral-7B-shaped model (its config.json's sizes, as the planner counts them:
 solar_merge.sizing.Shape) turned into hours at those rates, and the largest memory held at
 once. The same fit gives LESA's held-out error: how close its prediction from that layer's
 neighbours comes to the real layer, against the neighbours' mean.
-Writes benchmarks/lesa_cost.md and .json (command, date, CPU, load).
+--types limits the fit to some matrix types (a quicker measurement: the rates, and so the 7B
+estimate for all types, then come from those alone). Writes benchmarks/lesa_cost.md and .json
+(command, date, CPU, load).
 """
 
 import argparse
@@ -29,12 +31,14 @@ SEVEN_B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers":
            "tie_word_embeddings": False}
 
 
-def svd_seconds(weights) -> float:
-    """Seconds of LESA's SVDs over all matrix types of all layers."""
+def svd_seconds(weights, types=None) -> float:
+    """Seconds of LESA's SVDs over the matrix types (all, or `types`) of all layers."""
     import torch
 
     total = 0.0
     for suffix in weights.suffixes:
+        if types and not any(t in suffix for t in types):
+            continue
         mats = [weights.get(f"{weights.prefix}{i}.{suffix}") for i in range(weights.n_layers)]
         if mats[0].ndim == 2:
             start = time.perf_counter()
@@ -47,6 +51,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--held-out", type=int, default=15)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--types", help="only these matrix types, e.g. k_proj,v_proj")
     a = parser.parse_args()
     import torch
 
@@ -61,12 +66,13 @@ def main():
     config = weights.config()
     # the held-out fit learns from the other 29 layers: its cost is counted for 29
     small = Shape.from_config({**config, "num_hidden_layers": weights.n_layers - 1})
-    svd_s = svd_seconds(weights)
+    types = a.types.split(",") if a.types else None
+    svd_s = svd_seconds(weights, types)
     start = time.perf_counter()
-    errors = lesa_holdout(weights, a.held_out)
+    errors = lesa_holdout(weights, a.held_out, types=types)
     holdout_s = round(time.perf_counter() - start, 1)
     measured = {"svd_s": svd_s, "fit_s": round(holdout_s - svd_s, 1)}
-    cost_small, cost_7b = lesa_cost(small), lesa_cost(Shape.from_config(SEVEN_B))
+    cost_small, cost_7b = lesa_cost(small, types=types), lesa_cost(Shape.from_config(SEVEN_B))
     svd_rate = cost_small["svd_flops"] / measured["svd_s"]
     fit_rate = cost_small["fit_flops"] / measured["fit_s"]
     cpu = next((line.split(":", 1)[1].strip() for line in
@@ -88,10 +94,12 @@ def main():
         f"{data['load_after']} after. Predictor as in LESA's code: {LESA}."), "",
         "| model | SVD GFLOP | predictor GFLOP | SVD time | predictor time | peak fp32 memory |",
         "|---|---:|---:|---:|---:|---:|",
-        (f"| SmolLM2-135M (fit on 29 layers), measured | {s['svd_flops'] / 1e9:.0f} | "
+        (f"| SmolLM2-135M ({', '.join(types) if types else 'all 7 matrix types'}; fit on 29 "
+         f"layers), measured | {s['svd_flops'] / 1e9:.0f} | "
         f"{s['fit_flops'] / 1e9:.0f} | {s['svd_s']:.1f} s | {s['fit_s']:.1f} s | "
         f"{s['peak_bytes'] / 2**30:.2f} GiB |"),
-        (f"| Mistral-7B shape (32 layers), estimated at these rates | {b['svd_flops'] / 1e9:.0f} | "
+        (f"| Mistral-7B shape (all 7 types, 32 layers), estimated at these rates | "
+         f"{b['svd_flops'] / 1e9:.0f} | "
         f"{b['fit_flops'] / 1e9:.0f} | {b['svd_h']:.1f} h | {b['fit_h']:.1f} h | "
         f"{b['peak_bytes'] / 2**30:.1f} GiB |"), "",
         (f"Rates reached here: SVD {svd_rate / 1e9:.1f} GFLOP/s, predictor training "

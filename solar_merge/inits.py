@@ -174,12 +174,16 @@ def _fit_predictor(v, *, seed: int, hp: dict):
 
 
 def lesa_layers(weights: Weights, between: list[int], *, seed: int = 0,
-                hp: dict = LESA, layers: list[int] | None = None) -> list[dict]:
+                hp: dict = LESA, layers: list[int] | None = None,
+                types: list[str] | None = None) -> list[dict]:
     """LESA's new layer between p and p+1 for each p in `between`, learnt from `layers` (all
-    of the model's by default; indices into that list)."""
+    of the model's by default; indices into that list); `types` limits it to the tensors
+    whose names contain one of them (e.g. ["k_proj"])."""
     chosen = list(range(weights.n_layers)) if layers is None else list(layers)
     out: list[dict] = [{} for _ in between]
     for suffix in weights.suffixes:
+        if types and not any(t in suffix for t in types):
+            continue
         mats = [weights.get(f"{weights.prefix}{i}.{suffix}") for i in chosen]
         if mats[0].ndim == 2:
             predicted = lesa_matrices(mats, between, seed=seed, hp=hp)
@@ -190,7 +194,8 @@ def lesa_layers(weights: Weights, between: list[int], *, seed: int = 0,
     return out
 
 
-def lesa_holdout(weights: Weights, layer: int, *, seed: int = 0, hp: dict = LESA) -> dict:
+def lesa_holdout(weights: Weights, layer: int, *, seed: int = 0, hp: dict = LESA,
+                 types: list[str] | None = None) -> dict:
     """How well LESA reproduces an existing layer it did not see: fitted on every other layer,
     it predicts the one between `layer`-1 and `layer`+1. Per matrix type and over all of
     them: relative Frobenius error ||W_pred - W|| / ||W|| of LESA and of the neighbours' mean."""
@@ -200,7 +205,8 @@ def lesa_holdout(weights: Weights, layer: int, *, seed: int = 0, hp: dict = LESA
         raise UserError(f"held-out layer {layer} needs a neighbour on each side: pick one of "
                         f"1..{weights.n_layers - 2}")
     others = [i for i in range(weights.n_layers) if i != layer]
-    predicted = lesa_layers(weights, [layer - 1], seed=seed, hp=hp, layers=others)[0]
+    predicted = lesa_layers(weights, [layer - 1], seed=seed, hp=hp, layers=others,
+                            types=types)[0]
     result, sums = {}, {"lesa": 0.0, "mean": 0.0, "norm": 0.0}
     for suffix, pred in predicted.items():
         true = weights.get(f"{weights.prefix}{layer}.{suffix}").float()
@@ -219,15 +225,18 @@ def lesa_holdout(weights: Weights, layer: int, *, seed: int = 0, hp: dict = LESA
     return result
 
 
-def lesa_cost(shape, *, hp: dict = LESA) -> dict:
+def lesa_cost(shape, *, hp: dict = LESA, types: list[str] | None = None) -> dict:
     """What LESA's fit costs for a model of `shape` (solar_merge.sizing.Shape): floating-point
     operations of the SVDs (thin SVD of an m x n matrix, m <= n: ~4 m^2 n + 8 m^3) and of the
     predictors' training (6 x parameters per row and epoch), and the bytes of the largest
-    matrix type held at once in fp32 (the concatenation, then U and V^T)."""
+    matrix type held at once in fp32 (the concatenation, then U and V^T). `types` limits it
+    to those matrices (e.g. ["k_proj"])."""
     n = shape.layers
     svd = fit = peak = 0
     hidden = hp["hidden"]
-    for in_dim, out_dim in shape.matrices.values():
+    for name, (in_dim, out_dim) in shape.matrices.items():
+        if types and name not in types:
+            continue
         m, width = sorted((out_dim, n * in_dim))
         svd += 4 * m * m * width + 8 * m ** 3
         rank = min(out_dim, n * in_dim)

@@ -564,7 +564,7 @@ def recipe_extract(source, output):
         click.echo(text, nl=not text.endswith("\n"))
 
 
-# -- decide from data (issue 14): seam, plan, sweep --
+# -- decide from data: seam, plan, sweep --
 
 
 @main.command("seam")
@@ -737,7 +737,7 @@ def synth_math_command(seed_data, out_dir, model, limit, samples_per_problem, ba
     click.echo(synth_math(seed_data, out_dir, options).summary())
 
 
-# -- evaluation through lm-eval (issue 13): eval, contamination --
+# -- evaluation through lm-eval: eval, contamination --
 
 _TASKS = click.option("--tasks", required=True,
                       help="Comma-separated lm-eval tasks or groups: ours (solar_manual_ppl, "

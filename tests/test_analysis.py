@@ -1,4 +1,4 @@
-"""Issue 14: `solar-merge seam` (angular distances between hidden states) and `plan`."""
+"""`solar-merge seam` (angular distances between hidden states) and `plan`."""
 
 import csv
 import json

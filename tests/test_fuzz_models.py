@@ -1,4 +1,4 @@
-"""Issue 15: damaged model folders never crash us, proven by fuzzing a real safetensors file.
+"""Damaged model folders never crash us, proven by fuzzing a real safetensors file.
 
 A tiny model (tests/conftest.py) is damaged at random (truncations, bit flips, header-length
 and data-offset corruptions, header field edits, garbage, sharded-index edits, config.json
@@ -149,7 +149,8 @@ def _avg(*models) -> dict:
 
 # -- the direct check: a damaged file either reads as the original or is refused -------------
 
-# Regressions: tracebacks or wrong acceptances of issue 15's report (before the fix).
+# Damages that need a check of their own (without it: a traceback, or a damaged file read as
+# good): each must be refused.
 REGRESSIONS = [("truncate", 4),                   # struct.error: unpack requires 8 bytes
                ("length", 2**62),                 # MemoryError reading a 4 EiB "header"
                ("length", 201_648),               # header past the end: UnicodeDecodeError
@@ -234,7 +235,7 @@ def _run_entry_points(good: Path, blob: bytes, commands):
 
 @pytest.mark.parametrize("damage", REGRESSIONS[:5], ids=str)
 def test_regressions_train(good, original, damage):
-    """The damaged files of issue 15's report, given to `train`: refused before TRL starts."""
+    """The REGRESSIONS damages given to `train`: refused before TRL starts."""
     data, n = original
     with tempfile.TemporaryDirectory() as t:
         root = Path(t)

@@ -3,6 +3,7 @@ runs with; weights load in the dtype the stage trains in; sharded strategies aga
 DeepSpeed's published closed forms. The measured check on SmolLM2 is in test_scale.py."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -47,32 +48,52 @@ def _paper_plan(tmp_path, *overrides):
                        overrides=[f"stages.dus.upscale.model={mistral}", *overrides])
 
 
-def test_plan_shows_the_formula_the_stage_runs_with(tmp_path):
+def test_paper_recipe_plans_as_the_paper_and_deepspeed_count(tmp_path):
     p = _paper_plan(tmp_path, "stages.cpt.train.args.bf16=false",
                     "stages.dpo_avg.train.args.bf16=false")
-    info = p.stages["cpt"].info
-    shape = Shape(info.params, info.n_layers, 4096, 14336, 32000, kv_dim=8 * 128,
-                  per_layer=info.per_layer_params)
+    params = p.stages["cpt"].shape.params
+    assert 10.70e9 < params < 10.75e9  # SOLAR's 10.7B: Mistral 7B's config, m = 8
     for name in ("cpt", "sft_orca", "dpo_avg"):
-        st = p.stages[name]
-        est = memory.from_stage(st.config, shape, st.config["launch"])
-        assert st.memory == est.total + memory.RUNTIME, name
+        est = p.stages[name].estimate  # what launch.start checks the stage against
+        assert p.stages[name].memory == est.total + memory.RUNTIME
         # the recipe's launch: ZeRO-3 over 8 devices; DeepSpeed's own closed form for it
         assert est.setup.strategy == "zero3" and est.setup.devices == 8
-        assert est.terms["model states shard"] == 18 * info.params // 8
+        assert est.terms["model states shard"] + est.terms["gathered module"] == \
+            deepspeed_zero3_gpu_bytes(params, 32000 * 4096, num_gpus_per_node=8)
     # one device (no launch): fp32 weights, gradients and two AdamW moments: 16 bytes a
-    # parameter (issue 18: ~172 GB for SOLAR's 10.7B, 215 GB with DPO's reference); validate
-    # used to say 99.5 / 121 GB
+    # parameter, ~172 GB for SOLAR's 10.7B (215 GB with DPO's reference)
+    shape = p.stages["cpt"].shape
     cpt = memory.from_stage(p.stages["cpt"].config, shape).terms
-    assert cpt["weights"] + cpt["gradients"] + cpt["optimizer moments"] == 16 * info.params
-    assert 171e9 < 16 * info.params < 173e9
+    assert cpt["weights"] + cpt["gradients"] + cpt["optimizer moments"] == 16 * params
+    assert 171e9 < 16 * params < 173e9
     dpo = memory.from_stage(p.stages["dpo_avg"].config, shape).terms
-    assert dpo["reference model"] == 4 * info.params
+    assert dpo["reference model"] == 4 * params
     # the shipped recipe trains with args.bf16 (TRL's meaning: bf16 autocast over fp32
     # weights): fp32 weights, gradients and moments, plus the bf16 copies autocast makes
     bf16 = memory.from_stage(p.stages["sft_orca"].config, shape).terms
     assert p.stages["sft_orca"].config["precision"] == "bf16"
-    assert bf16["weights"] == 4 * info.params and bf16["16-bit weight copies"] == 2 * info.params
+    assert bf16["weights"] == 4 * params and bf16["16-bit weight copies"] == 2 * params
+
+
+@pytest.mark.parametrize("launch", [{}, {"accelerate_config": "zero3", "num_processes": 4}])
+def test_a_recipe_plans_what_the_stage_checks_when_it_runs_alone(tmp_path, tiny_model, launch):
+    """`validate` and `solar-merge train --dry-run` of the same stage give the same memory."""
+    from solar_merge import recipe
+    from solar_merge.checkpoints import safetensors_headers
+    from solar_merge.stages import resolve
+    from solar_merge.stages.launch import check_fit
+
+    (tmp_path / "c.txt").write_text("some text\n\nmore text\n")
+    stage = {"stage": "sft", "model": str(tiny_model), "datasets": [str(tmp_path / "c.txt")],
+             "precision": "fp32", "seq_len": 64, "launch": launch,
+             "args": {"per_device_train_batch_size": 2}}
+    planned = recipe.plan({"name": "t", "stages": {"s": {"train": stage}}}, tmp_path / "runs",
+                          base_dir=tmp_path).stages["s"]
+    alone = check_fit(resolve(stage), launch)
+    assert planned.memory == alone.total + memory.RUNTIME
+    weights = safetensors_headers(tiny_model).values()
+    assert planned.shape.params == alone.shape.params == sum(
+        math.prod(w["shape"]) for w in weights)
 
 
 @pytest.mark.parametrize("config, dtype, layout", [

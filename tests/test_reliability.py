@@ -1,4 +1,4 @@
-"""Issue 6, "nothing lost, nothing let in": bad input, token hygiene, remote code, concurrency,
+"""Nothing lost, nothing let in: bad input, token hygiene, remote code, concurrency,
 and real SIGKILLs of a recipe run.
 
 CASES is a table of bad inputs across every command. Each must end with exit code 2 and one

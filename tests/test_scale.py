@@ -1,5 +1,5 @@
 """Scale: the measured memory of real steps on the embedded SmolLM2 against the estimate, and
-(issue 12) the same stage on 2 processes through torchrun and `solar-merge train
+the same stage on 2 processes through torchrun and `solar-merge train
 --num-processes`, killed and resumed, LoRA, launches that cannot fit.
 
 Every test here loads SmolLM2 (marker `smollm2`) and/or starts processes (marker `torchrun`);

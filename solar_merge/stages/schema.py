@@ -95,7 +95,7 @@ class StageConfig(BaseModel):
     model: str
     ref_model: str | None = None
     datasets: list[DatasetSpec] = Field(min_length=1)
-    eval_datasets: list[DatasetSpec] | None = None  # [UPSCALE] cpt: held-out text, TRL's eval
+    eval_datasets: list[DatasetSpec] | None = None  # cpt: held-out text, TRL's eval
     trainable_layers: list[int] | Literal["new", "all"] | None = None  # new: see upscale.py
     steps: int | None = Field(default=None, ge=1)
     keep_steps: bool = False
@@ -168,7 +168,7 @@ def apply_overrides(config: dict, overrides) -> dict:
 
 
 def _unshared(value):
-    """A deep copy in which no two places share an object. [UPSCALE] YAML anchors (`<<: *cpt`)
+    """A deep copy in which no two places share an object. YAML anchors (`<<: *cpt`)
     make stages share their `args` mapping, and deepcopy keeps the sharing: an override of one
     stage's args would change every stage's."""
     if isinstance(value, dict):
@@ -447,8 +447,9 @@ def resolve(config: dict, overrides=(), base_dir=None) -> dict:
                             "adapter switched off, i.e. the model itself",
                             fix="remove ref_model (or set it to the model)")
     launch = check_launch(cfg.launch, base_dir)
-    datasets = [dict(d.model_dump(), path=_resolve_path(d.path, base_dir, data=True)) for d in cfg.datasets]
-    # [UPSCALE] eval_datasets: held-out text that TRL scores every args.eval_steps
+    datasets = [dict(d.model_dump(), path=_resolve_path(d.path, base_dir, data=True))
+                for d in cfg.datasets]
+    # eval_datasets: held-out text that TRL scores every args.eval_steps
     if cfg.eval_datasets is not None and (stage != "cpt" or not cfg.eval_datasets):
         raise UserError(f"eval_datasets: a held-out set is supported by cpt stages (not "
                         f"{stage}), and needs at least one dataset",
@@ -499,7 +500,7 @@ def resolve(config: dict, overrides=(), base_dir=None) -> dict:
     out = cfg.model_dump()
     out.update(model=model, ref_model=ref, datasets=datasets, args=args, seq_len=seq,
                precision=request)
-    if eval_sets:  # [UPSCALE] absent otherwise: resolved configs (and hashes) stay as they were
+    if eval_sets:  # absent otherwise: a stage without held-out text hashes without the key
         out["eval_datasets"] = eval_sets
     else:
         out.pop("eval_datasets")

@@ -29,12 +29,12 @@ from solar_merge.outputs import (
     atomic_output,
     check_replaceable,
     config_hash,
-    crash_point,
     fingerprint,
     is_complete,
     portable,
 )
 from solar_merge.readers import load_yaml, read_text
+from solar_merge.testhooks import crash_point
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import tempfile
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
 from solar_merge.errors import UserError
+from solar_merge.testhooks import crash_point
 
 MARKER = "solar_merge_complete.json"
 OWNED = ".solar_merge_partial"  # inside every partial folder we create
@@ -72,12 +72,6 @@ def record(out_dir, **facts) -> None:
 def partial_dir(out_dir) -> Path:
     out_dir = Path(out_dir).absolute()
     return out_dir.parent / f".{out_dir.name}.partial"
-
-
-def crash_point(name: str) -> None:
-    """Fault-injection for the kill tests: SIGKILL ourselves at a named point when asked."""
-    if os.environ.get("SOLAR_MERGE_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- what the inputs hold ----------------------------------------------------------------------

@@ -234,7 +234,6 @@ def sweep(candidates: list[str], out_dir, *, method: str, grid, tasks=None,
     from solar_merge.outputs import (
         atomic_output,
         config_hash,
-        crash_point,
         fingerprint,
         is_complete,
     )
@@ -273,7 +272,8 @@ def sweep(candidates: list[str], out_dir, *, method: str, grid, tasks=None,
         return SweepResult(out, best_dir, m, hib, rows, best, [], skipped=True)
 
     merged: list[str] = []
-    from solar_merge.stages.common import HASH_FILE, prepare_work
+    from solar_merge import testhooks
+    from solar_merge.stages.distributed import HASH_FILE, prepare_work
 
     with atomic_output(out, digest, keep_partial=True) as work:
         prepare_work(work, digest)  # never resume the scores of another sweep's config
@@ -295,7 +295,7 @@ def sweep(candidates: list[str], out_dir, *, method: str, grid, tasks=None,
                 metrics, hib = score(folder)
                 saved = {"label": point.label, "metrics": metrics, "higher_is_better": hib}
                 _write_json(work / "scores" / f"{point.label}.json", saved)
-                crash_point("sweep-scored")  # kill tests: a sweep killed after one point
+                testhooks.crash_point("sweep-scored")  # kill tests: killed after one point
             rows.append(Row(point, saved["metrics"]))
             higher.update(saved["higher_is_better"])
             m = pick_metric(rows[0].metrics, metric, default)

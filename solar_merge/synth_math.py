@@ -607,7 +607,7 @@ def _generate(problems: list[Problem], gen: Generator, o: Options, work: Path, s
               progress: bool) -> dict:
     from tqdm.auto import tqdm
 
-    from solar_merge.outputs import crash_point
+    from solar_merge.testhooks import crash_point
 
     kept_count = _count_kept(work / ATTEMPTS)
     bar = tqdm(total=len(problems), initial=state["done"], desc="synth-math", unit="problem",

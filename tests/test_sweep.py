@@ -18,7 +18,7 @@ class Killed(BaseException):
 
 def test_sweep_endpoints_resume_and_best(tiny_model_factory, tmp_path, monkeypatch):
     from solar_merge import eval as lm
-    from solar_merge import outputs
+    from solar_merge import testhooks
     from solar_merge.sweep import sweep
 
     a, b = tiny_model_factory(seed=0), tiny_model_factory(seed=1)
@@ -30,7 +30,7 @@ def test_sweep_endpoints_resume_and_best(tiny_model_factory, tmp_path, monkeypat
         if name == "sweep-scored":
             raise Killed(name)
 
-    monkeypatch.setattr(outputs, "crash_point", die)
+    monkeypatch.setattr(testhooks, "crash_point", die)
     with pytest.raises(Killed):  # stopped right after the first point was scored
         sweep([str(a), str(b)], out, **kw)
     monkeypatch.undo()
@@ -68,7 +68,7 @@ def test_sweep_endpoints_resume_and_best(tiny_model_factory, tmp_path, monkeypat
 def test_a_partial_sweep_of_another_config_is_not_resumed(tiny_model_factory, tmp_path,
                                                           monkeypatch):
     """Scores are only reused for the same candidates, grid, tasks and options."""
-    from solar_merge import outputs
+    from solar_merge import testhooks
     from solar_merge.sweep import sweep
 
     a, b = tiny_model_factory(seed=0), tiny_model_factory(seed=1)
@@ -80,7 +80,7 @@ def test_a_partial_sweep_of_another_config_is_not_resumed(tiny_model_factory, tm
         if name == "sweep-scored":
             raise Killed(name)
 
-    monkeypatch.setattr(outputs, "crash_point", die)
+    monkeypatch.setattr(testhooks, "crash_point", die)
     with pytest.raises(Killed):
         sweep([str(a), str(b)], tmp_path / "s", method="solar_average", grid="0,1",
               scorer=scorer_for(1.0), progress=False)

@@ -281,7 +281,7 @@ class Context:
         """Whether `ref` (a model folder, a .jinja file, a Hub id, or an earlier stage's
         output) comes with a chat template: an earlier stage's output carries the tokenizer
         of the model its kind names (StagePlan.tokenizer). None: unknown."""
-        from solar_merge.stages.common import has_chat_template
+        from solar_merge.stages.chat import has_chat_template
 
         plan = self.plan_of(ref)
         if plan is None:

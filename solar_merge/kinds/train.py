@@ -129,7 +129,7 @@ def size(plan: StagePlan, ctx: Context) -> None:
 def _check_chat_template(plan: StagePlan, ctx: Context) -> None:
     """Chat data needs a chat template: from args.chat_template_path or the tokenizer the
     model carries (an earlier stage's output: the one its kind passes on)."""
-    from solar_merge.stages.common import chat_template_problem
+    from solar_merge.stages.chat import chat_template_problem
 
     where = f"stages.{plan.name}.train"
     problem, note = chat_template_problem(plan.config, ctx.has_chat_template,

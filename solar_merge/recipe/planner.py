@@ -43,7 +43,7 @@ def plan(source, out=None, overrides=(), *, base_dir=None) -> Plan:
     loaded = source if isinstance(source, Loaded) else load(source, overrides,
                                                            base_dir=base_dir)
     recipe = loaded.recipe
-    ctx = Context(recipe, loaded.base_dir, output_root(loaded, out), KINDS)
+    ctx = Context(recipe, loaded.base_dir, _output_root(loaded, out), KINDS)
     if loaded.remote:
         _check_remote(loaded, ctx.problems)
     for name, stage in recipe.stages.items():
@@ -74,7 +74,7 @@ def plan(source, out=None, overrides=(), *, base_dir=None) -> Plan:
                 recipe_yaml=yaml.safe_dump(loaded.data, sort_keys=False), loaded=loaded)
 
 
-def output_root(loaded: Loaded, out) -> Path:
+def _output_root(loaded: Loaded, out) -> Path:
     """--out (relative to where the command runs), else the recipe's `out:` (relative to its
     file), else runs/<name>."""
     recipe = loaded.recipe

@@ -21,6 +21,8 @@ import transformers.models.llama.modeling_llama
 import trl.trainer.dpo_trainer
 import trl.trainer.sft_trainer
 
-import solar_merge.stages.common
+import solar_merge.stages.cpt
+import solar_merge.stages.dpo
+import solar_merge.stages.sft
 
 gc.freeze()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from solar_merge.errors import UserError
-from solar_merge.sizing import tied_embeddings
+from solar_merge.sizing import Shape, tied_embeddings
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -29,6 +29,7 @@ class ModelInfo:
     dtype: str
     params: int | None  # exact when the weights are local, else None
     per_layer_params: int | None
+    shape: Shape | None = None  # sizing.Shape from config.json, params exact when known
 
     @property
     def dtype_bytes(self) -> int:
@@ -538,6 +539,7 @@ def model_info(model: str, base_dir=None, *, field: str = "model") -> ModelInfo:
         n_layers=n_layers, hidden_size=fields["hidden_size"],
         intermediate_size=fields["intermediate_size"], vocab_size=fields["vocab_size"],
         tied=fields["tied"], dtype=fields["dtype"], params=params, per_layer_params=per_layer,
+        shape=Shape.from_config(config, params, where=f"{field}: {label}"),
     )
 
 

@@ -123,20 +123,26 @@ class Shape:
                                    params=self.params + (layers - self.layers) * self.per_layer)
 
     @classmethod
-    def from_config(cls, config: dict, params: int | None = None) -> Shape:
+    def from_config(cls, config: dict, params: int | None = None, *,
+                    where: str = "config.json") -> Shape:
         """From a config.json mapping; `params`, when given, replaces the count (e.g. exact,
-        from the weights' headers). UserError when a key it needs is missing or no size."""
+        from the weights' headers). A key it needs that is missing or no size is a UserError
+        naming it, after `where` (the file)."""
         cfg = text_config(config)
         model_type = str(cfg.get("model_type") or config.get("model_type") or "")
         family = FAMILIES.get(model_type, LLAMA_STYLE)
-        h = _size(cfg, "hidden_size")
-        layers = _size(cfg, "num_hidden_layers")
-        vocab = _size(cfg, "vocab_size")
-        inter = _size(cfg, "intermediate_size", 4 * h)
-        heads = _size(cfg, "num_attention_heads", 1)
-        head_dim = _size(cfg, "head_dim", family.head_dim or max(1, h // heads))
+
+        def size(key: str, default: int | None = None) -> int:
+            return _size(cfg, key, default, where)
+
+        h = size("hidden_size")
+        layers = size("num_hidden_layers")
+        vocab = size("vocab_size")
+        inter = size("intermediate_size", 4 * h)
+        heads = size("num_attention_heads", 1)
+        head_dim = size("head_dim", family.head_dim or max(1, h // heads))
         q = heads * head_dim
-        kv = _size(cfg, "num_key_value_heads", heads) * head_dim
+        kv = size("num_key_value_heads", heads) * head_dim
         per_layer = 2 * h * q + 2 * h * kv + 3 * h * inter + family.norms * h
         if family.qkv_bias:
             per_layer += q + 2 * kv
@@ -171,13 +177,13 @@ def tied_embeddings(config: dict) -> bool:
     return FAMILIES.get(str(model_type), LLAMA_STYLE).tied
 
 
-def _size(cfg: dict, key: str, default: int | None = None) -> int:
+def _size(cfg: dict, key: str, default: int | None, where: str) -> int:
     value = cfg.get(key)
     if value is None and default is not None:
         return default
     if value is None:
-        raise UserError(f"config.json has no `{key}`", fix=_FIX)
+        raise UserError(f"{where} has no `{key}`", fix=_FIX)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _LIMITS[key]:
-        raise UserError(f"config.json: `{key}` is {repr(value)[:40]}, not an integer from 1 "
-                        f"to {_LIMITS[key]:,}", fix=_FIX)
+        raise UserError(f"{where}: `{key}` is {repr(value)[:40]}, not an integer from 1 to "
+                        f"{_LIMITS[key]:,}", fix=_FIX)
     return value

@@ -111,3 +111,22 @@ def test_sizing_imports_no_torch():
     code = ("import sys, solar_merge.sizing, solar_merge.memory\n"
             "assert not {'torch', 'transformers', 'trl'} & set(sys.modules)\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_model_info_carries_the_shape_with_the_weights_count(tiny_model_factory, tmp_path):
+    import json
+    import shutil
+
+    from solar_merge.checkpoints import model_info
+
+    folder = tiny_model_factory(arch="qwen2", layers=4, tied=False)
+    info = model_info(str(folder))
+    assert info.shape.params == info.params and info.shape.exact
+    assert info.shape.per_layer == info.per_layer_params  # config's count = layer 0's weights
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    config = json.loads((damaged / "config.json").read_text())
+    (damaged / "config.json").write_text(json.dumps({**config, "num_attention_heads": "4"}))
+    with pytest.raises(UserError, match=r"model: .*damaged/config.json: `num_attention_heads` "
+                                        r"is '4'"):
+        model_info(str(damaged))

@@ -26,7 +26,11 @@ def resolve(name: str, body: dict, ctx: Context) -> StagePlan:
 
     where = f"stages.{name}.merge"
     spec = copy.deepcopy(body)
-    options = {**(ctx.recipe.merge_options or {}), **(spec.pop("options", None) or {})}
+    options = spec.pop("options", None) or {}
+    if not isinstance(options, dict):
+        ctx.problems.append(f"{where}.options: expected a mapping of mergekit options")
+        options = {}
+    options = {**(ctx.recipe.merge_options or {}), **options}
     file_base, from_file = ctx.base, set()
     if "file" in spec:
         file = Path(os.path.expanduser(str(spec.pop("file"))))
@@ -76,7 +80,8 @@ def _tokenizer(config: dict, base: Path, ctx: Context) -> str | bool | None:
             return str(ctx.model_dir(source))
         path = base / os.path.expanduser(source)
         return os.path.normpath(path) if path.exists() else source
-    models = [m.get("model") for m in config.get("models") or [] if isinstance(m, dict)]
+    models = config.get("models") if isinstance(config.get("models"), list) else []
+    models = [m.get("model") for m in models if isinstance(m, dict)]
     first = config.get("base_model") or next(iter(models), None)
     return first if isinstance(first, str) else None
 

@@ -35,7 +35,7 @@ def resolve(name: str, body: dict, ctx: Context) -> StagePlan:
                      else did_you_mean(str(key), allowed))
             ctx.problems.append(f"{where}.{key}: unknown key{extra}; allowed here: "
                                 f"{', '.join(allowed)}")
-    for i, d in enumerate(cfg.get("datasets") or []):
+    for i, d in enumerate(cfg["datasets"] if isinstance(cfg.get("datasets"), list) else []):
         for key in d if isinstance(d, dict) else ():
             if key not in DatasetSpec.model_fields:
                 ctx.problems.append(f"{where}.datasets[{i}].{key}: unknown key"
@@ -64,7 +64,8 @@ def resolve(name: str, body: dict, ctx: Context) -> StagePlan:
                 resolved["trainable_layers"] = "new"
         except UserError as e:
             ctx.problems.append(f"{where}: {first_line(e)}")
-    for i, d in enumerate(resolved.get("datasets") or []):
+    sets = resolved.get("datasets") if isinstance(resolved.get("datasets"), list) else []
+    for i, d in enumerate(sets):
         p = Path(str(d.get("path", ""))) if isinstance(d, dict) else Path()
         made = any(p.is_relative_to(ctx.out / dep) for dep in deps)  # by an earlier stage
         if p.is_absolute() and not p.exists() and not made:

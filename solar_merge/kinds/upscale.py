@@ -88,6 +88,9 @@ def size(plan: StagePlan, ctx: Context) -> None:
 
 
 def run(plan: StagePlan) -> None:
+    """The up-scale's mergekit config is built here, from the model as it is now: an earlier
+    stage's output may differ from its prediction (its dtype), and computed layers (LESA,
+    aligned averages, noise) are read from its weights."""
     from solar_merge.upscale import plan_upscale, spec_options
 
     c = plan.config

@@ -545,23 +545,43 @@ def _pss_kb(pid: int) -> int:
 
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) one process has used, from /proc/PID/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_tree_measured(cmd, *, cwd=None, env=None, log_name="cmd", every=0.2):
-    """Run cmd; return {wall_s, peak_rss_mb, tree_pss_mb, largest_rss_mb}: the peak over time of
-    the summed RSS of the command's whole process tree (a recipe runs each stage in a process
-    forked from a fork server that holds the imports: summed RSS counts those shared pages
-    twice), the tree's PSS at its RSS highs (each page counted once: the memory the tree
-    really holds), and the largest single process's RSS (what `time -v` reports), sampled
-    every `every` s."""
+    """Run cmd; return {wall_s, cpu_s, peak_rss_mb, tree_pss_mb, largest_rss_mb, processes}:
+    the peak over time of the summed RSS of the command's whole process tree (a recipe runs
+    each stage in a process forked from a fork server that holds the imports: summed RSS counts
+    those shared pages twice), the tree's PSS at its RSS highs (each page counted once: the
+    memory the tree really holds), the largest single process's RSS (what `time -v` reports),
+    sampled every `every` s, and each process's CPU seconds as last sampled (so a process
+    loses at most `every` s of its CPU time) with when it was first and last seen (seconds
+    from the start, `started_at` the epoch time of that start)."""
     logfile = SCRATCH / f"{log_name}.log"
     subprocess.run(["sync"], check=False)
     peak_rss = peak_pss = largest = 0
     last_pss, pending = 0.0, False
-    t0 = time.perf_counter()
+    seen = {}  # pid -> [first seen s, last seen s, CPU s]
+    started_at, t0 = time.time(), time.perf_counter()
     with open(logfile, "w") as f:
         proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=f,
                                 stderr=subprocess.STDOUT)
         while proc.poll() is None:
             pids = _tree(proc.pid)
+            now = time.perf_counter() - t0
+            for pid in pids:
+                cpu = _cpu_s(pid)
+                if cpu is not None:
+                    seen.setdefault(pid, [now, now, cpu])[1:] = [now, cpu]
             sizes = [_rss_kb(pid) for pid in pids]
             rss = sum(sizes)
             largest = max([largest, *sizes])
@@ -576,33 +596,82 @@ def run_tree_measured(cmd, *, cwd=None, env=None, log_name="cmd", every=0.2):
         text = logfile.read_text(errors="replace")
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}); tail of "
                            f"{logfile}:\n{text[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mb": peak_rss / 1024, "tree_pss_mb": peak_pss / 1024,
-            "largest_rss_mb": largest / 1024}
+    processes = [{"pid": pid, "first_s": round(a, 1), "last_s": round(b, 1), "cpu_s": round(c, 1)}
+                 for pid, (a, b, c) in seen.items()]
+    return {"wall_s": wall, "cpu_s": round(sum(p["cpu_s"] for p in processes), 1),
+            "peak_rss_mb": peak_rss / 1024, "tree_pss_mb": peak_pss / 1024,
+            "largest_rss_mb": largest / 1024, "started_at": started_at, "processes": processes}
 
 
-def _stage_costs(out: Path) -> dict:
-    """stage -> the cost its recipe stamp recorded (wall s, the stage process's peak RSS, TRL's
-    tokens/s)."""
-    costs = {}  # in the order the stages finished
-    for stamp in sorted(out.glob("*/recipe_stage.json"), key=lambda p: p.stat().st_mtime):
+def _stage_costs(out: Path, run: dict | None = None) -> dict:
+    """stage -> the cost its completion record holds (wall s, the stage process's peak RSS,
+    TRL's tokens/s) and, given the run's sampled processes (`run_tree_measured`), its CPU
+    seconds: those of the processes that lived within the stage's time (the record is written
+    when the stage ends; its process started `seconds` before)."""
+    from solar_merge.outputs import MARKER
+
+    costs, windows = {}, {}  # in the order the stages finished
+    for stamp in sorted(out.glob(f"*/{MARKER}"), key=lambda p: p.stat().st_mtime):
         data = json.loads(stamp.read_text())
-        costs[stamp.parent.name] = {k: data[k] for k in (
+        name = stamp.parent.name
+        if "seconds" not in data or stamp.parent.is_symlink():
+            continue  # not a stage of this run (the data, the linked model)
+        costs[name] = {k: data[k] for k in (
             "kind", "seconds", "peak_rss_mb", "tokens_per_second") if k in data}
+        if run and "seconds" in data:
+            end = stamp.stat().st_mtime - run["started_at"]
+            windows[name] = (end - data["seconds"] - 0.5, end + 0.5)
+    for p in (run or {}).get("processes", []):
+        for name, (start, end) in windows.items():
+            if start <= p["first_s"] and p["last_s"] <= end:
+                costs[name]["cpu_s"] = round(costs[name].get("cpu_s", 0) + p["cpu_s"], 1)
     return costs
 
 
 # Memory is judged on the tree's PSS: the summed RSS counts the fork server's imports twice
-# (they are shared with the stage forked from it), PSS once.
+# (they are shared with the stage forked from it), PSS once. The wall targets hold for the
+# reference CPU of the fp32 path (an AVX2 EPYC whose calibration step takes
+# cpt_step.REFERENCE_STEP_S); on a CPU that takes less for that step, the fp32 targets shrink in
+# proportion (a faster CPU must not hide a demo that is too slow on the reference one).
 DEMO_TARGETS = {"demo --quick": {"wall_s": 180, "tree_pss_mb": 3072},
                 "demo": {"wall_s": 720, "tree_pss_mb": 3072}}
 
 
+def calibration_step() -> dict:
+    """benchmarks/cpt_step.py in a fresh process: one fp32 CPT step of the demo's 44-layer
+    model, with the CPU, its flags, the precision auto chooses and the load."""
+    out = SCRATCH / "cpt_step.json"
+    out.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, str(HERE / "cpt_step.py"), "--json", str(out)],
+                          check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmarks/cpt_step.py failed: {proc.stderr[-2000:]}")
+    return json.loads(out.read_text())
+
+
+def demo_targets(label: str, calibration: dict, precision: str) -> dict:
+    """The targets of `label` on this CPU: the fp32 path's wall target scaled by the
+    calibration step (never up), the bf16 path's as they are."""
+    target = dict(DEMO_TARGETS[label])
+    if precision == "fp32":
+        target["wall_s"] = round(target["wall_s"] * calibration["budget_scale"])
+    return target
+
+
 def section_demo(repeats, quick_only):
     """The main job as a new user runs it: a fresh model cache (the GGUF import counted), a
-    fresh output folder; quick `repeats` times (median), full once. Fails loudly (in the
-    results and the exit code) when a target of issue 16 is missed."""
+    fresh output folder; quick `repeats` times (median), full once; the calibration step
+    (benchmarks/cpt_step.py) first, so that every figure has the CPU's speed beside it. Fails
+    loudly (in the results and the exit code) when a target is missed."""
+    from solar_merge.precision import decide
+
     variants = [("demo --quick", ["--quick"])] + ([] if quick_only else [("demo", [])])
-    res = {}
+    log("calibration: one fp32 CPT step of the demo's 44-layer model (benchmarks/cpt_step.py)")
+    calibration = calibration_step()
+    precision = decide("auto").precision  # what the demo's stages choose (the env var wins)
+    log(f"  {calibration['step_s']} s a step ({calibration['step_cpu_s']} CPU s, load "
+        f"{calibration['loadavg_1m_before_after']}), precision {precision}")
+    res = {"calibration": calibration, "precision": precision}
     for label, flags in variants:
         samples = []
         for r in range(repeats if "--quick" in flags else 1):
@@ -619,22 +688,25 @@ def section_demo(repeats, quick_only):
                 shutil.rmtree(work, ignore_errors=True)
                 break
             sample["load_before"] = round(load, 2)
-            sample["stages"] = _stage_costs(work / "out")
+            sample["load_after"] = round(os.getloadavg()[0], 2)
+            sample["stages"] = _stage_costs(work / "out", sample)
+            del sample["processes"], sample["started_at"]
             kept = HERE / "demo_reports" / label.replace("demo --quick", "quick")
             kept.mkdir(parents=True, exist_ok=True)  # the last run's report is kept
             for name in ("report.md", "report.png", "control_arm.png"):
                 if (work / "out" / name).is_file():
                     shutil.copy2(work / "out" / name, kept / name)
             samples.append(sample)
-            log(f"  {sample['wall_s']:.1f} s, tree peak {sample['tree_pss_mb']:.0f} MB PSS, "
-                f"{sample['peak_rss_mb']:.0f} MB summed RSS")
+            log(f"  {sample['wall_s']:.1f} s ({sample['cpu_s']:.0f} CPU s), tree peak "
+                f"{sample['tree_pss_mb']:.0f} MB PSS, {sample['peak_rss_mb']:.0f} MB summed RSS")
             shutil.rmtree(work, ignore_errors=True)
         else:
             res[label] = summarize(samples)
             res[label]["stages"] = samples[len(samples) // 2]["stages"]
+            res[label]["cpu_s"] = med(samples, "cpu_s")
             res[label]["tree_pss_mb"] = med(samples, "tree_pss_mb")
             res[label]["largest_rss_mb"] = med(samples, "largest_rss_mb")
-            target = DEMO_TARGETS[label]
+            target = demo_targets(label, calibration, precision)
             missed = [k for k in target if res[label][k] > target[k]]
             res[label]["targets"] = target
             res[label]["missed"] = missed
@@ -822,30 +894,43 @@ def render_demo(dm: dict) -> list[str]:
     L = ["## Demo (the whole process tree)", ""]
     if dm.get("status"):
         return L + [f"`solar-merge demo`: {dm['status']}.", ""]
+    c = dm.get("calibration")
+    if c:
+        flags = ", ".join(f for f, on in c["cpu_flags"].items() if on)
+        L += [(f"Calibration (`python benchmarks/cpt_step.py`, {c['date']}): {c['what']} took "
+               f"**{c['step_s']} s** ({c['step_cpu_s']} CPU s over {c['threads']} threads; "
+               f"median of {c['steps_timed']}) on {c['cpu']} ({flags}); load average "
+               f"{c['loadavg_1m_before_after'][0]}-{c['loadavg_1m_before_after'][1]}. The "
+               f"reference AVX2 EPYC takes {c['reference_step_s']:.0f} s: the fp32 targets "
+               f"below are scaled by {c['budget_scale']}. Precision the demo's stages chose: "
+               f"**{dm.get('precision', '?')}**."), ""]
     L += [("Peak memory of the command's whole process tree, sampled every 0.2 s: PSS (each "
            "page counted once, split between the processes that share it: the memory the tree "
            "holds; read at the RSS highs, at most once a second), the summed RSS (counts the "
            "fork server's imports twice, as each stage shares them) and the largest single "
-           "process's RSS (what `/usr/bin/time -v` reports). Fresh model cache, so the GGUF "
-           "import is included."), "",
-          ("| command | n | wall | tree peak PSS | summed RSS | largest process | target "
-           "| before (issue 16) |"),
-          "|---|---|---|---|---|---|---|---|"]
+           "process's RSS (what `/usr/bin/time -v` reports). CPU: user + system seconds of "
+           "every process of the tree. Fresh model cache, so the GGUF import is included."), "",
+          ("| command | n | wall | CPU s | load before/after | tree peak PSS | summed RSS | "
+           "largest process | target | before (issue 16) |"),
+          "|---|---|---|---:|---|---|---|---|---|---|"]
     for label in ("demo --quick", "demo"):
         r = dm.get(label)
         if r is None:
             continue
         if "status" in r:
-            L.append(f"| `solar-merge {label}` | | {r['status'][:200]} | | | | | |")
+            L.append(f"| `solar-merge {label}` | | {r['status'][:200]} | | | | | | | |")
             continue
         t, b = r.get("targets", {}), DEMO_BEFORE.get(label, {})
         verdict = "missed: " + ", ".join(r["missed"]) if r.get("missed") else "met"
         before = f"{b['wall_s'] / 60:.1f} min" + (
             f", {b['peak_rss_mb'] / 1024:.2f} GB" if b.get("peak_rss_mb") else "")
+        loads = ", ".join(f"{s.get('load_before', '?')}/{s.get('load_after', '?')}"
+                          for s in r.get("samples", []))
         L.append(f"| `solar-merge {label}` | {r['n']} | {r['wall_s'] / 60:.1f} min | "
+                 f"{f1(r.get('cpu_s'))} | {loads} | "
                  f"{(r.get('tree_pss_mb') or 0) / 1024:.2f} GB | {r['peak_rss_mb'] / 1024:.2f} GB"
                  f" | {(r.get('largest_rss_mb') or 0) / 1024:.2f} GB"
-                 f" | ≤ {t.get('wall_s', 0) / 60:.0f} min, ≤ {t.get('tree_pss_mb', 0) / 1024:.0f}"
+                 f" | ≤ {t.get('wall_s', 0) / 60:.1f} min, ≤ {t.get('tree_pss_mb', 0) / 1024:.0f}"
                  f" GB PSS: {verdict} | {before} |")
     L.append("")
     for label in ("demo", "demo --quick"):
@@ -854,13 +939,14 @@ def render_demo(dm: dict) -> list[str]:
             continue
         before = DEMO_BEFORE.get(label, {}).get("stages", {})
         L += [(f"Per stage, `solar-merge {label}` (each stage in its own process; RSS of that "
-               "process; tokens/s as TRL logged them):"), "",
-              "| stage | kind | wall s | before s | peak RSS MB | tokens/s |",
-              "|---|---|---:|---:|---:|---:|"]
+               "process; CPU s of the processes that ran within the stage; tokens/s as TRL "
+               "logged them):"), "",
+              "| stage | kind | wall s | CPU s | before s | peak RSS MB | tokens/s |",
+              "|---|---|---:|---:|---:|---:|---:|"]
         for name, c in r["stages"].items():
             L.append(f"| {name} | {c.get('kind', '')} | {c.get('seconds', '–')} | "
-                     f"{before.get(name, '–')} | {c.get('peak_rss_mb', '–')} | "
-                     f"{c.get('tokens_per_second', '–')} |")
+                     f"{c.get('cpu_s', '–')} | {before.get(name, '–')} | "
+                     f"{c.get('peak_rss_mb', '–')} | {c.get('tokens_per_second', '–')} |")
         L.append("")
     return L
 

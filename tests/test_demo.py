@@ -353,32 +353,153 @@ def test_save_plain_drops_gguf_leftovers(tmp_path, tiny_model):
 
 # -- report ----------------------------------------------------------------------------------
 
-def test_report(tmp_path):
+def _fake_results():
+    """A small result set shaped like the demo's: the up-scaling story with a broken 60-layer
+    repeat, two tuned candidates scored on 16 questions, a control arm."""
     ppl, qa, em = report.PPL, report.QA, report.ARITH
-    results = {"base": {"layers": 30, "params": 134_515_008, ppl: 15.06, em: 0.05, qa: 0.5,
-                        "solar_arith exact_match,strict-match": 0.0},
-               "dus": {"layers": 44, "params": 196_000_000, ppl: 22.57},
-               "cpt": {"layers": 44, "params": 196_000_000, ppl: 12.61, em: 0.1}}
+    base = "base (SmolLM2-135M-Instruct)"
+    results = {base: {"layers": 30, "params": 134_515_008, ppl: 83.0},
+               "repeat": {"layers": 60, "params": 240_700_000, ppl: 488_032.0},
+               "dus": {"layers": 44, "params": 184_100_000, ppl: 163.5},
+               "cpt": {"layers": 44, "params": 184_100_000, ppl: 69.2},
+               "base_cpt": {"layers": 30, "params": 134_515_008, ppl: 49.8},
+               "sft_python": {"layers": 44, qa: 0.5, em: 1 / 16},
+               "sft_math": {"layers": 44, qa: 7 / 16, em: 0.0},
+               "final": {"layers": 44, ppl: 67.8, qa: 8 / 16, em: 1 / 16,
+                         "solar_arith exact_match,strict-match": 0.0}}
+    counts = {s: {qa: 16, em: 16} for s in ("sft_python", "sft_math", "final")}
+    arms = {"DUS + CPT": [(0, 32.0), (2, 24.0), (4, 20.5), (6, 18.9), (8, 18.5)],
+            "base + CPT": [(0, 21.3), (2, 17.0), (4, 15.4), (6, 14.6), (8, 14.4)]}
+    return results, counts, arms
+
+
+def test_figure_data_panels():
+    """What each panel of report.png plots, on a small fake result set."""
+    from solar_merge.curves import forecast
+
+    results, counts, arms = _fake_results()
+    fc = forecast(*arms.values(), draws=200)
+    data = report.figure_data(results, counts=counts, arms=arms, forecast=fc)
+
+    up = data["upscaling"]
+    assert [b["role"] for b in up["bars"]] == ["base", "repeat", "dus", "cpt", "control"]
+    assert [b["value"] for b in up["bars"]] == [83.0, 488_032.0, 163.5, 69.2, 49.8]
+    assert up["bars"][1]["label"] == "repeat (60 layers)"
+    # the repeat is off the scale, marked; every other bar fits under the axis limit
+    assert up["off_scale"] == [False, True, False, False, False]
+    assert 163.5 < up["limit"] < 488_032.0
+
+    rec = data["recovery"]
+    assert rec["curves"]["DUS + CPT"][0] == (0, 32.0) and len(rec["curves"]["base + CPT"]) == 5
+    assert rec["crossing"] is None  # never ahead in the measured steps
+    assert rec["forecast"] is not None and set(rec["forecast"]["laws"]) == set(arms)
+    assert rec["forecast"]["last"] == 8
+
+    panels = {p["metric"]: p for p in data["metrics"]}
+    # one panel per headline metric (our tasks' other metrics stay in the eval stages' files)
+    assert list(panels) == [report.PPL, report.QA, report.ARITH]
+    ppl = panels[report.PPL]
+    assert ppl["kind"] == "value"
+    assert [p["stage"] for p in ppl["points"]] == [
+        "base (SmolLM2-135M-Instruct)", "repeat", "dus", "cpt", "base_cpt", "final"]
+    assert [p["off_scale"] for p in ppl["points"]] == [False, True, False, False, False, False]
+    qa = panels[report.QA]
+    assert qa["kind"] == "proportion" and qa["chance"] == 0.25
+    assert [p["stage"] for p in qa["points"]] == ["sft_python", "sft_math", "final"]
+    one = panels[report.ARITH]["points"][0]  # 1 of 16: an interval from ~1% to ~28%
+    assert (one["k"], one["n"]) == (1, 16)
+    assert one["low"] < 0.02 and 0.25 < one["high"] < 0.3
+    # no count known: a dot without an interval
+    bare = report.figure_data({"a": {report.QA: 0.5}})["metrics"][0]["points"][0]
+    assert "low" not in bare and "n" not in bare
+    # nothing to tell: no up-scaling panel, no recovery panel
+    assert report.figure_data({"only": {"custom metric": 3.0}})["upscaling"] is None
+    assert report.figure_data({"only": {"custom metric": 3.0}})["recovery"] is None
+
+
+def test_wilson_interval():
+    low, high = report.wilson(8, 16)
+    assert low == pytest.approx(0.28, abs=0.01) and high == pytest.approx(0.72, abs=0.01)
+    assert report.wilson(0, 8)[0] == 0.0 and report.wilson(0, 8)[1] > 0.3
+
+
+def test_claims_say_what_the_run_shows_and_where_it_is_too_small():
+    from solar_merge.curves import forecast
+
+    results, counts, arms = _fake_results()
+    text = "\n".join(report.claims(
+        results, counts=counts, arms=arms, forecast=forecast(*arms.values(), draws=200),
+        facts={"cpt_steps": 8, "cpt_tokens": 4096, "eval_chunks": 3,
+               "dpo": {"dpo_avg": {"steps": 4, "margin": (0.0, 0.02),
+                                   "accuracy": (0.0, 1.0)}}}))
+    assert "83.0 (base) to 163.5" in text and "8 CPT steps (4,096 tokens)" in text
+    assert "below the base's 83.0" in text
+    assert "488,032" in text and "breaks" in text
+    assert "behind" in text and "base + CPT" in text
+    assert "1/16" in text and "too small to say" in text
+    assert "reward margin on its training pairs 0.000 -> 0.020" in text
+    # a recovery that does not reach the base says so
+    worse = {**results, "cpt": {**results["cpt"], report.PPL: 120.0}}
+    assert "still above the base's" in "\n".join(report.claims(worse))
+
+
+def test_report(tmp_path):
+    from solar_merge.curves import forecast
+
+    results, counts, arms = _fake_results()
     loss = tmp_path / "loss.jsonl"
     loss.write_text("".join(json.dumps({"step": s, "loss": 3.0 - s / 20}) + "\n"
                             for s in range(1, 21)) + json.dumps({"step": 20, "train_runtime": 9})
                     + "\n")
-    md = report.write_report(results, tmp_path / "rep", cpt_curve=loss, command="solar-merge demo",
-                     sections={"Contamination check": ["| a | b |", "|---|---|", "| x | 0.0 |"]})
+    md = report.write_report(
+        results, tmp_path / "rep", cpt_curve=loss, command="solar-merge demo", counts=counts,
+        arms=arms, forecast=forecast(*arms.values(), draws=200),
+        claims_lines=report.claims(results, counts=counts, arms=arms),
+        sections={"Contamination check": ["| a | b |", "|---|---|", "| x | 0.0 |"]})
     text = md.read_text()
     assert md.name == "report.md" and (md.parent / "report.png").stat().st_size > 5000
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert [r.split("|")[1].strip() for r in rows[1:4]] == ["base", "dus", "cpt"]
-    assert "134.5M" in text and "15.060" in text and "5.0%" in text and "–" in text
+    assert [r.split("|")[1].strip() for r in rows[1:4]] == [
+        "base (SmolLM2-135M-Instruct)", "repeat", "dus"]
+    assert "134.5M" in text and "83.000" in text and "6.2% (1/16)" in text and "–" in text
     assert "held-out word PPL" in text and "strict-match" not in text  # other metrics: stage
+    assert "## What the paper's claims look like here" in text
     assert "## Contamination check" in text and "lm-evaluation-harness" in text
-    assert "solar-merge demo" in text and "cores" in text and "torch" in text
+    assert "solar-merge demo" in text and "cores" in text and "CPU flags" in text
     assert "at step 20" in text
     # a plain list works too, and no curve at all
     report.write_report(results, tmp_path / "rep2", cpt_curve=[(1, 3.0), (2, 2.5)])
     report.write_report({"only": {"custom metric": 3.0}}, tmp_path / "rep3")
     assert (tmp_path / "rep3" / "report.png").is_file()
     assert "custom metric" in (tmp_path / "rep3" / "report.md").read_text()
+
+
+def test_question_counts_and_training_facts(tmp_path):
+    """The proportions' denominators come from lm-eval's n-samples; the DPO facts from TRL's
+    logged reward margins."""
+    from solar_merge.demo import question_counts, training_facts
+
+    for stage, label, task, n in (("eval_chat", "final", "solar_arith", 8),
+                                  ("eval_text", "smollm2-135m-instruct", "solar_manual_ppl", 3)):
+        (tmp_path / stage / label).mkdir(parents=True)
+        (tmp_path / stage / label / "results.json").write_text(json.dumps(
+            {"n-samples": {task: {"original": 48, "effective": n}}}))
+    counts = question_counts(tmp_path, ["eval_chat", "eval_text"],
+                             {"smollm2-135m-instruct": "base"})
+    assert counts == {"final": {report.ARITH: 8}, "base": {report.PPL: 3, report.BPB: 3}}
+    (tmp_path / "dpo_avg").mkdir()
+    (tmp_path / "dpo_avg" / "loss.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 0.69, "rewards/margins": 0.0, "rewards/accuracies": 0.0},
+        {"step": 2, "loss": 0.68, "rewards/margins": 0.03, "rewards/accuracies": 1.0},
+        {"step": 2, "train_runtime": 3.0}]))
+    (tmp_path / "cpt").mkdir()
+    (tmp_path / "cpt" / "loss.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 3.0, "num_tokens": 512.0}, {"step": 2, "eval_loss": 3.1},
+        {"step": 2, "loss": 2.9, "num_tokens": 1024.0}]))
+    facts = training_facts(tmp_path, counts, "base")
+    assert facts["cpt_steps"] == 2 and facts["cpt_tokens"] == 1024 and facts["eval_chunks"] == 3
+    assert facts["dpo"] == {"dpo_avg": {"steps": 2, "margin": (0.0, 0.03),
+                                        "accuracy": (0.0, 1.0)}}
 
 
 def test_shipped_demo_recipe_plans_in_the_demo_layout(tiny_model, tmp_path):

@@ -10,25 +10,26 @@ from pathlib import Path
 
 from solar_merge import recipes
 from solar_merge.demo.data import demo_data
-from solar_merge.demo.report import cost_table, write_report
+from solar_merge.demo.report import ARITH, BPB, PPL, QA, claims, cost_table, write_report
 from solar_merge.embedded import EMBEDDED_NAME, embedded_model
 
 RECIPE = recipes.find("smollm2_demo").path
 
-# --quick: the same pipeline with fewer steps and smaller evaluations (under 3 minutes on 2
-# cores: issue 16's target): 3 CPT steps per arm, one or two optimizer steps per SFT/DPO stage.
+# --quick: the same pipeline as a smoke run (every stage, a step or two each, the smallest
+# evaluations that still give each claim a number): 2 CPT steps of 2 x 64 tokens per arm with
+# the held-out curve at steps 0, 1 and 2 on one chunk; 3 / 2 SFT records, 2 preference pairs
+# (data.SIZES); perplexity on one chunk; the chat tasks on 4 questions for the two merges.
 QUICK_OVERRIDES = [
-    "stages.cpt.train.args.max_steps=3",
-    "stages.cpt.train.args.eval_steps=3",
-    "stages.sft_python.train.datasets.0.max_samples=4",
-    "stages.sft_python.train.datasets.1.max_samples=4",
-    "stages.sft_math.train.datasets.0.max_samples=4",
-    "stages.dpo_avg.train.datasets.0.max_samples=4",
-    "stages.sdpo_slerp.train.datasets.0.max_samples=4",
+    "stages.cpt.train.args.max_steps=2",
+    "stages.cpt.train.args.eval_steps=1",
+    "stages.cpt.train.args.per_device_train_batch_size=2",
+    "stages.cpt.train.seq_len=64",
+    "stages.cpt.train.eval_datasets.0.max_samples=1",
+    "stages.sft_python.train.datasets.1.max_samples=1",
     "stages.eval_text.eval.models=[smollm2-135m-instruct, repeat, dus, cpt, base_cpt, final]",
-    "stages.eval_text.eval.limit=2",
-    "stages.eval_chat.eval.models=[smollm2-135m-instruct, sft_avg, final]",
-    "stages.eval_chat.eval.limit=8",
+    "stages.eval_text.eval.limit=1",
+    "stages.eval_chat.eval.models=[sft_avg, final]",
+    "stages.eval_chat.eval.limit=4",
 ]
 
 
@@ -57,29 +58,97 @@ def run_demo(out_dir=None, *, quick: bool = False, overrides=()) -> Path:
     from solar_merge.checkpoints import model_info
 
     order = [EMBEDDED_NAME, *yaml.safe_load(recipe_file.read_text())["stages"]]
+    labels = {}  # model folder name -> the report's row name
     table = {}
     for k in sorted(merged, key=lambda k: order.index(k) if k in order else len(order)):
         info = model_info(str(out / k))
-        table["base (SmolLM2-135M-Instruct)" if k == EMBEDDED_NAME else k] = {
-            "layers": info.n_layers, "params": info.params, **merged[k]}
+        labels[k] = BASE_LABEL if k == EMBEDDED_NAME else k
+        table[labels[k]] = {"layers": info.n_layers, "params": info.params, **merged[k]}
     checks = [out / name / "contamination.md" for name in result.metrics]
     sections = {"Contamination check": [line for f in checks if f.is_file()
                                         for line in [f"`{f.parent.name}`:", "",
                                                      *f.read_text().splitlines(), ""]]}
     if not sections["Contamination check"]:
         del sections["Contamination check"]
-    from solar_merge.curves import arms_section
+    from solar_merge.curves import arms_section, eval_curve, forecast
+    from solar_merge.precision import decide
 
     sections["Control arm: DUS + CPT vs base + CPT"], _ = arms_section(
         ("DUS + CPT", out / "cpt"), ("base + CPT", out / "base_cpt"), out / "control_arm.png",
         what=("The paper's claim needs this control: the base model given exactly the same "
               "continued pretraining (data, steps, learning rate) as the up-scaled one. Held-out "
-              "perplexity = exp(TRL's eval_loss) on held-out reference-manual chunks (128-token "
-              "blocks), measured every few steps during CPT."))
+              "perplexity = exp(TRL's eval_loss) on held-out reference-manual chunks, measured "
+              "every few steps during CPT."))
     sections["What each stage cost"] = cost_table(
         recipe.stage_costs(plan), ran=result.ran, total=time.perf_counter() - started)
+    counts = question_counts(out, list(result.metrics), labels)
+    arms = {"DUS + CPT": eval_curve(out / "cpt"), "base + CPT": eval_curve(out / "base_cpt")}
+    fc = forecast(*arms.values())
+    claims_lines = claims(table, counts=counts, arms=arms, forecast=fc,
+                          facts=training_facts(out, counts, BASE_LABEL))
+    chosen = decide("auto")
     return write_report(table, out, cpt_curve=out / "cpt" / "loss.jsonl", command=command,
-                        sections=sections)
+                        sections=sections, counts=counts, arms=arms, forecast=fc,
+                        claims_lines=claims_lines,
+                        machine={"precision (auto)": f"{chosen.precision}: {chosen.reason}"})
+
+
+BASE_LABEL = "base (SmolLM2-135M-Instruct)"
+_COLUMNS = {"solar_manual_ppl": [PPL, BPB], "solar_manual_qa": [QA], "solar_arith": [ARITH]}
+
+
+def question_counts(out: Path, eval_stages, labels: dict) -> dict:
+    """{row: {column: documents scored}} from lm-eval's n-samples in each eval stage's
+    results.json per model (the proportions' denominators; the chunks of a perplexity)."""
+    counts: dict[str, dict] = {}
+    for stage in eval_stages:
+        for res in sorted((out / stage).glob("*/results.json")):
+            import json
+
+            data = json.loads(res.read_text())
+            row = labels.get(res.parent.name, res.parent.name)
+            for task, n in data.get("n-samples", {}).items():
+                for column in _COLUMNS.get(task, []):
+                    counts.setdefault(row, {})[column] = n.get("effective", n.get("original"))
+    return counts
+
+
+def training_facts(out: Path, counts: dict, base_label: str) -> dict:
+    """What the claims quote from the training logs: CPT's steps and tokens, the held-out
+    chunks, DPO's and sDPO's reward margins and preference accuracies (first and last logged,
+    on their training pairs)."""
+    import json
+
+    def rows(stage):
+        log = out / stage / "loss.jsonl"
+        found = []
+        for line in log.read_text().splitlines() if log.is_file() else ():
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+        return found
+
+    facts: dict = {}
+    cpt = [r for r in rows("cpt") if "loss" in r and "step" in r]
+    if cpt:
+        facts["cpt_steps"] = max(int(r["step"]) for r in cpt)
+        tokens = [r["num_tokens"] for r in cpt if "num_tokens" in r]
+        if tokens:
+            facts["cpt_tokens"] = int(float(tokens[-1]))
+    chunks = counts.get(base_label, {}).get(PPL)
+    if chunks:
+        facts["eval_chunks"] = chunks
+    for stage in ("dpo_avg", "sdpo_slerp"):
+        logged = [r for r in rows(stage) if "rewards/margins" in r]
+        if logged:
+            facts.setdefault("dpo", {})[stage] = {
+                "steps": len(logged),
+                "margin": (float(logged[0]["rewards/margins"]),
+                           float(logged[-1]["rewards/margins"])),
+                "accuracy": (float(logged[0].get("rewards/accuracies", 0)),
+                             float(logged[-1].get("rewards/accuracies", 0)))}
+    return facts
 
 
 def plan_demo(out_dir=None, *, quick: bool = False, overrides=()):

@@ -18,13 +18,13 @@ DATA_VERSION = 4  # 3: training data share no 13-gram with the shipped lm-eval t
 HELDOUT_EVERY, HELDOUT_OFFSET = 10, 5  # topics sorted by name; index % 10 == 5 is held out
 SYSTEM_PROMPT = "You are a helpful assistant who knows the Python reference manual."
 
-# Sizes. Budget (2 cores, SmolLM2 up-scaled to 44 layers, ~5 s per 4x128-token step): the
-# whole demo <= 12 min, quick <= 3 min (issue 16; quick also trims the recipe: demo.QUICK_
-# OVERRIDES). See `demo_data`'s docstring. The evaluation sets are the shipped lm-eval tasks;
-# the recipe's `limit:` sizes them.
+# Sizes: what the demo recipe trains on (training/smollm2_demo.yaml's header says why so
+# little), a little more CPT text than its steps read so that the two arms draw the same
+# shuffled blocks from a larger pool. Quick (demo.QUICK_OVERRIDES) is the smoke run. The
+# evaluation sets are the shipped lm-eval tasks; the recipe's `limit:` sizes them.
 SIZES = {
-    False: {"cpt_chars": 80_000, "sft_python": 48, "sft_math": 48, "dpo_math": 24},
-    True: {"cpt_chars": 16_000, "sft_python": 16, "sft_math": 16, "dpo_math": 8},
+    False: {"cpt_chars": 40_000, "sft_python": 8, "sft_math": 8, "dpo_math": 4},
+    True: {"cpt_chars": 8_000, "sft_python": 2, "sft_math": 2, "dpo_math": 2},
 }
 
 

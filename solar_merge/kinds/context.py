@@ -13,9 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from solar_merge.checkpoints import ModelInfo, is_hub_id, read_config
+from solar_merge.checkpoints import ModelInfo, is_hub_id
 from solar_merge.errors import UserError, did_you_mean
-from solar_merge.sizing import Shape
 
 OVERHEAD = 500 * 2**20  # python + torch + libraries, in every stage's memory estimate
 
@@ -36,7 +35,6 @@ class StagePlan:
     new_layers: list[int] | None = None  # output layers an up-scale created
     tokenizer: str | bool | None = None  # the model whose tokenizer the output carries;
     #                                      True: the stage sets a chat template itself
-    shape: Shape | None = None          # sizing.Shape of the output model (memory)
     estimate: object = None             # the memory estimate behind `memory`, for the tool
     runtime: dict = field(default_factory=dict)  # settings of this run, not hashed: where a
     #                                              stage computes, not what it makes
@@ -45,6 +43,11 @@ class StagePlan:
 
     def __post_init__(self):
         self.record_dir = self.record_dir or self.out_dir
+
+    @property
+    def shape(self):
+        """The sizing.Shape of the predicted output model (None: unknown, or no model)."""
+        return self.info.shape if self.info is not None else None
 
 
 def first_line(e: UserError) -> str:
@@ -97,7 +100,6 @@ class Context:
         self.plans: dict[str, StagePlan] = {}  # resolved so far
         self._infos: dict[str, ModelInfo | None] = {}
         self._estimated: set[str] = set()  # refs whose parameters come from config.json
-        self._shapes: dict[str, Shape | None] = {}
 
     # the recipe's stages ----------------------------------------------------------------------
     def kind_of(self, name: str) -> str:
@@ -227,8 +229,9 @@ class Context:
                     if source is None:
                         raise UserError("offline")
                 info = dataclasses.replace(model_info(source), source=ref)
-                if info.params is None:
-                    info = _with_estimate(info, source)
+                if info.params is None:  # config.json alone: counted by sizing
+                    info = dataclasses.replace(info, params=info.shape.params,
+                                               per_layer_params=info.shape.per_layer)
                     self._estimated.add(ref)
             except UserError as e:
                 info = None
@@ -244,24 +247,6 @@ class Context:
         """Whether any of `refs` has its parameter count estimated from config.json."""
         found = [(r, self.plan_of(r)) for r in refs]
         return any(p.params_estimated if p else r in self._estimated for r, p in found)
-
-    def shape(self, ref: str) -> Shape | None:
-        """The sizing.Shape of `ref` (an earlier stage's output: its predicted one), with the
-        exact parameter count where the weights are on disk; None: unknown."""
-        plan = self.plan_of(ref)
-        if plan is not None:
-            return plan.shape
-        if ref not in self._shapes:
-            info = self.info(ref)
-            source = ref if os.path.isdir(ref) else cached_config_dir(ref) if is_hub_id(ref) \
-                else None
-            try:
-                self._shapes[ref] = Shape.from_config(
-                    read_config(source), params=info.params if info else None) \
-                    if source else None
-            except UserError:
-                self._shapes[ref] = None
-        return self._shapes[ref]
 
     def new_layers(self, model: str) -> list[int] | None:
         """The layers an up-scale created in `model` (`trainable_layers: new`): from the stage
@@ -294,21 +279,12 @@ class Context:
 def resized(info: ModelInfo, n_layers: int, out_dir: Path) -> ModelInfo:
     """`info` with another layer count (the model a stage makes from it, in `out_dir`)."""
     return dataclasses.replace(info, source=str(out_dir), n_layers=n_layers,
-                               params=info.params_with_layers(n_layers))
+                               params=info.params_with_layers(n_layers),
+                               shape=info.shape.with_layers(n_layers) if info.shape else None)
 
 
 def out_bytes(info: ModelInfo) -> int:
     return (info.params or 0) * info.dtype_bytes
-
-
-def _with_estimate(info: ModelInfo, ref: str) -> ModelInfo:
-    """`info` with its parameters counted from config.json (sizing: no weights are read, e.g.
-    of a Hub model)."""
-    try:
-        shape = Shape.from_config(read_config(ref))
-    except UserError:
-        return info
-    return dataclasses.replace(info, params=shape.params, per_layer_params=shape.per_layer)
 
 
 _REACHABLE: list[bool] = []

@@ -117,8 +117,6 @@ def size(plan: StagePlan, ctx: Context) -> None:
         return
     out_info = ctx.info(origin)
     plan.info = resized(out_info, total, plan.out_dir)
-    shape = ctx.shape(origin)
-    plan.shape = shape.with_layers(total) if shape else None
     dtype = config.get("out_dtype") or config.get("dtype")
     if dtype:
         from dataclasses import replace

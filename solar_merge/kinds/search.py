@@ -61,7 +61,6 @@ def size(plan: StagePlan, ctx: Context) -> None:
         return
     first = infos[0]
     plan.info = resized(first, first.n_layers, plan.out_dir / MODEL)
-    plan.shape = ctx.shape(refs[0])
     plan.params_estimated = ctx.estimated(refs)
     layer = (first.per_layer_params or 0) * first.dtype_bytes
     plan.memory = max(out_bytes(plan.info) + len(refs) * layer, (first.params or 0) * 4) \

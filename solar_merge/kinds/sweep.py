@@ -58,7 +58,6 @@ def size(plan: StagePlan, ctx: Context) -> None:
                 f"{first.hidden_size}, {first.n_layers} layers)")
             return
     plan.info = resized(first, first.n_layers, plan.out_dir)
-    plan.shape = ctx.shape(refs[0])
     plan.params_estimated = ctx.estimated(refs)
     layer = (first.per_layer_params or 0) * first.dtype_bytes
     merging = out_bytes(plan.info) + len(refs) * layer + OVERHEAD

@@ -106,14 +106,13 @@ def size(plan: StagePlan, ctx: Context) -> None:
                             f"model has {info.n_layers} layers (0..{info.n_layers - 1})")
     plan.info = dataclasses.replace(info, source=str(plan.out_dir))
     plan.params_estimated = ctx.estimated([c["model"]])
-    plan.shape = ctx.shape(c["model"])
-    if plan.shape is None:
+    if info.shape is None:
         return
     from solar_merge.checkpoints import human
     from solar_merge.memory import RUNTIME, from_stage
 
     launch = c.get("launch") or {}
-    est = plan.estimate = from_stage(c, plan.shape, launch)
+    est = plan.estimate = from_stage(c, info.shape, launch)
     plan.memory = est.total + RUNTIME
     auto = ("; precision auto: the larger of fp32 and bf16 mixed precision"
             if c.get("precision") == "auto" else "")

@@ -80,8 +80,6 @@ def size(plan: StagePlan, ctx: Context) -> None:
         return
     plan.new_layers = new_layers(config)
     plan.info = resized(src, layer_count(config), plan.out_dir)
-    shape = ctx.shape(c["model"])
-    plan.shape = shape.with_layers(plan.info.n_layers) if shape else None
     plan.params_estimated = ctx.estimated([c["model"]])
     plan.memory = out_bytes(plan.info) + (src.per_layer_params or 0) * src.dtype_bytes + OVERHEAD
     plan.memory_note = "output tensors + one input layer at a time (lazy) + overhead"

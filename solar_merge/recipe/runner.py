@@ -193,7 +193,8 @@ def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = N
         if scores is not None:
             metrics[name] = scores
     bar.close()
-    final = p.stages[p.final].record_dir if p.final else None
+    final = p.stages[p.final].record_dir if p.final else None  # a model stage's record is
+    #                                                          kept in its model's folder
     if card and final is not None:
         _write_final_card(p, final, metrics)
     return RunResult(p.out, final, ran, skipped, metrics)

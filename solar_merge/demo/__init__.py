@@ -17,8 +17,9 @@ RECIPE = recipes.find("smollm2_demo").path
 
 # --quick: the same pipeline as a smoke run (every stage, a step or two each, the smallest
 # evaluations that still give each claim a number): 2 CPT steps of 2 x 64 tokens per arm with
-# the held-out curve at steps 0, 1 and 2 on one chunk; 3 / 2 SFT records, 2 preference pairs
-# (data.SIZES); perplexity on one chunk; the chat tasks on 4 questions for the two merges.
+# the held-out curve at steps 0, 1 and 2 on one chunk; 1 + 1 / 2 SFT records, 1 preference pair
+# for DPO and 2 for sDPO (one per step; data.SIZES); perplexity on one chunk; the chat tasks
+# on 4 questions for the final merge.
 QUICK_OVERRIDES = [
     "stages.cpt.train.args.max_steps=2",
     "stages.cpt.train.args.eval_steps=1",
@@ -26,9 +27,10 @@ QUICK_OVERRIDES = [
     "stages.cpt.train.seq_len=64",
     "stages.cpt.train.eval_datasets.0.max_samples=1",
     "stages.sft_python.train.datasets.1.max_samples=1",
+    "stages.dpo_avg.train.datasets.0.max_samples=1",
     "stages.eval_text.eval.models=[smollm2-135m-instruct, repeat, dus, cpt, base_cpt, final]",
     "stages.eval_text.eval.limit=1",
-    "stages.eval_chat.eval.models=[sft_avg, final]",
+    "stages.eval_chat.eval.models=[final]",
     "stages.eval_chat.eval.limit=4",
 ]
 

@@ -24,7 +24,7 @@ SYSTEM_PROMPT = "You are a helpful assistant who knows the Python reference manu
 # evaluation sets are the shipped lm-eval tasks; the recipe's `limit:` sizes them.
 SIZES = {
     False: {"cpt_chars": 40_000, "sft_python": 8, "sft_math": 8, "dpo_math": 4},
-    True: {"cpt_chars": 8_000, "sft_python": 2, "sft_math": 2, "dpo_math": 2},
+    True: {"cpt_chars": 8_000, "sft_python": 1, "sft_math": 2, "dpo_math": 2},
 }
 
 

@@ -242,9 +242,9 @@ def _tuning_claims(results: dict, counts: dict | None, facts: dict) -> list[str]
     verdict = ("Some intervals are disjoint: look at which in the figure." if any(sep) else
                "Every interval overlaps every other: this run is too small to say whether "
                "SFT, merging or DPO changed either skill.")
-    cands = [s for s in ("sft_python", "sft_math") if s in results]
-    merges = [s for s in ("sft_avg", "sft_slerp") if s in results]
-    text = ("**SFT candidates and their merges.** "
+    cands = [s for s in ("sft_python", "sft_math") if s in tuned]
+    merges = [s for s in ("sft_avg", "sft_slerp") if s in tuned]
+    text = None if not cands + merges else ("**SFT candidates and their merges.** "
             + "; ".join(f"{s}: QA {_prop(results, counts, s, QA)}, arith "
                         f"{_prop(results, counts, s, ARITH)}"
                         for s in ([reference] if reference else []) + cands + merges)
@@ -252,7 +252,8 @@ def _tuning_claims(results: dict, counts: dict | None, facts: dict) -> list[str]
             + (" The paper merges candidates tuned on different data (weighted average and "
                "SLERP) to keep both skills; here the merges run and are scored, but the skills "
                "they should combine are not measurable at this size." if merges else ""))
-    out.append(text)
+    if text:
+        out.append(text)
     dpo = facts.get("dpo") or {}
     if dpo:
         parts = []
@@ -282,7 +283,8 @@ def _tuning_claims(results: dict, counts: dict | None, facts: dict) -> list[str]
             bits.append(f"QA {_prop(results, counts, 'final', QA)}, arith "
                         f"{_prop(results, counts, 'final', ARITH)}")
         out.append("**The final merge** of the two aligned candidates (solar_average): "
-                   + ", ".join(bits) + "; Hub-ready in `final/` with its card.")
+                   + ", ".join(bits) + "; Hub-ready in `final/` with its card."
+                   + ("" if text else noise))
     return out
 
 

@@ -430,14 +430,16 @@ def test_claims_say_what_the_run_shows_and_where_it_is_too_small():
     text = "\n".join(report.claims(
         results, counts=counts, arms=arms, forecast=forecast(*arms.values(), draws=200),
         facts={"cpt_steps": 8, "cpt_tokens": 4096, "eval_chunks": 3,
-               "dpo": {"dpo_avg": {"steps": 4, "margin": (0.0, 0.02),
-                                   "accuracy": (0.0, 1.0)}}}))
+               "dpo": {"dpo_avg": {"steps": 4, "loss": (0.6931, 0.68),
+                                   "margin": (0.0, 0.02)}}}))
     assert "83.0 (base) to 163.5" in text and "8 CPT steps (4,096 tokens)" in text
     assert "below the base's 83.0" in text
     assert "488,032" in text and "breaks" in text
     assert "behind" in text and "base + CPT" in text
     assert "1/16" in text and "too small to say" in text
-    assert "reward margin on its training pairs 0.000 -> 0.020" in text
+    assert "DPO loss 0.6931 -> 0.6800, reward margin 0.0000 -> 0.0200" in text
+    assert "117% of what up-scaling lost was recovered" in text
+    assert "half right spans 28-72%" in text
     # a recovery that does not reach the base says so
     worse = {**results, "cpt": {**results["cpt"], report.PPL: 120.0}}
     assert "still above the base's" in "\n".join(report.claims(worse))
@@ -498,8 +500,8 @@ def test_question_counts_and_training_facts(tmp_path):
         {"step": 2, "loss": 2.9, "num_tokens": 1024.0}]))
     facts = training_facts(tmp_path, counts, "base")
     assert facts["cpt_steps"] == 2 and facts["cpt_tokens"] == 1024 and facts["eval_chunks"] == 3
-    assert facts["dpo"] == {"dpo_avg": {"steps": 2, "margin": (0.0, 0.03),
-                                        "accuracy": (0.0, 1.0)}}
+    assert facts["dpo"] == {"dpo_avg": {"steps": 2, "loss": (0.69, 0.68),
+                                        "margin": (0.0, 0.03)}}
 
 
 def test_shipped_demo_recipe_plans_in_the_demo_layout(tiny_model, tmp_path):

@@ -117,8 +117,8 @@ def question_counts(out: Path, eval_stages, labels: dict) -> dict:
 
 def training_facts(out: Path, counts: dict, base_label: str) -> dict:
     """What the claims quote from the training logs: CPT's steps and tokens, the held-out
-    chunks, DPO's and sDPO's reward margins and preference accuracies (first and last logged,
-    on their training pairs)."""
+    chunks, DPO's and sDPO's optimizer steps, loss and (where logged) reward margin, first and
+    last, on their training pairs."""
     import json
 
     def rows(stage):
@@ -142,14 +142,15 @@ def training_facts(out: Path, counts: dict, base_label: str) -> dict:
     if chunks:
         facts["eval_chunks"] = chunks
     for stage in ("dpo_avg", "sdpo_slerp"):
-        logged = [r for r in rows(stage) if "rewards/margins" in r]
+        logged = [r for r in rows(stage) if "loss" in r and "step" in r]
         if logged:
-            facts.setdefault("dpo", {})[stage] = {
+            d = facts.setdefault("dpo", {})[stage] = {
                 "steps": len(logged),
-                "margin": (float(logged[0]["rewards/margins"]),
-                           float(logged[-1]["rewards/margins"])),
-                "accuracy": (float(logged[0].get("rewards/accuracies", 0)),
-                             float(logged[-1].get("rewards/accuracies", 0)))}
+                "loss": (float(logged[0]["loss"]), float(logged[-1]["loss"]))}
+            margins = [r for r in logged if "rewards/margins" in r]
+            if margins:  # dpo logs them; stepwise_dpo's log keeps each step's loss
+                d["margin"] = (float(margins[0]["rewards/margins"]),
+                               float(margins[-1]["rewards/margins"]))
     return facts
 
 

@@ -152,7 +152,7 @@ def claims(results: dict, *, counts: dict | None = None, arms: dict | None = Non
     out = []
     base, dus, cpt, rep, ctl = (ppl.get(k) for k in ("base", "dus", "cpt", "repeat", "control"))
     chunks = facts.get("eval_chunks")
-    on = (f"on {chunks} held-out chunks of the reference manual" if chunks
+    on = (f"on {chunks} held-out chunk{'s' * (chunks != 1)} of the reference manual" if chunks
           else "on held-out reference-manual text")
     if base and dus:
         text = (f"**Depth up-scaling drops, continued pretraining recovers.** DUS (keep the first "
@@ -166,8 +166,11 @@ def claims(results: dict, *, counts: dict | None = None, arms: dict | None = Non
             where = ("below the base's" if cpt < base else
                      "back within 10% of the base's" if cpt < 1.1 * base else
                      "still above the base's")
-            text += (f"; {budget} brought it to {cpt:.1f}, {where} {base:.1f}. The drop and the "
-                     "recovery are the paper's point, shown here on one held-out text.")
+            text += f"; {budget} brought it to {cpt:.1f}, {where} {base:.1f}"
+            if dus > base:
+                text += (f": {100 * (dus - cpt) / (dus - base):.0f}% of what up-scaling lost "
+                         "was recovered")
+            text += ". The drop and the recovery are the paper's point."
         else:
             text += "."
         out.append(text)
@@ -183,6 +186,8 @@ def claims(results: dict, *, counts: dict | None = None, arms: dict | None = Non
                 f"the 30-layer base reaches {ctl:.1f} against DUS + CPT's {cpt:.1f}: at this "
                 f"budget the up-scaled model is {'ahead' if ahead else 'behind'}.")
         fc = (_recovery(arms, forecast) or {}).get("forecast")
+        if forecast is not None and fc is None:  # too few points, or no fit
+            text += " " + forecast.sentence("DUS + CPT", "base + CPT")
         if fc and fc["step"] is not None:
             text += (f" The saturating laws fitted to both arms' held-out curves put the step "
                      f"from which DUS + CPT stays ahead at about {fc['step']:.0f}"
@@ -192,9 +197,9 @@ def claims(results: dict, *, counts: dict | None = None, arms: dict | None = Non
                      "an extrapolation, not a measurement.")
         elif fc:
             text += (f" The fitted saturating laws do not cross within {fc['horizon']} steps.")
-        text += (" The paper's claim that the larger model wins after enough pretraining "
-                 "needs far more tokens than this demo trains on; this run shows the trend, "
-                 "not the outcome." if not ahead else "")
+        text += (" What the paper implies, that the up-scaled model ends ahead of its base "
+                 "given the same continued pretraining, needs far more tokens than this demo "
+                 "trains on: this run shows the trend, not the outcome." if not ahead else "")
         out.append(text)
     out += _tuning_claims(results, counts, facts)
     return out
@@ -237,7 +242,8 @@ def _tuning_claims(results: dict, counts: dict | None, facts: dict) -> list[str]
     n_qa = max(((counts or {}).get(s, {}).get(QA) or 0 for s in stages), default=0)
     noise = ("" if not n_qa else
              f" With {n_qa} questions a task, one answer moves a score by "
-             f"{100 / n_qa:.0f} points and a 95% interval spans about ±25 points.")
+             f"{100 / n_qa:.0f} points, and the 95% interval of half right spans "
+             f"{100 * wilson(n_qa // 2, n_qa)[0]:.0f}-{100 * wilson(n_qa // 2, n_qa)[1]:.0f}%.")
     sep = [_separable(results, counts, m, stages) for m in (QA, ARITH)]
     verdict = ("Some intervals are disjoint: look at which in the figure." if any(sep) else
                "Every interval overlaps every other: this run is too small to say whether "
@@ -258,21 +264,20 @@ def _tuning_claims(results: dict, counts: dict | None, facts: dict) -> list[str]
     if dpo:
         parts = []
         for stage, d in dpo.items():
-            bits = [f"{d['steps']} optimizer step{'s' * (d['steps'] != 1)}"] if d.get(
-                "steps") else []
+            steps = d.get("steps", 0)
+            bits = [f"{steps} optimizer step{'s' * (steps != 1)}"]
+            if d.get("loss"):
+                bits.append(f"DPO loss {d['loss'][0]:.4f} -> {d['loss'][1]:.4f}")
             if d.get("margin"):
-                bits.append(f"reward margin on its training pairs {d['margin'][0]:.3f} -> "
-                            f"{d['margin'][1]:.3f}")
-            if d.get("accuracy"):
-                bits.append(f"preference accuracy {d['accuracy'][0]:.2f} -> "
-                            f"{d['accuracy'][1]:.2f}")
+                bits.append(f"reward margin {d['margin'][0]:.4f} -> {d['margin'][1]:.4f}")
             held = results.get(stage, {}).get(PPL)
             if held is not None:
                 bits.append(f"held-out PPL {held:.1f}")
             parts.append(f"{stage}: " + ", ".join(bits))
-        out.append("**DPO and stepwise DPO.** " + "; ".join(parts) + ". Both optimise their "
-                   "objective on the preference pairs (the margins are TRL's, logged while "
-                   "training); a held-out gain from so few pairs is below what these "
+        out.append("**DPO and stepwise DPO.** " + "; ".join(parts) + " (on their training "
+                   "pairs, as TRL logged them; a loss of log 2 = 0.6931 and a margin of 0 mean "
+                   "no preference yet, as at every first step, where the policy is still its "
+                   "reference). A held-out gain from so few pairs is below what these "
                    "evaluations can see.")
     if "final" in results:
         r = results["final"]
@@ -530,6 +535,10 @@ def _draw_recovery(ax, panel: dict) -> None:
         ax.set_xticks(ticks)
         ax.set_xticklabels([str(t) for t in ticks])
         ax.minorticks_off()
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     values = [v for c in panel["curves"].values() for _, v in c]
     if values and max(values) / max(min(values), 1e-9) > 5:
         ax.set_yscale("log")

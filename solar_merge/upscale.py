@@ -492,6 +492,11 @@ def _layout(model: str, n_layers: int, *, method: str, drop, repeat, scale_overl
     if method != "dus" and (preset is not None or layers is not None):
         raise UserError("--preset and --layers are growth presets of dus",
                         fix="solar-merge dus MODEL --preset midas --layers S")
+    if method in ("dus", "repeat") and init is not None:
+        raise UserError(f"--init {init} chooses how expand makes its new blocks; {method} "
+                        "copies existing layers",
+                        fix="use solar-merge expand MODEL --blocks K --init ..., or --noise "
+                            "STD --seed S to break the symmetry of copied layers")
     if method == "repeat":  # the naive 2n repeat, a baseline
         return dus_config(model, 0, n_layers=n_layers, dtype=dtype, allow_repeat=True)
     if method == "dus":

@@ -375,3 +375,12 @@ def test_computed_layers_need_a_place(tiny_model):
     result = CliRunner().invoke(main, ["expand", str(tiny_model), "--blocks", "2",
                                        "--init", "aligned-average"])
     assert result.exit_code == 2 and "add -o CONFIG" in result.output, result.output
+
+
+def test_an_init_with_dus_is_refused_by_name(tiny_model):
+    from solar_merge.errors import UserError
+    from solar_merge.upscale import build_upscale
+
+    for init in ("lesa", "aligned-average", "average"):
+        with pytest.raises(UserError, match=f"--init {init} chooses how expand"):
+            build_upscale(str(tiny_model), 4, method="dus", drop=1, init=init)

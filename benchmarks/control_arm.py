@@ -1,5 +1,5 @@
 """The paper's control, over longer budgets: DUS + continued pretraining against the base model
-+ the same continued pretraining (issue 14). Never run by the tests.
++ the same continued pretraining. Never run by the tests.
 
     python benchmarks/control_arm.py [--steps 60] [--eval-every 10] [--lr 1e-4]
 
@@ -117,7 +117,7 @@ def main():
         "verdict": sentence,
     }
     report.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    head = ["# DUS + CPT vs base + CPT over a longer budget (issue 14)", "",
+    head = ["# DUS + CPT vs base + CPT over a longer budget", "",
             (f"Command: `{record['command']}` ({record['date']}, {wall / 60:.0f} min wall; "
              f"load average before {load_before}, after {load_after}; {os.cpu_count()} "
              f"cores, a shared machine). CPT corpus: {corpus:,} characters."), ""]

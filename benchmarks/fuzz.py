@@ -1,4 +1,4 @@
-"""The long fuzzing run of issue 15: tests/test_fuzz_*.py under hypothesis' `long` profile.
+"""The long fuzzing run: tests/test_fuzz_*.py under hypothesis' `long` profile.
 
     python benchmarks/fuzz.py            # all three files (~1 h on 2 busy cores)
     python benchmarks/fuzz.py -k recipes # pytest options pass through: a partial run
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
               "exit_code": proc.returncode, "summary": summary, "inputs_per_entry_point": counts}
     out = ROOT / "benchmarks" / "fuzz_results.json"
     old = json.loads(out.read_text()) if argv and out.is_file() else {"runs": []}
-    runs = old.get("runs", [old])  # (a file from before runs were kept: one run)
+    runs = old.get("runs", [old])  # (a file that holds one run at its top level)
     runs.append(result)
     totals: dict[str, int] = {}
     for run in runs:

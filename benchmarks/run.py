@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""solar-merge benchmarks (issue 7): ours vs stock mergekit / TRL, side by side in one run.
+"""solar-merge benchmarks: ours vs stock mergekit / TRL, side by side in one run.
 
     python benchmarks/run.py [--quick] [--real-scale] [--repeats N] [--only SECTION ...]
 

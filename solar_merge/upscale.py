@@ -379,7 +379,7 @@ def new_layers_of(folder) -> list[int] | None:
     fix = "restore it from the up-scale command, or list trainable_layers as indices"
     try:
         config = read_yaml(path, what="mergekit config")
-    except UserError as e:  # [HARDEN] not UTF-8, too deep, an alias bomb: with this fix
+    except UserError as e:  # not UTF-8, too deep, an alias bomb: the fix says what to do here
         raise UserError(e.message.split("\n  fix:")[0], fix=fix) from None
     if not isinstance(config, dict):
         return None
@@ -389,8 +389,8 @@ def new_layers_of(folder) -> list[int] | None:
         return str(base / ref) if isinstance(ref, str) and not os.path.isabs(ref) \
             and not is_hub_id(ref) else ref
 
-    try:  # [HARDEN] a damaged file (a slice that is not a mapping, a range that is not two
-        for s in config.get("slices") or []:  # numbers) is named, not a traceback
+    try:  # a damaged file (a slice that is not a mapping, a range that is not two numbers)
+        for s in config.get("slices") or []:  # is named, not a traceback
             for src in s.get("sources") or []:
                 if isinstance(src.get("model"), str):
                     src["model"] = local(src["model"])

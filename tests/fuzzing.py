@@ -1,5 +1,5 @@
 """What tests/test_fuzz_*.py share: hypothesis profiles, and the properties every entry point
-keeps on any input (issue 15).
+keeps on any input.
 
 Profiles: `ci` (the default: few examples, derandomized, so the suite stays fast and never
 flaky) and `long` (SOLAR_MERGE_FUZZ=long: many random examples, for benchmarks/fuzz.py or a

@@ -165,7 +165,7 @@ DOCUMENT = st.one_of(
 # Regressions pinned from the fuzzer's and the report's findings.
 def _alias_bomb() -> str:
     """577 bytes of YAML whose aliases stand for 10**9 values, inside a field every schema
-    accepts: `validate` ran for over 10 minutes on it before issue 15 (killed)."""
+    accepts: expanded, it would keep `validate` busy for hours; the reader must refuse it."""
     level = "&a0 [x, x, x, x, x, x, x, x, x, x]"
     for k in range(1, 9):
         level = f"&a{k} [{level}" + f", *a{k - 1}" * 9 + "]"
@@ -330,7 +330,7 @@ CARD = st.one_of(
     st.tuples(st.just("random text"), st.text(max_size=2000)),
     st.tuples(st.just("bytes"), st.binary(max_size=2000)),
 )
-SLOW_CARD = "## Recipe\n```yaml\nx\n" * 1000  # 85 s in the old regular expression
+SLOW_CARD = "## Recipe\n```yaml\nx\n" * 1000  # unclosed fences: quadratic for a naive regex
 
 
 @examples(ci=40, long=1000)
@@ -429,9 +429,10 @@ def test_shipped_task_yamls_are_valid(world, tmp_path):
 
 @pytest.mark.parametrize("case", ["list-model-in-slice", "null-batch-size", "text-batch-size"])
 def test_long_profile_regressions(world, tmp_path, case):
-    """Each was a traceback: a slice source whose model is a list (TypeError: unhashable, in
-    merging._check_slices); a train stage whose args.per_device_train_batch_size is null or
-    text (TypeError/ValueError in the memory estimate of `validate`/`run`)."""
+    """A clear error (exit 2), never a traceback: a slice source whose model is a list (not
+    hashable, where the slices are checked); a train stage whose
+    args.per_device_train_batch_size is null or text (the memory estimate of `validate`/`run`
+    needs a number)."""
     a = str(world["models"][4][0])
     if case == "list-model-in-slice":
         path = tmp_path / "merge.yaml"

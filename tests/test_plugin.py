@@ -185,7 +185,7 @@ def test_interpreter_start_imports_nothing_heavy(wheel_venv):
     timing = _run(wheel_venv, "pass", env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
     ours = [line for line in timing.stderr.splitlines() if line.rstrip().endswith("solar_merge")]
     cumulative_us = int(ours[0].split("|")[1])
-    assert cumulative_us < 20_000, ours  # measured ~0.6 ms; generous for a loaded machine
+    assert cumulative_us < 20_000, ours  # a few imports of the stdlib; 20 ms allows a loaded machine
 
 
 def test_mergekit_python_api_sees_our_methods(tiny_model_factory, tmp_path):

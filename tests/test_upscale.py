@@ -175,7 +175,7 @@ def test_expand_every_must_divide(tiny_model):
     assert result.exit_code == 2 and "must divide" in result.output
 
 
-# -- issue 19: every up-scaling variant, checked tensor by tensor ---------------------------
+# -- every up-scaling variant, checked tensor by tensor -------------------------------------
 
 RESIDUAL = (".self_attn.o_proj.", ".mlp.down_proj.")
 STOCK_YAML = "from mergekit.scripts.run_yaml import main; import sys; " \

@@ -290,34 +290,6 @@ def _version(package: str) -> str:
 
 # -- recipes back out of cards --
 
-def read_card(dir_or_repo):
-    """The ModelCard of a local folder (or README.md file), or of a Hub model repo."""
-    from huggingface_hub import ModelCard
-
-    ref = str(dir_or_repo)
-    path = Path(os.path.expanduser(ref))
-    if path.is_dir():
-        path = path / "README.md"
-        if not path.is_file():
-            raise UserError(f"{path.parent} has no model card (README.md)",
-                            fix="give an output folder written by solar-merge")
-    if path.is_file():
-        return ModelCard.load(path, ignore_metadata_errors=True)
-    if not is_hub_id(ref):
-        raise UserError(f"`{ref}` is neither a local folder nor a Hub repo id `owner/name`",
-                        fix="check the path, or give a Hub model repo id")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        local = hf_hub_download(ref, "README.md")
-    except Exception as e:  # noqa: BLE001 - offline, missing, gated: all reported alike
-        raise UserError(_scrub(f"could not read the model card of {ref} from the Hub: "
-                               f"{type(e).__name__}: {e}"),
-                        fix="check the repo id and your connection (or unset "
-                            "HF_HUB_OFFLINE), or give a local folder") from None
-    return ModelCard.load(local, ignore_metadata_errors=True)
-
-
 _RECIPE_HEADING = re.compile(r"##[ \t]+Recipe[ \t]*")
 _YAML_FENCE = re.compile(r"(`{3,})[ \t]*ya?ml[ \t]*")
 
@@ -325,7 +297,7 @@ _YAML_FENCE = re.compile(r"(`{3,})[ \t]*ya?ml[ \t]*")
 def recipe_from_card(text: str, *, label: str = "model card") -> str:
     """The fenced YAML block under the last `## Recipe` heading of a model card's text (the
     last: a description may quote one). One pass over the lines: a regular expression with two
-    lazy `.*?` took 85 s on a 20 KB card of unclosed blocks (tests/test_fuzz_configs.py)."""
+    lazy `.*?` takes quadratic time on a card of unclosed blocks."""
     lines = text.splitlines(keepends=True)
     body, i = None, 0
     while i < len(lines):

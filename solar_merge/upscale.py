@@ -71,13 +71,6 @@ def check_drop(n: int, m: int, *, allow_repeat: bool = False) -> None:
             fix=f"pick m in [1, {(n - 1) // 2}]; SOLAR uses m = n/4 (8 of 32 layers)")
 
 
-def layer_map(n: int, m: int) -> list[tuple[int, str, int]]:
-    """[(output layer, copy, source layer)] for a DUS of an n-layer model dropping m."""
-    keep = n - m
-    return ([(i, "A", i) for i in range(keep)]
-            + [(keep + j, "B", m + j) for j in range(keep)])
-
-
 def parse_range(text: str) -> tuple[int, int]:
     """`A:B` -> (A, B), an end-exclusive layer range as in mergekit's layer_range."""
     a, sep, b = str(text).partition(":")
@@ -759,30 +752,3 @@ def run_config(config: dict, out_dir, *, base_dir=None, options: dict | None = N
 
     resolved = merging.check_config(config, base_dir, label=label)
     return merging.run(resolved, out_dir, options=options, kind=kind, fast=fast, digest=digest)
-
-
-def upscale(model: str, drop: int, out_dir, *, base_dir=None, options: dict | None = None,
-            allow_repeat: bool = False, scale: float | None = None) -> Path:
-    """Run the DUS through solar-merge's mergekit runner (atomic, resumable, fixed)."""
-    info = model_info(model, base_dir)
-    config = dus_config(info.source, drop, n_layers=info.n_layers, dtype=info.dtype,
-                        allow_repeat=allow_repeat, scale=scale)
-    check_residual_names(info, config)
-    return run_config(config, out_dir, base_dir=base_dir, options=options,
-                      label=f"DUS of {model}", kind="dus")
-
-
-def new_block_layers(n_layers: int, every: int) -> list[int]:
-    """Output indices of the inserted blocks (the ones to train, LLaMA Pro style)."""
-    return [(g + 1) * (every + 1) - 1 for g in range(n_layers // every)]
-
-
-def expand(model: str, every: int | None, out_dir, *, base_dir=None,
-           options: dict | None = None, blocks: int | None = None,
-           where: str = "interleaved", init: str = "identity") -> Path:
-    info = model_info(model, base_dir)
-    config = expand_config(info.source, every, n_layers=info.n_layers, dtype=info.dtype,
-                           blocks=blocks, where=where, init=init)
-    check_residual_names(info, config)
-    return run_config(config, out_dir, base_dir=base_dir, options=options,
-                      label=f"block expansion of {model}", kind="expand")

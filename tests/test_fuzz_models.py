@@ -510,9 +510,9 @@ def test_damaged_gguf_import(tiny_gguf, tmp_path, damage):
 @pytest.fixture(scope="module")
 def upscaled(good, tmp_path_factory):
     """A DUS of the tiny model, as `solar-merge dus --run` writes it."""
-    from solar_merge.upscale import upscale
+    from solar_merge.upscale import plan_upscale
 
-    return upscale(str(good), 1, tmp_path_factory.mktemp("dus") / "dus")
+    return plan_upscale(str(good), "dus", drop=1).run(tmp_path_factory.mktemp("dus") / "dus")
 
 
 @examples(ci=20, long=1000)

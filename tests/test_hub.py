@@ -438,31 +438,24 @@ def test_real_merge_card_extract_round_trip(tmp_path, tiny_model_factory):
         p.name for p in out.iterdir() if not p.name.startswith("."))
 
 
-def test_extra_tags_and_read_card(tmp_path, monkeypatch):
+def test_extra_tags_and_card_read_back(tmp_path, monkeypatch):
     import huggingface_hub
+    from huggingface_hub import ModelCard
 
     out = tmp_path / "m"
     hub.write_card(out, kind="dpo", source_yaml=RECIPE, source_name="stage_config.yaml",
                    base_models=["a/b"], extra_tags=["solar", "merge", "dpo", "math"])
-    card = hub.read_card(out)
+    card = ModelCard.load(out / "README.md")  # as the Hub reads it
     assert card.data.tags == ["mergekit", "merge", "solar-merge", "dpo", "solar", "math"]
-    assert hub.read_card(out / "README.md").data.base_model == ["a/b"]
-    assert hub.recipe_from_card(card.content).strip() == RECIPE.strip()
-
-    def fake_download(repo_id, filename, **kwargs):
-        assert (repo_id, filename) == ("someone/m", "README.md")
-        return str(out / "README.md")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    assert hub.read_card("someone/m").data.tags == card.data.tags
+    assert card.data.base_model == ["a/b"]
+    (out / "stage_config.yaml").unlink()
+    assert hub.extract_recipe(out).strip() == RECIPE.strip()  # from the card alone
 
     def offline(repo_id, filename, **kwargs):
         raise OSError(f"offline, token {TOKEN}")
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(UserError, match="could not read the model card of someone/x") as e:
-        hub.read_card("someone/x")
+    with pytest.raises(UserError, match="could not read the recipe of someone/x") as e:
+        hub.extract_recipe("someone/x")
     assert TOKEN not in str(e.value)
-    with pytest.raises(UserError, match="has no model card"):
-        hub.read_card(tmp_path)

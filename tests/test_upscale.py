@@ -15,7 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 from solar_merge.checkpoints import model_info
 from solar_merge.cli import main
 from solar_merge.errors import UserError
-from solar_merge.upscale import check_drop, dus_config, layer_map, upscale
+from solar_merge.upscale import check_drop, dus_config, new_layers_of, output_layers, plan_upscale
+
+
+def dus(model: str, drop: int, out):
+    """`solar-merge dus MODEL --drop M --run OUT`, as the command runs it."""
+    return plan_upscale(model, "dus", drop=drop).run(out)
 
 
 def assert_dus_layers(src, out, n, m):
@@ -34,9 +39,9 @@ def assert_dus_layers(src, out, n, m):
 
 
 def test_layer_map_is_the_papers():
-    rows = layer_map(32, 8)
+    rows = output_layers(dus_config("m", 8, n_layers=32))
     assert len(rows) == 48
-    assert rows[23] == (23, "A", 23) and rows[24] == (24, "B", 8) and rows[47] == (47, "B", 31)
+    assert rows[23] == [("m", 23)] and rows[24] == [("m", 8)] and rows[47] == [("m", 31)]
 
 
 @pytest.mark.parametrize("n,m,ok", [(32, 8, True), (32, 15, True), (32, 16, False),
@@ -54,7 +59,7 @@ def test_drop_range(n, m, ok):
                                        ("mistral", False), ("qwen2", True), ("qwen2", False)])
 def test_dus_output(tiny_model_factory, tmp_path, arch, tied):
     src = tiny_model_factory(arch=arch, layers=6, tied=tied)
-    out = upscale(str(src), 2, tmp_path / "dus")
+    out = dus(str(src), 2, tmp_path / "dus")
     assert_dus_layers(src, out, 6, 2)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 8
@@ -78,9 +83,9 @@ def test_layer_types_follow_the_layers(tmp_path, tiny_tokenizer_dir):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
     before = cfg.layer_types
     assert len(set(before)) == 2
-    out = upscale(str(src), 1, tmp_path / "dus")
+    out = dus(str(src), 1, tmp_path / "dus")
     after = json.loads((out / "config.json").read_text())["layer_types"]
-    assert after == [before[i] for _, _, i in layer_map(6, 1)]
+    assert after == [before[i] for i in (0, 1, 2, 3, 4, 1, 2, 3, 4, 5)]
     AutoModelForCausalLM.from_pretrained(out)
 
 
@@ -95,14 +100,14 @@ def test_relative_paths_never_call_the_hub(tiny_model_factory, tmp_path, monkeyp
     monkeypatch.setattr(huggingface_hub, "repo_exists", no_network)
     shutil.copytree(tiny_model_factory(), tmp_path / "base")
     monkeypatch.chdir(tmp_path)
-    out = upscale("base", 1, "dus")  # both relative, one '/' at most: mergekit's is_hf trap
+    out = dus("base", 1, "dus")  # both relative, one '/' at most: mergekit's is_hf trap
     assert (out / "config.json").exists() and (out / "README.md").exists()
 
 
 def test_rerun_skips_and_no_partial_left(tiny_model, tmp_path):
-    out = upscale(str(tiny_model), 1, tmp_path / "dus")
+    out = dus(str(tiny_model), 1, tmp_path / "dus")
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    upscale(str(tiny_model), 1, tmp_path / "dus")
+    dus(str(tiny_model), 1, tmp_path / "dus")
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     # Only the finished folder (and maybe the hidden lock file that keeps runs apart) remain.
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".dus.lock") == ["dus"]
@@ -154,13 +159,11 @@ def test_cli_prints_map_and_params(tiny_model):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_block_expansion_computes_what_the_base_did(tiny_model_factory, tmp_path, arch):
-    from solar_merge.upscale import expand, new_block_layers
-
     src = tiny_model_factory(arch=arch, layers=4, tied=False)
-    out = expand(str(src), 2, tmp_path / "pro")
+    out = plan_upscale(str(src), "expand", every=2).run(tmp_path / "pro")
     base = AutoModelForCausalLM.from_pretrained(src).eval()
     grown = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert grown.config.num_hidden_layers == 6 and new_block_layers(4, 2) == [2, 5]
+    assert grown.config.num_hidden_layers == 6 and new_layers_of(out) == [2, 5]
     ids = torch.randint(0, 384, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(grown(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)

@@ -16,10 +16,10 @@ CHECKOUT = sorted([*(ROOT / "training").glob("*.yaml"), *(ROOT / "merge_configs"
 
 def test_the_package_holds_the_checkouts_files_one_copy_each():
     items = recipes.shipped()
-    assert sorted(item.relative for item in items) == \
-        sorted(str(p.relative_to(ROOT)) for p in CHECKOUT)
-    for item in items:  # the same file, not a second copy that could drift
-        assert item.path.resolve() == (ROOT / item.relative).resolve()
+    relative = [f"{item.folder}/{item.path.name}" for item in items]
+    assert sorted(relative) == sorted(str(p.relative_to(ROOT)) for p in CHECKOUT)
+    for item, path in zip(items, relative):  # the same file, not a second copy that could drift
+        assert item.path.resolve() == (ROOT / path).resolve()
     kinds = {item.name: item.kind for item in items}
     assert kinds["solar_10.7b"] == kinds["smollm2_demo"] == "recipe"
     assert kinds["cpt"] == "stage config" and kinds["dus"] == "merge config"

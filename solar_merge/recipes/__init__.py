@@ -27,11 +27,6 @@ class Shipped:
     command: str      # the header's first line: the command that runs it
     description: str  # the header's first sentence after the command
 
-    @property
-    def relative(self) -> str:
-        """Where it sits in a checkout, and in a copy: `training/solar_10.7b.yaml`."""
-        return f"{self.folder}/{self.path.name}"
-
 
 def root() -> Path:
     """The installed folder that holds `training/` and `merge_configs/`."""

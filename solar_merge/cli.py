@@ -121,6 +121,39 @@ def _force_precision(ctx, param, value):
                       else os.environ.__setitem__(ENV, before))
 
 
+def _show_everything(ctx, param, value):
+    """--verbose is SOLAR_MERGE_VERBOSE=1 for this command and the processes it starts: the
+    libraries' warnings, logs and progress bars stay on the terminal (solar_merge.console)."""
+    if not value:
+        return
+    import os
+
+    from solar_merge.console import VERBOSE
+
+    before = os.environ.get(VERBOSE)
+    os.environ[VERBOSE] = "1"
+    ctx.call_on_close(lambda: os.environ.pop(VERBOSE, None) if before is None
+                      else os.environ.__setitem__(VERBOSE, before))
+
+
+_VERBOSE = click.option(
+    "--verbose", is_flag=True, expose_value=False, callback=_show_everything,
+    help="Show the libraries' warnings, logs and progress bars (transformers, datasets, TRL, "
+         "mergekit, lm-eval) here instead of in the log file.")
+
+
+def _logged(folder):
+    """Capture what the libraries print into FOLDER.log (solar_merge.console), named on the
+    terminal first."""
+    from solar_merge import console
+
+    log = console.log_beside(folder)
+    if not console.verbose() and console.current_log() is None:
+        click.echo(f"libraries' output: {console.shown_path(log)}", err=True)
+    argv = click.get_current_context().meta.get("solar_merge.argv", [])
+    return console.capture(log, title=shlex.join(["solar-merge", *argv]))
+
+
 _PRECISION = click.option(
     "--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), expose_value=False,
     callback=_force_precision,
@@ -375,6 +408,7 @@ def multi(ctx, args):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output root (default: the recipe's `out:`, else runs/<name>).")
 @_PRECISION
+@_VERBOSE
 @click.pass_context
 @_may_overwrite
 def run_command(ctx, recipe, overrides, out_dir):
@@ -402,11 +436,12 @@ def run_command(ctx, recipe, overrides, out_dir):
     except LaunchFailed as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(e.returncode)
-    for name, values in result.metrics.items():
-        click.echo(f"{name}: {values}", err=True)
     click.echo(f"ran {len(result.ran)} stage(s), skipped {len(result.skipped)} finished; "
                f"outputs in {result.out}" + (f"; final model {result.final}"
-                                              if result.final else ""), err=True)
+                                              if result.final else "")
+               + ("; results table in " + str(result.out / "results.md")
+                  if result.table is not None else ""), err=True)
+    click.echo(result.summary())
 
 
 @main.command("validate")
@@ -457,6 +492,7 @@ def _recipe_source(recipe: str):
               help="Key of the output's completion record (a recipe's stage hash), handed to "
                    "the processes accelerate launch starts.")
 @_PRECISION
+@_VERBOSE
 @_may_overwrite
 def train_command(stage_config, overrides, out_dir, dry_run, digest, **launch):
     """Run one training stage (cpt, sft, dpo, stepwise_dpo); KEY=VALUE overrides the YAML,
@@ -466,7 +502,7 @@ def train_command(stage_config, overrides, out_dir, dry_run, digest, **launch):
     from pathlib import Path
 
     from solar_merge.stages import load_stage_config
-    from solar_merge.stages.launch import LaunchFailed, train
+    from solar_merge.stages.launch import LaunchFailed, prepare, start
     from solar_merge.stages.launch import dry_run as describe
 
     path = Path(stage_config)
@@ -480,8 +516,9 @@ def train_command(stage_config, overrides, out_dir, dry_run, digest, **launch):
                    err=True)
         return
     try:
-        done = train(config, out_dir, overrides=overrides, base_dir=path.parent,
-                     digest=digest)
+        resolved, out = prepare(config, out_dir, overrides, path.parent)
+        with _logged(out):
+            done = start(resolved, out, digest=digest)
     except LaunchFailed as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(e.returncode)
@@ -767,6 +804,7 @@ _INCLUDE = click.option("--include-path", multiple=True, type=click.Path(),
               default="runs/eval", show_default=True,
               help="Folder for each model's lm-eval results.json and results.md/.csv/.png.")
 @_PRECISION
+@_VERBOSE
 @_may_overwrite
 def eval_command(models, tasks, include_path, num_fewshot, limit, batch_size, device,
                  apply_chat_template, model_args, prefetch, out_dir):
@@ -779,15 +817,16 @@ def eval_command(models, tasks, include_path, num_fewshot, limit, batch_size, de
         return
     if not models:
         raise UserError("no model given", fix="solar-merge eval MODEL [MODEL ...] --tasks ...")
-    lm.evaluate(list(models), tasks, out=out_dir, include_path=list(include_path) or None,
-                num_fewshot=num_fewshot, limit=int(limit) if limit and limit >= 1 else limit,
-                batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
-                device=device, apply_chat_template=apply_chat_template,
-                model_args=lm.parse_model_args(model_args))
-    from pathlib import Path
-
-    click.echo((Path(out_dir) / "results.md").read_text())
-    click.echo(f"lm-eval results per model and the table in {out_dir}", err=True)
+    with _logged(out_dir):
+        lm.evaluate(list(models), tasks, out=out_dir, include_path=list(include_path) or None,
+                    num_fewshot=num_fewshot,
+                    limit=int(limit) if limit and limit >= 1 else limit,
+                    batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
+                    device=device, apply_chat_template=apply_chat_template,
+                    model_args=lm.parse_model_args(model_args))
+    click.echo(f"lm-eval results per model and the table (results.md) in {out_dir}",
+               err=True)
+    click.echo(lm.read_table(out_dir).text())
 
 
 @main.command("contamination")

@@ -20,7 +20,6 @@ inside functions: importing this module is instant.
 import csv
 import io
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -215,9 +214,12 @@ def parse_model_args(text: str | None) -> dict:
 def _simple_evaluate(model: str, loaded: dict, hf_args: dict, settings: dict) -> dict:
     """lm-eval's `hf` model on `model`; its own code only (trust_remote_code stays off)."""
     import lm_eval
+    import lm_eval.evaluator
 
     from solar_merge.checkpoints import remote_code_error
 
+    lookup = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = _git_commit_hash
     try:
         return lm_eval.simple_evaluate(
             model="hf", model_args={"pretrained": model, "trust_remote_code": False, **hf_args},
@@ -226,6 +228,23 @@ def _simple_evaluate(model: str, loaded: dict, hf_args: dict, settings: dict) ->
         if remote_code_error(model, e):
             raise remote_code_error(model, e) from None
         raise
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = lookup
+
+
+def _git_commit_hash() -> str | None:
+    """results["git_hash"] as lm-eval finds it (`git describe --always`, else the current
+    folder's .git/HEAD), with git's complaint outside a repository ("fatal: not a git
+    repository") kept off the console: lm-eval lets git print it, once per model."""
+    import subprocess
+
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        return subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
 
 
 def _top_level(loaded: dict) -> list:
@@ -467,42 +486,52 @@ def write_table(results: dict[str, dict], folder) -> dict[str, dict[str, float]]
     writer.writerow(["model", *columns])
     writer.writerows([label, *(row.get(c, "") for c in columns)] for label, row in rows.items())
     (folder / "results.csv").write_text(buf.getvalue())
-    (folder / "results.md").write_text("\n".join(markdown(rows, results)) + "\n")
+    results_table(results).write(folder / "results.md")
     _plot(rows, columns, folder / "results.png")
     return rows
 
 
-def markdown(rows: dict[str, dict[str, float]], results: dict | None = None) -> list[str]:
-    """The table as Markdown lines (↓ marks lower-is-better columns), with lm-eval's version."""
+def results_table(results: dict[str, dict]):
+    """`table(results)` as a tables.Table: columns ranked by lm-eval's own `higher_is_better`
+    (h6's leaderboard scores: higher), headers without lm-eval's `,none` filter, and a note
+    with lm-eval's version, the shots and the limit."""
+    from solar_merge.tables import Table
+
+    rows = table(results)
     columns = list(dict.fromkeys(c for row in rows.values() for c in row))
-    some = next(iter((results or {}).values()), {})
+    better = {c: True for c in columns if c.startswith("h6 ")}
+    for c in columns:
+        task, _, metric = c.partition(" ")
+        for res in results.values():
+            flag = res.get("higher_is_better", {}).get(task, {}).get(metric.split(",")[0])
+            if isinstance(flag, bool):
+                better.setdefault(c, flag)
 
     def head(c):
-        task, _, metric = c.partition(" ")
-        better = some.get("higher_is_better", {}).get(task, {}).get(metric.split(",")[0])
-        label = c.replace(",none", "").replace(",", " (", 1) + (")" if "," in
-                                                                c.replace(",none", "") else "")
-        return label + (" ↓" if better is False else "")
+        label = c.replace(",none", "")
+        return label.replace(",", " (", 1) + ")" if "," in label else label
 
-    lines = ["| model | " + " | ".join(head(c) for c in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
-    for label, row in rows.items():
-        lines.append(f"| {label} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    some = next(iter(results.values()), {})
+    notes = []
     if some:
-        lines += ["", f"lm-evaluation-harness {some.get('lm_eval_version', '?')}; shots: "
-                  + ", ".join(f"{t} {k}" for t, k in some.get("n-shot", {}).items()
-                              if not t.startswith("mmlu_"))
-                  + (f"; limit {some['config'].get('limit')}" if some.get("config", {}).get(
-                      "limit") else "")]
-    return lines
+        notes.append(f"lm-evaluation-harness {some.get('lm_eval_version', '?')}; shots: "
+                     + ", ".join(f"{t} {k}" for t, k in some.get("n-shot", {}).items()
+                                 if not t.startswith("mmlu_"))
+                     + (f"; limit {some['config'].get('limit')}"
+                        if some.get("config", {}).get("limit") else ""))
+    return Table(rows, better=better, headers={c: head(c) for c in columns}, notes=notes)
 
 
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
-    return str(v)
+def read_table(out):
+    """The table of a finished evaluation folder: metrics.json's rows, ranked and noted as
+    `results_table` does from its models' results.json."""
+    out = Path(out)
+    rows = json.loads((out / METRICS).read_text())
+    found = {label: json.loads((out / label / RESULTS).read_text()) for label in rows
+             if (out / label / RESULTS).is_file()}
+    ranked = results_table(found)
+    ranked.rows = rows
+    return ranked
 
 
 def _plot(rows: dict, columns: list[str], path: Path) -> None:

@@ -25,8 +25,9 @@ order, hash, print and call. A kind module defines:
     training_data(body) -> list[str]
                  the data sets (as written) the stage trains on: an eval stage's
                  `contamination: {train: auto}` checks them all
-    metrics(plan) -> dict | None
-                 {model: {column: value}} from its finished output (scores), else None
+    metrics(plan) -> tables.Table | None
+                 its scores from its finished output (rows {model: {column: value}}, the
+                 direction of each column), else None; a recipe run prints them joined
     hub_results(plan, model) -> list
                  the scores of `model` as model-index entries for the Hub card
 

@@ -105,10 +105,10 @@ def training_data(body: dict) -> list[str]:
     return []
 
 
-def metrics(plan: StagePlan) -> dict:
-    from solar_merge.eval import METRICS
+def metrics(plan: StagePlan):
+    from solar_merge.eval import read_table
 
-    return json.loads((plan.out_dir / METRICS).read_text())
+    return read_table(plan.out_dir)
 
 
 def hub_results(plan: StagePlan, model: str) -> list:

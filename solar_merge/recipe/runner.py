@@ -10,6 +10,7 @@ never resumes a partial folder of another hash.
 
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,15 +31,20 @@ from solar_merge.outputs import (
 )
 from solar_merge.recipe.planner import Plan, plan
 
+log = logging.getLogger(__name__)
+
 Runner = Callable[[StagePlan], Any]
+RESULTS = "results.md"  # the run's results table, in the output root
 
 
 # -- one stage, in this process or in a fresh one ------------------------------------------------
 
-def in_fresh_process(fn, what: str = "a solar-merge step", fix: str = "re-run it"):
+def in_fresh_process(fn, what: str = "a solar-merge step", fix: str = "re-run it", *,
+                     log_file=None):
     """fn() in a fresh process, which exits with whatever it imported and held, so that this
-    process stays small; fn's result (see `_in_child`)."""
-    return _in_child(fn, what, fix)[0]
+    process stays small; fn's result (see `_in_child`). With `log_file`, what the libraries
+    print there goes into that file (solar_merge.console.capture)."""
+    return _in_child(fn, what, fix, log_file)[0]
 
 
 def _context():
@@ -54,24 +60,30 @@ def _context():
     return ctx
 
 
-def _in_child(fn, what: str, fix: str):
+def _in_child(fn, what: str, fix: str, log_file=None):
     """(fn(), peak RSS of its process in MB; of its largest child if larger, e.g. accelerate
     ranks), fn run in a fresh process (see `_context`). Its UserError is raised here as it is,
     any other error with the library it came from and its traceback; a process killed without
-    a word (the OOM killer, a signal) is a UserError naming `what`, with `fix`."""
+    a word (the OOM killer, a signal) is a UserError naming `what`, with `fix`. The lines it
+    shows (solar_merge.console) are printed here, indented, as they come; what its libraries
+    print goes to `log_file` (none: where this process's output goes)."""
     ctx = _context()
     receive, send = ctx.Pipe(duplex=False)
     from solar_merge import console
 
     # a forked process has the fork server's environment, folder and logging: ours are passed
     process = ctx.Process(target=_child, args=(fn, what, send, dict(os.environ), os.getcwd(),
-                                               console.shown()))
+                                               console.shown(), log_file))
     process.start()
     send.close()
-    try:
-        report = receive.recv()
-    except EOFError:  # died without a word
-        report = None
+    while True:
+        try:
+            report = receive.recv()
+        except EOFError:  # died without a word
+            report = None
+        if report is None or "line" not in report:
+            break
+        console.echo("  " + report["line"])
     process.join()
     if report is None:
         raise UserError(f"{what} was killed (exit code {process.exitcode}) before it "
@@ -81,34 +93,48 @@ def _in_child(fn, what: str, fix: str):
     return report["result"], report["peak_rss_mb"]
 
 
-def _child(fn, what: str, send, environ: dict, cwd: str, show: bool = False) -> None:
+def _child(fn, what: str, send, environ: dict, cwd: str, show: bool = False,
+           log_file=None) -> None:
     """The body of _in_child's process: fn() with the caller's environment and folder (and
-    solar-merge's messages on stderr if the caller shows them), then its result and peak
-    memory, or its error as an exception the parent can raise."""
+    solar-merge's messages sent to the caller if it shows them), what the libraries print in
+    `log_file`, then its result and peak memory, or its error as an exception the parent can
+    raise."""
     import resource
+    import threading
     import traceback
+
+    from solar_merge import console
+
+    lock = threading.Lock()  # lines may come from other threads: one message at a time
+
+    def post(message: dict) -> None:
+        with lock:
+            send.send(message)
 
     try:
         os.environ.clear()
         os.environ.update(environ)
+        os.environ.pop(console.LOG, None)  # this process's output goes where it is told here
         os.chdir(cwd)
         if show:
-            from solar_merge import console
-
             console.show()
-        result = fn()
+            console.relay(lambda line: post({"line": line}))
+        with console.capture(log_file, title=what):
+            result = fn()
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        send.send({"result": result, "peak_rss_mb": round(max(own, children) / 1024)})
+        post({"result": result, "peak_rss_mb": round(max(own, children) / 1024)})
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
-        if not isinstance(e, UserError):
+        from solar_merge.stages.launch import LaunchFailed
+
+        if not isinstance(e, (UserError, LaunchFailed)):
             library = failing_library(e)
             error = RuntimeError(f"{type(e).__name__}: {e}\n\n(in the process of {what})\n"
                                  f"{traceback.format_exc()}")
             error.solar_merge_library = library
             error._solar_merge_during = getattr(e, "_solar_merge_during", [])
             e = error
-        send.send({"error": e})
+        post({"error": e})
     finally:
         send.close()
 
@@ -120,7 +146,8 @@ def run_stage(run: Runner, st: StagePlan, *, isolate: bool = False) -> dict:
     `isolate` runs the stage in a fresh Python process (`in_fresh_process`) that exits when the
     stage is done, so that no stage's models, optimizer state or allocator caches outlive it:
     the recipe's peak memory is its largest stage's, not their sum. The imports are paid once,
-    by the fork server (`_context`), not once per stage."""
+    by the fork server (`_context`), not once per stage. What the libraries print there goes
+    to the stage's log file (`stage_log`)."""
     import time
 
     start = time.perf_counter()
@@ -129,13 +156,22 @@ def run_stage(run: Runner, st: StagePlan, *, isolate: bool = False) -> dict:
         return {"seconds": round(time.perf_counter() - start, 1)}
     _, peak = _in_child(partial(run, st), f"stage `{st.name}`", fix=(
         "if the machine ran out of memory, give the stage a smaller batch or sequence length; "
-        "then re-run (finished stages are kept, training resumes from its last checkpoint)"))
+        "then re-run (finished stages are kept, training resumes from its last checkpoint)"),
+        log_file=stage_log(st))
     return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": peak}
 
 
 def stage_done(st: StagePlan) -> bool:
     """Complete for this very stage hash."""
     return is_complete(st.record_dir, st.hash)
+
+
+def stage_log(st: StagePlan) -> Path:
+    """Where the libraries' output of a stage run in its own process goes: `<stage>.log`
+    beside its output folder (solar_merge.console.log_beside)."""
+    from solar_merge import console
+
+    return console.log_beside(st.out_dir)
 
 
 @dataclass
@@ -145,6 +181,26 @@ class RunResult:
     ran: list[str]
     skipped: list[str]
     metrics: dict[str, dict]
+    table: Any = None                   # tables.Table: every scoring stage's rows, joined
+    costs: dict[str, dict] | None = None  # stage_costs: what each finished stage cost
+
+    def summary(self) -> str:
+        """What a recipe run prints last: what each stage cost, then the results table
+        (also in OUT/results.md)."""
+        from solar_merge.tables import Table
+
+        parts = []
+        if self.costs:
+            rows = {name: {"kind": c.get("kind"), "seconds": c.get("seconds"),
+                           "peak MB": c.get("peak_rss_mb"),
+                           "tokens/s": c.get("tokens_per_second"),
+                           "this run": "ran" if name in self.ran else "earlier"}
+                    for name, c in self.costs.items()}
+            parts.append(Table(rows, corner="stage",
+                               formats={"seconds": ".1f", "tokens/s": ".1f"}).text())
+        if self.table is not None:
+            parts.append(self.table.text())
+        return "\n\n".join(parts)
 
 
 def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = None,
@@ -173,14 +229,23 @@ def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = N
         if not stage_done(p.stages[name]):
             check_replaceable(p.stages[name].record_dir)
             check_partial(p.stages[name].record_dir)
-    ran, skipped, metrics = [], [], {}
-    bar = tqdm(p.order, desc=p.name, unit="stage", disable=not progress, dynamic_ncols=True)
+    from solar_merge import console, tables
+
+    ran, skipped, metrics, scored = [], [], {}, []
+    bar = tqdm(p.order, desc=p.name, unit="stage", disable=not progress, dynamic_ncols=True,
+               file=console.terminal())
     for name in bar:
         st = p.stages[name]
         bar.set_description(f"{p.name}: {name} ({st.kind})")
+        what = f"{name} ({KINDS[st.kind].describe(st)})" + (
+            f" from {', '.join(st.inputs)}" if st.inputs else "")
         if stage_done(st):
             skipped.append(name)
+            log.info("%s: finished earlier, skipped", what)
         else:
+            logged = isolate and not console.verbose()
+            log.info("%s%s", what, f" · log: {console.shown_path(stage_log(st))}"
+                     if logged else "")
             with during(f"stage `{name}` ({st.kind}) of {', '.join(st.inputs) or '-'}"):
                 cost = run_stage(runners[st.kind], st, isolate=isolate)
             if not stage_done(st):
@@ -191,13 +256,17 @@ def run(source, out=None, overrides=(), *, runners: dict[str, Runner] | None = N
             ran.append(name)
         scores = KINDS[st.kind].metrics(st)
         if scores is not None:
-            metrics[name] = scores
+            metrics[name] = scores.rows
+            scored.append(scores)
     bar.close()
     final = p.stages[p.final].record_dir if p.final else None  # a model stage's record is
     #                                                          kept in its model's folder
     if card and final is not None:
         _write_final_card(p, final, metrics)
-    return RunResult(p.out, final, ran, skipped, metrics)
+    table = tables.merged(scored) if scored else None
+    if table is not None:
+        table.write(p.out / RESULTS)
+    return RunResult(p.out, final, ran, skipped, metrics, table, stage_costs(p))
 
 
 def _tokens_per_second(out_dir: Path) -> dict:

@@ -51,13 +51,23 @@ STAGE_MODULES = {"cpt": "solar_merge.stages.cpt", "sft": "solar_merge.stages.sft
 
 
 class LaunchFailed(Exception):
-    """The launched training processes exited with an error (their output was shown)."""
+    """The launched training processes exited with an error: the end of their output (from
+    the log file they wrote into, else shown above) and how to resume."""
 
-    def __init__(self, returncode: int, out_dir: Path):
-        self.returncode = returncode
-        super().__init__(f"the training processes exited with code {returncode} (their output "
-                         f"is above); re-run the same command to resume {out_dir} from its last "
-                         "checkpoint")
+    def __init__(self, returncode: int, out_dir: Path, log: Path | None = None):
+        self.returncode, self.out_dir, self.log = returncode, out_dir, log
+        super().__init__(returncode, out_dir, log)  # the arguments: it pickles whole
+
+    def __str__(self) -> str:
+        from solar_merge.console import shown_path, tail
+
+        ending = tail(self.log) if self.log else ""
+        where = (f"; the end of their output ({shown_path(self.log)}):\n"
+                 + "\n".join("    " + line for line in ending.splitlines())
+                 if ending else " (their output is above)")
+        return (f"the training processes exited with code {self.returncode}{where}\n"
+                f"  fix: re-run the same command to resume {self.out_dir} from its last "
+                "checkpoint")
 
 
 def train(config: dict, out_dir=None, *, overrides=(), base_dir=None,
@@ -66,18 +76,20 @@ def train(config: dict, out_dir=None, *, overrides=(), base_dir=None,
 
     A finished stage with the same resolved config and inputs is not re-run; an interrupted
     one resumes from its last checkpoint."""
-    resolved, out_dir = _resolved(config, out_dir, overrides, base_dir)
+    resolved, out_dir = prepare(config, out_dir, overrides, base_dir)
     return start(resolved, out_dir, digest=digest)
 
 
 def dry_run(config: dict, out_dir=None, *, overrides=(), base_dir=None) -> str:
     """Resolve and check the stage, estimate its memory, run nothing: what to print."""
-    resolved, out_dir = _resolved(config, out_dir, overrides, base_dir)
+    resolved, out_dir = prepare(config, out_dir, overrides, base_dir)
     launch = resolved.get("launch") or {}
     return describe(resolved, launch, check_fit(resolved, launch), out_dir)
 
 
-def _resolved(config: dict, out_dir, overrides, base_dir) -> tuple[dict, Path]:
+def prepare(config: dict, out_dir, overrides, base_dir) -> tuple[dict, Path]:
+    """(the resolved stage config, its absolute output folder: `out_dir`, else the config's
+    `output:`)."""
     resolved = resolve(config, overrides, base_dir)
     out_dir = out_dir or resolved.get("output")
     if not out_dir:
@@ -178,7 +190,9 @@ def spawn(resolved: dict, out_dir: Path, digest: str | None = None) -> Path:
         log.info("launching: %s", " ".join(shlex.quote(c) for c in cmd))
         code = subprocess.run(cmd, env={**os.environ, LAUNCHED: "1"}, check=False).returncode
     if code != 0:
-        raise LaunchFailed(code, out_dir)
+        from solar_merge.console import current_log
+
+        raise LaunchFailed(code, out_dir, current_log())
     return out_dir
 
 

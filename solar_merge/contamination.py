@@ -50,12 +50,6 @@ def _janitor():
     return Janitor(ngram_n=N), word_ngrams
 
 
-def words(text: str) -> list[str]:
-    """lm-eval's normalization, then whitespace words."""
-    janitor, _ = _janitor()
-    return janitor.normalize_string(text).split()
-
-
 def ngrams(text: str, n: int = N) -> set[str]:
     """The n-grams of `text` as lm-eval forms them ("w1 w2 ... wn"); a text shorter than n
     words gives itself (if not empty)."""

@@ -116,3 +116,19 @@ def test_validate_by_name_a_file_of_that_name_wins_and_non_recipes_are_refused(t
 def test_run_help_says_it_takes_a_shipped_name():
     result = CliRunner().invoke(main, ["run", "--help"])
     assert "shipped" in result.output and "solar-merge recipes" in result.output
+
+
+def test_a_name_that_is_no_file_and_no_shipped_recipe_names_the_shipped_ones(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runnable = [item.name for item in recipes.shipped()
+                if item.command.startswith("solar-merge run ")]
+    assert runnable  # the recipes `run NAME` takes
+    for command in ("run", "validate"):
+        result = CliRunner().invoke(main, [command, "solar_10.7"])
+        assert result.exit_code == 2, result.output
+        assert "recipe `solar_10.7` not found" in result.output
+        assert "did you mean `solar_10.7b`" in result.output
+        assert all(name in result.output for name in runnable)
+        assert "fix:" in result.output and "`solar-merge recipes`" in result.output
+        assert "Traceback" not in result.output and not (tmp_path / "runs").exists()

@@ -96,7 +96,8 @@ class Loaded:
 
 def load(source, overrides=(), *, base_dir=None) -> Loaded:
     """A recipe from a file, an output folder, a URL or a Hub repo (hub.load_recipe_text),
-    or a mapping; `overrides` are `dotted.key=value` strings (values parsed as YAML)."""
+    or a mapping; `overrides` are `dotted.key=value` strings (values parsed as YAML). A name
+    that is none of these is refused with the names of the shipped recipes."""
     remote = False
     if isinstance(source, dict):
         data, label = copy.deepcopy(source), "recipe"
@@ -107,8 +108,14 @@ def load(source, overrides=(), *, base_dir=None) -> Loaded:
             text, label = read_text(path, what="recipe"), str(source)
             base = path.absolute().parent
         else:
+            from solar_merge.checkpoints import is_hub_id
             from solar_merge.hub import load_recipe_text
 
+            if not path.exists() and not is_hub_id(str(source)) \
+                    and not str(source).startswith(("http://", "https://")):
+                from solar_merge.recipes import unknown_recipe
+
+                raise unknown_recipe(str(source))
             text, label = load_recipe_text(str(source))
             base = Path(os.getcwd())  # a recipe from a folder, URL or Hub repo: paths are ours
             remote = not Path(os.path.expanduser(str(source))).exists()

@@ -53,6 +53,25 @@ def find(name: str) -> Shipped:
     return items[stem]
 
 
+def unknown_recipe(name: str) -> UserError:
+    """The error for a recipe NAME that is no file, folder, URL or Hub id: it names the
+    shipped recipes that `run` and `validate` take by name."""
+    items = shipped()
+    names = [item.name for item in items if _runs_by_name(item)]
+    close = did_you_mean(name.removesuffix(".yaml"), [item.name for item in items])
+    return UserError(f"recipe `{name}` not found: no such file or folder, and no shipped recipe "
+                     f"has that name{close}",
+                     fix=f"give a shipped recipe's name ({', '.join(names)}; `solar-merge "
+                         "recipes` lists every shipped file and the command that runs it), a "
+                         "recipe file, an output folder, an http(s) URL or a Hub repo id "
+                         "`owner/name`")
+
+
+def _runs_by_name(item: Shipped) -> bool:
+    """Whether `solar-merge run NAME` runs it: a recipe whose header runs it that way."""
+    return item.command.startswith("solar-merge run ")
+
+
 def references(path: Path) -> list[Path]:
     """The shipped files that PATH names by a relative path (a merge config, a chat template),
     and those they name in turn."""
@@ -106,7 +125,7 @@ def runnable(name: str, here=None) -> tuple[dict, Path]:
     import yaml
 
     item = find(name)
-    if not item.command.startswith("solar-merge run "):
+    if not _runs_by_name(item):
         raise UserError(f"`{item.name}` is a {item.kind} that `solar-merge run` does not run",
                         fix=f"run it as its header says: `{item.command}` (a copy's relative "
                             f"paths work after `solar-merge recipes copy {item.name} .`)")

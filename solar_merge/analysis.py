@@ -269,22 +269,34 @@ class SeamResult:
     skipped: bool = False
 
     def summary(self) -> str:
+        """The recommendation and why, then the table of SOLAR's candidate seams."""
         rec = self.recommendation
         lines = [f"{self.model}: {self.n_layers} layers, {self.samples} samples, "
                  f"{self.tokens} tokens" + (" (already measured)" if self.skipped else "")]
-        lines.append("candidate DUS seams (copy A keeps [0, n-m), copy B keeps [m, n)):")
-        lines.append("     m  layers  params    seam distance")
-        for c in self.candidates:
-            mark = "  <- --drop" if rec.drop is not None and c.drop == rec.drop.drop else ""
-            lines.append(f"  {c.drop:>4}  {c.layers:>6}  {_human(c.params):>8}  "
-                         f"{c.distance:>13.4f}{mark}")
         if rec.drop is not None:
             lines.append(f"recommended --drop {rec.drop.drop}")
         lines.append(f"recommended --repeat {rec.repeat.start}:{rec.repeat.end}")
         lines.append(f"reason: {rec.reason}")
         lines.append(f"the more similar seam at {rec.target.layers} layers: {rec.best.option}")
-        lines.append(f"wrote {self.out}/seam.csv, seam.png, candidates.csv, seam.json")
-        return "\n".join(lines)
+        lines.append(f"wrote {self.out}/seam.csv, seam.png, candidates.csv, seam.json, "
+                     "results.md")
+        return "\n".join(lines) + "\n\n" + self.table().text()
+
+    def table(self):
+        """SOLAR's candidate seams (--drop m) as a tables.Table: the smaller the distance,
+        the more alike the states the seam joins."""
+        from solar_merge.tables import Table
+
+        rec = self.recommendation
+        return Table({f"--drop {c.drop}": {"layers": c.layers, "params": _human(c.params),
+                                           "seam distance": c.distance}
+                      for c in self.candidates}, better={"seam distance": False},
+                     corner="candidate", formats={"seam distance": ".4f"},
+                     notes=[("seam distance: the angular distance between the hidden state "
+                             "copy B's first kept layer m receives (h_n-m) and the one it was "
+                             "trained on (h_m)")]
+                     + ([f"recommended at {rec.target.layers} layers: --drop {rec.drop.drop}"]
+                        if rec.drop is not None else []))
 
 
 def _params_fn(model: str):
@@ -407,6 +419,7 @@ def _write(work: Path, r: SeamResult, dist, data_file, options: dict) -> None:
         "distances": [[round(float(x), 8) for x in row] for row in dist],
     }
     (work / "seam.json").write_text(json.dumps(summary, indent=1) + "\n")
+    r.table().write(work / "results.md")
     plot(dist, r, work / "seam.png")
 
 
@@ -486,12 +499,22 @@ class PlanResult:
                  "  weights alone: " + ", ".join(f"{dtype} {_gb(n)}"
                                                  for dtype, n in self.weights.items())]
         if self.memory:
-            lines.append(f"  training memory per device ({self.setup}; solar_merge.memory, "
-                         "runtime not included):")
-            width = max(len(k) for k in self.memory)
-            lines += [f"    {name:<{width}}  {est.describe()}"
-                      for name, est in self.memory.items()]
+            lines += ["", (f"training memory per device ({self.setup}; solar_merge.memory, "
+                           "runtime not included):"), "", self.table().text()]
         return "\n".join(lines)
+
+    def table(self):
+        """Training memory per device for each strategy as a tables.Table (the least is
+        marked)."""
+        from solar_merge.checkpoints import human
+        from solar_merge.tables import Table
+
+        return Table({name: {"GB per device": est.total / 1e9,
+                             "of which": ", ".join(f"{k} {human(v, 'B')}"
+                                                   for k, v in est.terms.items() if v)}
+                      for name, est in self.memory.items()},
+                     better={"GB per device": False}, corner="strategy",
+                     formats={"GB per device": ".4g"})
 
 
 def _billions(n: int) -> str:

@@ -616,6 +616,7 @@ def recipe_extract(source, output):
                                "within it (default: SOLAR's m = n/4).")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Folder for seam.csv, seam.png, candidates.csv, seam.json.")
+@_VERBOSE
 @_may_overwrite
 def seam_command(model, data_file, samples, seq_len, layers, budget, out_dir):
     """Where to cut MODEL for depth up-scaling, from its hidden states on a text sample.
@@ -629,8 +630,9 @@ def seam_command(model, data_file, samples, seq_len, layers, budget, out_dir):
     """
     from solar_merge.analysis import seam
 
-    result = seam(model, data_file, out_dir, samples=samples, seq_len=seq_len, layers=layers,
-                  budget=budget)
+    with _logged(out_dir):
+        result = seam(model, data_file, out_dir, samples=samples, seq_len=seq_len,
+                      layers=layers, budget=budget)
     click.echo(result.summary())
 
 
@@ -689,6 +691,7 @@ def plan_command(model, drop, layers, every, launch, devices, stage, precision, 
 @click.option("--keep-all", is_flag=True, help="Keep every merge under DIR/points.")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Folder for sweep.csv, sweep.png, scores/, evals/ and best/.")
+@_VERBOSE
 @_may_overwrite
 def sweep_command(candidates, method, grid, tasks, include_path, num_fewshot, limit,
                   batch_size, metric, dtype, keep_all, out_dir):
@@ -698,10 +701,11 @@ def sweep_command(candidates, method, grid, tasks, include_path, num_fewshot, li
     from solar_merge.sweep import sweep
 
     batch = int(batch_size) if batch_size.isdigit() else batch_size
-    result = sweep(list(candidates), out_dir, method=method, grid=grid, tasks=tasks,
-                   include_path=list(include_path) or None, num_fewshot=num_fewshot,
-                   limit=limit, batch_size=batch, metric=metric, keep_all=keep_all,
-                   dtype=dtype)
+    with _logged(out_dir):
+        result = sweep(list(candidates), out_dir, method=method, grid=grid, tasks=tasks,
+                       include_path=list(include_path) or None, num_fewshot=num_fewshot,
+                       limit=limit, batch_size=batch, metric=metric, keep_all=keep_all,
+                       dtype=dtype)
     click.echo(result.summary())
 
 
@@ -720,6 +724,7 @@ def sweep_command(candidates, method, grid, tasks, include_path, num_fewshot, li
                    "machines.")
 @click.option("--keep-all", is_flag=True, default=None,
               help="Keep every trial's model under OUT/trials (default: only the best).")
+@_VERBOSE
 @_may_overwrite
 def search_command(space, out_dir, trials, timeout, storage, keep_all):
     """Search the up-scaling layouts and/or merge weights of SPACE (a YAML search space) with
@@ -730,8 +735,9 @@ def search_command(space, out_dir, trials, timeout, storage, keep_all):
 
     from solar_merge.search import load_space, run
 
-    result = run(load_space(space), out_dir, base_dir=Path(space).absolute().parent,
-                 trials=trials, timeout=timeout, storage=storage, keep_all=keep_all)
+    with _logged(out_dir):
+        result = run(load_space(space), out_dir, base_dir=Path(space).absolute().parent,
+                     trials=trials, timeout=timeout, storage=storage, keep_all=keep_all)
     click.echo(result.summary())
 
 

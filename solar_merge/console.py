@@ -122,19 +122,29 @@ def capture(log, title: str = ""):
     """Send everything written to this process's stdout and stderr (Python's and the file
     descriptors', so that C libraries and child processes are caught too) into `log`,
     appended under a header line with the time and `title`, until the block ends; our own
-    lines (`echo`) still reach the terminal. Yields the log's path, or None where nothing is
-    captured: --verbose, or a capture already active (here or in the process that started
+    lines (`echo`) still reach the terminal. A run that wrote nothing (a mistake found before
+    any library ran) leaves no log behind. Yields the log's path, or None where nothing is
+    captured: --verbose, a log that cannot be written (the tool then says why its output
+    folder cannot be), or a capture already active (here or in the process that started
     this one, whose log this process's output already goes to)."""
     if log is None or verbose() or _state["log"] is not None or os.environ.get(LOG):
         yield current_log()
         return
     log = Path(log).absolute()
-    log.parent.mkdir(parents=True, exist_ok=True)
+    before = log.stat().st_size if log.exists() else None
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        f = open(log, "a", buffering=1, encoding="utf-8",  # noqa: SIM115 - closed below
+                 errors="replace")
+    except OSError:
+        yield None
+        return
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    with open(log, "a", buffering=1, encoding="utf-8", errors="replace") as f:
-        f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {title}\n".rstrip() + "\n")
+    with f:
+        f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {title}".rstrip() + "\n")
         f.flush()
+        header_end = f.tell()
         saved = os.dup(1), os.dup(2)
         streams = sys.stdout, sys.stderr
         # our lines keep going where stderr went: the saved descriptor when Python's stderr
@@ -160,6 +170,11 @@ def capture(log, title: str = ""):
                 _state["terminal"].close()
             _state.update(terminal=None, log=None)
             os.environ.pop(LOG, None)
+            if os.fstat(f.fileno()).st_size == header_end:  # nothing but the header
+                if before is None:
+                    log.unlink(missing_ok=True)
+                else:
+                    f.truncate(before)
 
 
 def current_log() -> Path | None:

@@ -507,10 +507,6 @@ def results_table(results: dict[str, dict]):
             if isinstance(flag, bool):
                 better.setdefault(c, flag)
 
-    def head(c):
-        label = c.replace(",none", "")
-        return label.replace(",", " (", 1) + ")" if "," in label else label
-
     some = next(iter(results.values()), {})
     notes = []
     if some:
@@ -519,7 +515,14 @@ def results_table(results: dict[str, dict]):
                                  if not t.startswith("mmlu_"))
                      + (f"; limit {some['config'].get('limit')}"
                         if some.get("config", {}).get("limit") else ""))
-    return Table(rows, better=better, headers={c: head(c) for c in columns}, notes=notes)
+    return Table(rows, better=better, headers={c: header(c) for c in columns}, notes=notes)
+
+
+def header(column: str) -> str:
+    """A table column as a person reads it: `task metric` without lm-eval's `,none` filter,
+    another filter in parentheses (`solar_arith exact_match (flexible-extract)`)."""
+    label = column.replace(",none", "")
+    return label.replace(",", " (", 1) + ")" if "," in label else label
 
 
 def read_table(out):

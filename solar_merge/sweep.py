@@ -198,14 +198,12 @@ class SweepResult:
     best: Row
     merged: list[str]       # points merged by this call (finished ones were not)
     skipped: bool = False   # the whole sweep was already finished
+    directions: dict[str, bool] = field(default_factory=dict)  # metric -> higher is better
 
     def summary(self) -> str:
+        """Where the best merge went and why, then the table of every point (results.md)."""
         arrow = "higher" if self.higher_is_better else "lower"
-        lines = [f"{'point':>18}  {self.metric}"]
-        for r in self.rows:
-            mark = "  <- best" if r is self.best else ""
-            lines.append(f"{r.point.label:>18}  {r.metrics.get(self.metric, float('nan')):.6g}"
-                         f"{mark}")
+        lines = []
         values = {r.metrics.get(self.metric) for r in self.rows}
         if len(values) == 1:
             lines.append(f"every point scores the same {self.metric}: the data do not decide; "
@@ -215,7 +213,22 @@ class SweepResult:
         lines.append(f"table: {self.out / 'sweep.csv'}, plot: {self.out / 'sweep.png'}"
                      + (" (already finished)" if self.skipped else
                         f"; merged {len(self.merged)} point(s) in this run"))
-        return "\n".join(lines)
+        table = sweep_table(self.rows, self.metric, {self.metric: self.higher_is_better,
+                                                      **self.directions})
+        return "\n".join(lines) + "\n\n" + table.text()
+
+
+def sweep_table(rows: list["Row"], metric: str, directions: dict[str, bool]):
+    """Every grid point's scores as a tables.Table (points as rows, the picking metric
+    first)."""
+    from solar_merge.eval import header
+    from solar_merge.tables import Table
+
+    columns = [metric, *dict.fromkeys(k for r in rows for k in r.metrics if k != metric)]
+    return Table({r.point.label: {c: r.metrics[c] for c in columns if c in r.metrics}
+                  for r in rows}, better={c: directions[c] for c in columns if c in directions},
+                 headers={c: header(c) for c in columns}, corner="point",
+                 notes=[f"the best merge is picked by {header(metric)}"])
 
 
 def sweep(candidates: list[str], out_dir, *, method: str, grid, tasks=None,
@@ -269,7 +282,11 @@ def sweep(candidates: list[str], out_dir, *, method: str, grid, tasks=None,
     if is_complete(out, digest):
         rows, m, hib = _read_table(out)
         best = _best(rows, m, hib)
-        return SweepResult(out, best_dir, m, hib, rows, best, [], skipped=True)
+        higher = {}
+        for scored in sorted((out / "scores").glob("*.json")):
+            higher.update(json.loads(scored.read_text()).get("higher_is_better", {}))
+        return SweepResult(out, best_dir, m, hib, rows, best, [], skipped=True,
+                           directions=higher)
 
     merged: list[str] = []
     from solar_merge import testhooks
@@ -283,7 +300,10 @@ def sweep(candidates: list[str], out_dir, *, method: str, grid, tasks=None,
         higher: dict[str, bool] = {}
         from tqdm.auto import tqdm
 
-        for point in tqdm(points, desc="sweep", unit="point", disable=not progress):
+        from solar_merge.console import terminal
+
+        for point in tqdm(points, desc="sweep", unit="point", disable=not progress,
+                          file=terminal()):
             saved = _read_score(work, point)
             if saved is None:
                 folder = work / "points" / point.label
@@ -305,10 +325,11 @@ def sweep(candidates: list[str], out_dir, *, method: str, grid, tasks=None,
         best = _best(rows, m, higher[m])
         _publish(work, best, best_name, keep_all)
         _write_table(work, rows, m, higher[m], best, candidates)
+        sweep_table(rows, m, higher).write(work / "results.md")
         _card(work / best_name if best_name else work, method, refs, rows, best, m,
               merge_config(method, refs, best.point, dtype))
         (work / HASH_FILE).unlink(missing_ok=True)
-    return SweepResult(out, best_dir, m, higher[m], rows, best, merged)
+    return SweepResult(out, best_dir, m, higher[m], rows, best, merged, directions=higher)
 
 
 def _absolute(ref: str, base: Path) -> str:

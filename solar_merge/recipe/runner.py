@@ -119,7 +119,9 @@ def _child(fn, what: str, send, environ: dict, cwd: str, show: bool = False,
         if show:
             console.show()
             console.relay(lambda line: post({"line": line}))
-        with console.capture(log_file, title=what):
+        with console.capture(log_file, title=what) as logged:
+            if logged or console.verbose():
+                _replay_import_warnings()
             result = fn()
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -137,6 +139,18 @@ def _child(fn, what: str, send, environ: dict, cwd: str, show: bool = False,
         post({"error": e})
     finally:
         send.close()
+
+
+def _replay_import_warnings() -> None:
+    """The warnings the fork server's imports raised (recipe.preload), shown here as this
+    process's imports would have shown them: into its log file, or on the terminal with
+    --verbose."""
+    import sys
+    import warnings
+
+    preload = sys.modules.get("solar_merge.recipe.preload")
+    for w in getattr(preload, "IMPORT_WARNINGS", ()):
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def run_stage(run: Runner, st: StagePlan, *, isolate: bool = False) -> dict:

@@ -75,14 +75,17 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory, tiny_tokenizer_dir):
-    """factory(arch='llama', layers=4, tied=True, seed=0) -> path, cached per argument set."""
+    """factory(arch='llama', layers=4, tied=True, seed=0, vocab=384) -> path, cached per
+    argument set. A vocab other than the tokenizer's makes a model no merge accepts with the
+    others."""
     cache = {}
 
-    def factory(arch="llama", layers=4, tied=True, seed=0):
-        key = (arch, layers, tied, seed)
+    def factory(arch="llama", layers=4, tied=True, seed=0, vocab=384):
+        key = (arch, layers, tied, seed, vocab)
         if key not in cache:
-            out = tmp_path_factory.mktemp(f"{arch}-{layers}-{'tied' if tied else 'untied'}-{seed}")
-            cache[key] = make_model(out, arch, layers, tied, tiny_tokenizer_dir, seed)
+            out = tmp_path_factory.mktemp(f"{arch}-{layers}-{'tied' if tied else 'untied'}-{seed}"
+                                          f"-v{vocab}")
+            cache[key] = make_model(out, arch, layers, tied, tiny_tokenizer_dir, seed, vocab)
         return cache[key]
 
     return factory

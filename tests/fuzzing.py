@@ -228,3 +228,16 @@ def edit_text(text: str, edits) -> str:
         pos = pos % (len(text) + 1)
         text = text[:pos] + insert + text[pos + cut:]
     return text
+
+
+def _alias_bomb() -> str:
+    """577 bytes of YAML whose aliases stand for 10**9 values, inside a field every schema
+    accepts: expanded, it would keep `validate` busy for hours; the reader must refuse it."""
+    level = "&a0 [x, x, x, x, x, x, x, x, x, x]"
+    for k in range(1, 9):
+        level = f"&a{k} [{level}" + f", *a{k - 1}" * 9 + "]"
+    return ("stages:\n  up:\n    merge:\n      merge_method: passthrough\n      parameters:\n"
+            f"        t: {level}\n      models: [{{model: m}}]\n")
+
+
+ALIAS_BOMB = _alias_bomb()

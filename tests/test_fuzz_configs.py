@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fuzzing import (
+    ALIAS_BOMB,
     PIPELINE_MEMORY_BOUND,
     PROFILE,
     check_entry,
@@ -162,18 +163,8 @@ DOCUMENT = st.one_of(
     st.tuples(st.just("random"), yamlish(RECIPE_KEYS + STAGE_KEYS)),
     st.tuples(st.just("bytes"), st.binary(max_size=512)),
 )
-# Regressions pinned from the fuzzer's and the report's findings.
-def _alias_bomb() -> str:
-    """577 bytes of YAML whose aliases stand for 10**9 values, inside a field every schema
-    accepts: expanded, it would keep `validate` busy for hours; the reader must refuse it."""
-    level = "&a0 [x, x, x, x, x, x, x, x, x, x]"
-    for k in range(1, 9):
-        level = f"&a{k} [{level}" + f", *a{k - 1}" * 9 + "]"
-    return ("stages:\n  up:\n    merge:\n      merge_method: passthrough\n      parameters:\n"
-            f"        t: {level}\n      models: [{{model: m}}]\n")
-
-
-ALIAS_BOMB = _alias_bomb()
+# Pinned inputs every reader must refuse quickly (with fuzzing.ALIAS_BOMB): nesting too deep
+# for a recursive parser.
 DEEP = "[" * 5000 + "]" * 5000
 
 
@@ -194,7 +185,7 @@ def _pin(**more):
     def pin(test):
         for text in (ALIAS_BOMB, DEEP, "!!python/object/apply:os.system [echo hi]", "- 1\n- 2",
                      "merge_method: [1, 2]\nmodels: {a: 1}", "\xff\xfe",
-                     # found by the long profile: AttributeError, TypeError
+                     # structures a reader must not trip over (AttributeError, TypeError)
                      "merge_method: linear\nmodules: true\n",
                      "merge_method: passthrough\nslices: [{sources: true}]\n",
                      "merge_method: linear\nmodels: [{model: {model: x}}]\n"):

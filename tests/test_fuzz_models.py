@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fuzzing import TRIED, check_entry, examples, offline, warm_imports
+from fuzzing import ALIAS_BOMB, TRIED, check_entry, examples, offline, warm_imports
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -419,8 +419,6 @@ def test_memory_bounded_under_an_address_space_limit(good, original, tmp_path):
     for i, damage in enumerate(REGRESSIONS + [("length", 2**40 - 1)]):
         m = _model(tmp_path, good, apply(damage, data, n), name=f"m{i}")
         argvs.append(["dus", str(m), "--drop", "1", "-o", str(tmp_path / f"{i}.yaml")])
-    from test_fuzz_configs import ALIAS_BOMB
-
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(ALIAS_BOMB)
     argvs.append(["validate", str(bomb)])

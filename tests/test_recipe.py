@@ -226,9 +226,7 @@ def test_validate_catches_an_unknown_stage(tmp_path, tiny_model):
 
 def test_validate_catches_shape_mismatch_before_running(tmp_path, tiny_model,
                                                          tiny_model_factory):
-    from conftest import make_model
-
-    other_vocab = make_model(tmp_path / "vocab512", vocab=512)
+    other_vocab = tiny_model_factory(vocab=512)
     data = {"out": "runs", "stages": {
         "dus": {"upscale": {"model": str(tiny_model), "drop": 1}},  # 6 layers
         "bad_layers": {"merge": {"merge_method": "solar_average",

@@ -52,6 +52,7 @@ def test_arms_section_writes_one_figure_and_a_verdict(tmp_path):
 
 def test_demo_control_arm_gets_exactly_the_cpt_of_the_dus_model():
     from solar_merge.demo import QUICK_OVERRIDES, RECIPE, control_arm_overrides
+    from solar_merge.stages import apply_overrides
 
     stages = yaml.safe_load(RECIPE.read_text())["stages"]
     cpt, base = stages["cpt"]["train"], stages["base_cpt"]["train"]
@@ -59,12 +60,17 @@ def test_demo_control_arm_gets_exactly_the_cpt_of_the_dus_model():
     assert {k: v for k, v in cpt.items() if k != "model"} == \
         {k: v for k, v in base.items() if k != "model"}
     assert cpt["eval_datasets"] and cpt["args"]["eval_strategy"] == "steps"
-    mirrored = control_arm_overrides([*QUICK_OVERRIDES, "stages.cpt.train.model=x"])
-    for override in QUICK_OVERRIDES:  # every cpt override, e.g. max_steps, reaches base_cpt
-        if override.startswith("stages.cpt.train."):
-            assert override.replace("stages.cpt.", "stages.base_cpt.", 1) in mirrored
-    assert "stages.base_cpt.train.args.max_steps=3" in mirrored
-    assert not any(m.startswith("stages.base_cpt.train.model") for m in mirrored)
+    # whatever --quick and the user change in the cpt stage, both arms run the same CPT
+    user = ["stages.cpt.train.args.max_steps=7", "stages.cpt.train.seq_len=48",
+            "stages.cpt.train.model=x"]
+    for overrides in (QUICK_OVERRIDES, user, [*QUICK_OVERRIDES, *user]):
+        assert any(o.startswith("stages.cpt.train.") for o in overrides)
+        changed = apply_overrides({"stages": stages}, control_arm_overrides(overrides))["stages"]
+        cpt, base = changed["cpt"]["train"], changed["base_cpt"]["train"]
+        assert cpt != stages["cpt"]["train"]  # the overrides reached the cpt stage
+        assert base["model"] == "smollm2-135m-instruct"  # the control arm keeps its model
+        assert {k: v for k, v in cpt.items() if k != "model"} == \
+            {k: v for k, v in base.items() if k != "model"}
 
 
 def _law_curve(c, b, a, *, noise=0.003, seed=1, steps=range(0, 21, 4)):

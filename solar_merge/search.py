@@ -78,6 +78,7 @@ from pydantic import (
 )
 
 from solar_merge.errors import UserError, did_you_mean
+from solar_merge.search_report import how_found, size, write_report
 
 log = logging.getLogger(__name__)
 
@@ -1401,7 +1402,7 @@ class SearchResult:
                          + (f"{self.default['value']:.6g}" if self.default["value"] is not None
                             else self.default["state"]) + f", {_params(self.default)}")
         lines.append(f"model: {self.best_dir}; config: {self.out / 'best.yaml'}; report: "
-                     f"{self.out / 'report.md'}; disk peak of trials/: {_size(self.disk_peak)}")
+                     f"{self.out / 'report.md'}; disk peak of trials/: {size(self.disk_peak)}")
         return "\n".join(lines)
 
 
@@ -1411,14 +1412,6 @@ def _params(row: dict) -> str:
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _scorer_hook():
@@ -1469,9 +1462,8 @@ def run(spec: SearchSpec, out_dir, *, base_dir=None, trials: int | None = None,
     with _lock(out):
         tidy(out, study, keep_all)
         publish(out, study, plan, best, digest)
-        from solar_merge.search_report import write_report
-
-        write_report(out, study, plan, masked(url), trials)
+        write_report(out, study, plan, storage=masked(url), asked=trials, best=best,
+                     default=_default_trial(study), disk_now=disk_bytes(out))
     return SearchResult(out, out / "best", name, masked(url), plan.metric or "score",
                         plan.direction, _finished(study), trials, _row(best), _row(
                             _default_trial(study)), worker.ran, worker.disk_peak)
@@ -1537,7 +1529,6 @@ def publish(out: Path, study, plan: Plan, best, digest: str | None = None) -> Pa
 
 def _card(work: Path, study, plan: Plan, best, config_yaml: str) -> None:
     from solar_merge.hub import write_card
-    from solar_merge.search_report import how_found
 
     default = _default_trial(study)
     table = {f"best (trial {best.number})": best.user_attrs.get("metrics", {})}
@@ -1554,4 +1545,4 @@ def _card(work: Path, study, plan: Plan, best, config_yaml: str) -> None:
                eval_table=table, extra_tags=["search", "optuna"],
                description=f"The best of {_finished(study)} trials of an Optuna search "
                            f"(`solar-merge search`), by `{plan.metric}`.",
-               sections={"How it was found": how_found(study, plan, best)})
+               sections={"How it was found": how_found(study, plan, best, default)})

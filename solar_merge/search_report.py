@@ -1,7 +1,9 @@
 """The report of a search (solar_merge.search), read from its Optuna study: OUT/report.md,
 trials.csv, progress.png (optuna.visualization.matplotlib's optimization history) and
-importance.png (optuna.importance's default evaluator, PED-ANOVA), and the lines of the best model's card that say
-how it was found. Any worker can write it at any time; each file is replaced whole."""
+importance.png (optuna.importance's default evaluator, PED-ANOVA), and the lines of the best
+model's card that say how it was found. Any worker can write it at any time; each file is
+replaced whole. The search hands it what it decided (the best and the default trial, the
+disk the folder takes): nothing here reaches back into solar_merge.search."""
 
 import csv
 import io
@@ -68,14 +70,12 @@ def _counts(study) -> dict[str, int]:
     return counts
 
 
-def how_found(study, plan, best) -> list[str]:
-    """The card's "How it was found" section."""
+def how_found(study, plan, best, default) -> list[str]:
+    """The card's "How it was found" section: `best` and `default` (the hand-chosen point's
+    trial, or None) are trials of `study`."""
     import optuna
 
-    from solar_merge.search import _default_trial
-
     space = ", ".join(f"`{k}`: {_raw(d)}" for k, d in plan.dims.items() if d.searched)
-    default = _default_trial(study)
     lines = [f"Searched with `solar-merge search` (Optuna {optuna.__version__}, "
              f"{_sampler(plan)} sampler, {plan.spec.pruner} pruner) over {space}; every trial "
              f"built out of core by mergekit and scored by {_scoring(plan)}"
@@ -104,10 +104,10 @@ def _raw(dim) -> str:
                                                     else "") + (" log" if dim.log else "")
 
 
-def write_report(out: Path, study, plan, storage: str, asked: int) -> None:
-    from solar_merge.search import _best, _default_trial, _size, disk_bytes
-
-    best, default = _best(study), _default_trial(study)
+def write_report(out: Path, study, plan, *, storage: str, asked: int, best, default,
+                 disk_now: int) -> None:
+    """OUT/report.md and trials.csv (and the plots it shows): `best` and `default` are trials
+    of `study` (or None), `disk_now` the bytes OUT takes."""
     names = _names(study)
     counts = _counts(study)
     finished = counts.get("complete", 0) + counts.get("pruned", 0)
@@ -163,10 +163,19 @@ def write_report(out: Path, study, plan, storage: str, asked: int) -> None:
     peak = max([t.user_attrs.get("disk_bytes", 0) for t in _trials(study)] or [0])
     lines += ["", "## Disk", "",
               (f"Trials' models under `trials/` after a trial was scored: at most "
-              f"{_size(peak)} (the best so far and the trials still running; the others are "
-              f"deleted once scored). This folder now takes {_size(disk_bytes(out))}."), ""]
+              f"{size(peak)} (the best so far and the trials still running; the others are "
+              f"deleted once scored). This folder now takes {size(disk_now)}."), ""]
     _replace(out / "report.md", "\n".join(lines))
     _write_csv(out / "trials.csv", study, names)
+
+
+def size(n: int) -> str:
+    """Bytes for a person: `512 B`, `1.5 MB`."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def _write_csv(path: Path, study, names: list[str]) -> None:

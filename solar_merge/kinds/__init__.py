@@ -31,6 +31,9 @@ order, hash, print and call. A kind module defines:
     hub_results(plan, model) -> list
                  the scores of `model` as model-index entries for the Hub card
 
+A kind whose inputs are the base models of its output, that trains on no data set and writes
+no scores, imports those four hooks from kinds/defaults.py as its own.
+
 Adding a kind: one module defining the above, and one line in registry.py.
 """
 

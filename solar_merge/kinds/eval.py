@@ -14,6 +14,7 @@ import os
 
 from solar_merge.errors import UserError
 from solar_merge.kinds.context import OVERHEAD, Context, StagePlan, first_line
+from solar_merge.kinds.defaults import training_data  # noqa: F401
 
 MODEL = None
 HOLDS = "lm-eval scores"
@@ -99,10 +100,6 @@ def describe(plan: StagePlan) -> str:
 
 def card(plan: StagePlan) -> None:
     return None
-
-
-def training_data(body: dict) -> list[str]:
-    return []
 
 
 def metrics(plan: StagePlan):

@@ -13,6 +13,7 @@ import copy
 
 from solar_merge.errors import UserError
 from solar_merge.kinds.context import OVERHEAD, Context, StagePlan, first_line, out_bytes, resized
+from solar_merge.kinds.defaults import card, hub_results, metrics, training_data  # noqa: F401
 
 MODEL = "best"
 HOLDS = "a model"
@@ -83,19 +84,3 @@ def run(plan: StagePlan) -> None:
 
 def describe(plan: StagePlan) -> str:
     return "search:" + ("layout" if plan.config.get("layout") else "merge")
-
-
-def card(plan: StagePlan) -> dict:
-    return {"bases": plan.inputs, "datasets": []}
-
-
-def training_data(body: dict) -> list[str]:
-    return []
-
-
-def metrics(plan: StagePlan) -> None:
-    return None
-
-
-def hub_results(plan: StagePlan, model: str) -> list:
-    return []

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from solar_merge.errors import UserError
 from solar_merge.kinds.context import OVERHEAD, Context, StagePlan, first_line
+from solar_merge.kinds.defaults import hub_results, metrics, training_data  # noqa: F401
 from solar_merge.synth_math import ALIGNMENT, INSTRUCT
 
 MODEL = None
@@ -98,15 +99,3 @@ def describe(plan: StagePlan) -> str:
 def card(plan: StagePlan) -> dict:
     """Its seed data is a data set of the lineage; its generating model is no base model."""
     return {"bases": [], "datasets": plan.inputs[:1]}
-
-
-def training_data(body: dict) -> list[str]:
-    return []
-
-
-def metrics(plan: StagePlan) -> None:
-    return None
-
-
-def hub_results(plan: StagePlan, model: str) -> list:
-    return []

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from solar_merge.errors import UserError, did_you_mean
 from solar_merge.kinds.context import Context, StagePlan, first_line
+from solar_merge.kinds.defaults import hub_results, metrics  # noqa: F401
 
 MODEL = ""
 HOLDS = "a model"
@@ -161,11 +162,3 @@ def training_data(body: dict) -> list[str]:
     sets = body.get("datasets") if isinstance(body, dict) else None
     sets = sets if isinstance(sets, list) else [sets] if sets else []
     return [p for d in sets if isinstance(p := d.get("path") if isinstance(d, dict) else d, str)]
-
-
-def metrics(plan: StagePlan) -> None:
-    return None
-
-
-def hub_results(plan: StagePlan, model: str) -> list:
-    return []

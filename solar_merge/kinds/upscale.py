@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from solar_merge.kinds.context import OVERHEAD, Context, StagePlan, first_line, out_bytes, resized
+from solar_merge.kinds.defaults import card, hub_results, metrics, training_data  # noqa: F401
 
 MODEL = ""
 HOLDS = "a model"
@@ -98,19 +99,3 @@ def run(plan: StagePlan) -> None:
 
 def describe(plan: StagePlan) -> str:
     return f"upscale:{plan.config.get('method')}"
-
-
-def card(plan: StagePlan) -> dict:
-    return {"bases": plan.inputs, "datasets": []}
-
-
-def training_data(body: dict) -> list[str]:
-    return []
-
-
-def metrics(plan: StagePlan) -> None:
-    return None
-
-
-def hub_results(plan: StagePlan, model: str) -> list:
-    return []

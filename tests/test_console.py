@@ -116,6 +116,26 @@ def test_a_user_error_inside_a_stage_is_one_message_and_its_fix(tmp_path, tiny_m
     assert not re.search(r"[A-Z]\w*Warning\b", output), output
 
 
+@pytest.mark.torchrun
+def test_a_failed_launch_names_its_log_and_what_the_ranks_said(tmp_path, tiny_model):
+    """Two accelerate ranks fail on an empty data set: their output went to the stage's log,
+    and the error quotes the ranks' own message and fix from it."""
+    (tmp_path / "empty.txt").write_text("")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"name": "launch", "out": "runs",
+                                    "launch": {"num_processes": 2}, "stages": {"cpt": {"train": {
+                                        "stage": "cpt", "model": str(tiny_model),
+                                        "datasets": ["empty.txt"], "seq_len": 16,
+                                        "args": {**FAST, "max_steps": 1}}}}}))
+    code, output = _run(tmp_path, "run", "recipe.yaml")
+    assert code not in (0, 2), output  # the launcher's exit code
+    assert "the training processes exited with code" in output, output
+    assert "their output is in runs/cpt.log, where they said:" in output, output
+    assert "empty.txt is empty" in output and "fix: fill it" in output, output
+    assert "Traceback" not in output and "ChildFailedError" not in output, output
+    assert "ChildFailedError" in (tmp_path / "runs" / "cpt.log").read_text()
+
+
 CAPTURED = """
 import logging, subprocess, sys, warnings
 from solar_merge import console

@@ -61,13 +61,20 @@ class LaunchFailed(Exception):
     def __str__(self) -> str:
         from solar_merge.console import shown_path, tail
 
-        ending = tail(self.log) if self.log else ""
-        where = (f"; the end of their output ({shown_path(self.log)}):\n"
-                 + "\n".join("    " + line for line in ending.splitlines())
-                 if ending else " (their output is above)")
+        ending = tail(self.log, lines=10_000).splitlines() if self.log else []
+        # a rank's own error message (the CLI's `Error: ...` and its fix) says most; else
+        # the last lines (a traceback's end, the launcher's report)
+        first = next((i for i, line in enumerate(ending) if line.startswith("Error: ")), None)
+        shown = ending[first:first + 8] if first is not None else ending[-15:]
+        if first is not None:
+            fix = next((i for i, line in enumerate(shown) if line.startswith("  fix: ")), None)
+            shown = shown[:fix + 1] if fix is not None else shown[:1]
+        where = (f"; their output is in {shown_path(self.log)}, where they said:\n"
+                 + "\n".join("    " + line for line in shown)
+                 if shown else " (their output is above)")
         return (f"the training processes exited with code {self.returncode}{where}\n"
-                f"  fix: re-run the same command to resume {self.out_dir} from its last "
-                "checkpoint")
+                "  fix: correct what they report, then re-run the same command: it resumes "
+                f"{self.out_dir} from its last checkpoint")
 
 
 def train(config: dict, out_dir=None, *, overrides=(), base_dir=None,

@@ -608,11 +608,11 @@ class Check:
                                 "--precision", precision, "--batch", self.s["batch"],
                                 "--seq-len", self.s["seq_len"], "--checkpointing"])
         text = (self.out / "logs" / "plan.log").read_text()
-        m = re.search(r"1 device\s+([0-9.]+)([kMGT]?)B per device", text)
-        if not m:
+        # plan's table row: | 1 device | 2.469 | of which ... | (GB per device; best in bold)
+        m = re.search(r"\|\s*1 device\s*\|\s*\**([0-9.]+)\**\s*\|", text)
+        if not m or "GB per device" not in text:
             raise Failed(f"no `1 device` estimate in `solar-merge plan`'s output:\n{text[-800:]}")
-        estimate = float(m.group(1)) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[
-            m.group(2)]
+        estimate = float(m.group(1)) * 1e9
         figures = {"plan_precision": precision, "estimate_bytes": int(estimate),
                    "plan_s": round(run, 1), **measured}
         if measured["device"] == "cuda":

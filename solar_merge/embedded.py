@@ -57,19 +57,28 @@ def embedded_model(cache_dir=None) -> Path:
     out = cache_root(cache_dir) / EMBEDDED_NAME
     want = config_hash({"gguf": gguf.name, "bytes": gguf.stat().st_size,
                         "format": "fp32-safetensors", "version": IMPORT_VERSION})
-    if is_complete(out, want):
-        from solar_merge.checkpoints import safetensors_headers
+    from filelock import FileLock
 
-        try:  # reading the headers costs milliseconds; a damaged cache is imported again
-            safetensors_headers(out)
-            return out
-        except UserError as e:
-            log.info("the cached import is damaged, importing again: %s",
-                     e.message.splitlines()[0])
-    with atomic_output(out, want) as work:
-        log.info("importing %s into %s (once; 30-90 s)", gguf.name, out)
-        tokenizer, model = _load_gguf(gguf)
-        save_plain(model, tokenizer, work)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the model cache {out.parent}: {e.strerror}",
+                        fix="set SOLAR_MERGE_CACHE to a writable folder") from None
+    # Two commands started at once (a user's, or test workers) wait for one import.
+    with FileLock(str(out.parent / f".{out.name}.import.lock")):
+        if is_complete(out, want):
+            from solar_merge.checkpoints import safetensors_headers
+
+            try:  # reading the headers costs milliseconds; a damaged cache is imported again
+                safetensors_headers(out)
+                return out
+            except UserError as e:
+                log.info("the cached import is damaged, importing again: %s",
+                         e.message.splitlines()[0])
+        with atomic_output(out, want) as work:
+            log.info("importing %s into %s (once; 30-90 s)", gguf.name, out)
+            tokenizer, model = _load_gguf(gguf)
+            save_plain(model, tokenizer, work)
     return out
 
 

@@ -282,16 +282,10 @@ def preset_config(model: str, preset: str, *, n_layers: int, layers: int | None,
 # -- reading a config back ------------------------------------------------------------------
 
 def output_layers(config: dict) -> list[list[tuple[str, int]]]:
-    """For each output layer, its (model, source layer) inputs, in order."""
-    out = []
-    for s in config.get("slices") or []:
-        sources = s.get("sources") or []
-        if not sources:
-            continue
-        a, b = sources[0]["layer_range"]
-        for k in range(b - a):
-            out.append([(_path(src["model"]), src["layer_range"][0] + k) for src in sources])
-    return out
+    """For each output layer, its (model, source layer) inputs, in order; a model as its
+    normalised path (mergekit's expanded form read, a `+lora` suffix dropped)."""
+    return [[(_path(model), layer) for model, layer, _ in inputs]
+            for inputs in output_layers_with_parameters(config)]
 
 
 def _path(ref) -> str:
@@ -349,7 +343,8 @@ def take_new_layers(config: dict, model: str, layers_dir: str) -> tuple[dict, li
 
 
 def output_layers_with_parameters(config: dict) -> list[list[tuple]]:
-    """For each output layer, its (model, source layer, source parameters) inputs."""
+    """For each output layer, its (model as written, source layer, source parameters) inputs,
+    in order."""
     out = []
     for s in config.get("slices") or []:
         sources = s.get("sources") or []

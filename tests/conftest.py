@@ -20,6 +20,17 @@ def pytest_configure(config):
     # torchrun / accelerate processes: `-m "not smollm2 and not torchrun"` skips them
     config.addinivalue_line("markers", "smollm2: uses the embedded SmolLM2-135M-Instruct")
     config.addinivalue_line("markers", "torchrun: starts several processes (torchrun/accelerate)")
+    config.addinivalue_line("markers", "xdist_group(name): tests pytest-xdist runs in one worker")
+
+
+def pytest_collection_modifyitems(config, items):
+    # pytest-xdist (`--dist loadgroup`) spreads whole files over its workers, so that a file's
+    # fixtures are built once; the files that start torchrun/accelerate share one worker, as
+    # their process groups would otherwise meet on the same default port.
+    launching = {item.path for item in items if item.get_closest_marker("torchrun")}
+    for item in items:
+        group = "launching" if item.path in launching else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def make_tokenizer(out: Path):

@@ -80,7 +80,8 @@ def test_run_by_name_runs_the_shipped_recipe_as_its_copy_here_would(tmp_path, mo
 
     def fake_run(source, out, overrides, **kw):
         calls.append((source, out, overrides, kw))
-        return SimpleNamespace(metrics={}, ran=[], skipped=[], out=tmp_path, final=None)
+        return SimpleNamespace(metrics={}, ran=[], skipped=[], out=tmp_path, final=None,
+                               table=None, summary=lambda: "")
 
     monkeypatch.setattr("solar_merge.recipe.run", fake_run)
     monkeypatch.chdir(tmp_path)

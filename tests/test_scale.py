@@ -196,9 +196,10 @@ def test_two_processes_killed_and_resumed_end_like_one_process(single, smollm2, 
                              env=env, timeout=600, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr and "checkpoint-2" in resumed.stderr
-    # one complete output; no partial folder, lock or checkpoint left
+    # one complete output and the command's log beside it; no partial folder, lock or
+    # checkpoint left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cpt.yaml", "hook.py", "out",
-                                                          "records"]
+                                                          "out.log", "records"]
     assert (out / "solar_merge_complete.json").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(("checkpoint-", "data"))]
     assert [s for s, _ in _read_loss(out)] == [1, 2, 3]

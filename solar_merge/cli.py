@@ -347,6 +347,7 @@ def expand(ctx, model, every, blocks, where, init, noise, seed, config_out, run_
                    "of the stages; train nothing.")
 @click.argument("overrides", nargs=-1)
 @_PRECISION
+@_VERBOSE
 @_may_overwrite
 def demo(quick, out_dir, dry_run, overrides):
     """The main job: SOLAR's whole pipeline on the embedded SmolLM2-135M, offline.
@@ -366,8 +367,13 @@ def demo(quick, out_dir, dry_run, overrides):
                    f"{' --out ' + out_dir if out_dir else ''}` runs these stages", err=True)
         return
     from solar_merge.demo import run_demo
+    from solar_merge.recipe.runner import RESULTS
 
-    click.echo(f"report: {run_demo(out_dir, quick=quick, overrides=overrides)}")
+    report = run_demo(out_dir, quick=quick, overrides=overrides)
+    results = report.parent / RESULTS  # the run's results table, every eval stage's rows
+    if results.is_file():
+        click.echo(results.read_text().rstrip() + "\n")
+    click.echo(f"report: {report}")
 
 
 _FORWARD = {"ignore_unknown_options": True, "allow_interspersed_args": False}
@@ -765,6 +771,7 @@ def search_command(space, out_dir, trials, timeout, storage, keep_all):
                                          "faster on a machine whose cores are busy).")
 @click.option("--license", "license_", help="License for the dataset card (e.g. mit).")
 @_PRECISION
+@_VERBOSE
 @_may_overwrite
 def synth_math_command(seed_data, out_dir, model, limit, samples_per_problem, batch_size, seed,
                        temperature, max_new_tokens, split, subset, engine, threads, license_):

@@ -75,8 +75,12 @@ def embedded_model(cache_dir=None) -> Path:
             except UserError as e:
                 log.info("the cached import is damaged, importing again: %s",
                          e.message.splitlines()[0])
-        with atomic_output(out, want) as work:
-            log.info("importing %s into %s (once; 30-90 s)", gguf.name, out)
+        from solar_merge import console
+
+        with atomic_output(out, want) as work, \
+                console.capture(console.log_beside(out), title=f"import {gguf.name}") as logged:
+            log.info("importing %s into %s (once; 30-90 s)%s", gguf.name, out,
+                     f" · log: {console.shown_path(logged)}" if logged else "")
             tokenizer, model = _load_gguf(gguf)
             save_plain(model, tokenizer, work)
     return out

@@ -510,6 +510,11 @@ def run(resolved: dict, out_dir, *, options: dict | None = None, kind: str = "me
     if stack is not None:
         log.info("copying tensor bytes (a pure slice config: the tensors mergekit writes, "
                  "without running it; --no-fast runs mergekit)")
+        unused = sorted(k for k, v in options.items() if k in stacking.RUNTIME_OPTIONS
+                        and (k, v) != ("device", "cpu"))  # mergekit's parser sets device
+        if unused:
+            log.info("the byte copy does not use %s (how mergekit runs, not what it writes); "
+                     "add --no-fast to run mergekit with them", ", ".join(unused))
         with atomic_output(out_dir, digest) as work:
             stacking.write(stack, work)
             _finish(work, resolved, source, kind, out_dir, _all_models(resolved))

@@ -46,6 +46,10 @@ NEUTRAL_OPTIONS = {"copy_tokenizer", "clone_tensors", "out_shard_size", "write_m
                    "lazy_unpickle", "low_cpu_memory", "read_to_gpu", "multi_gpu", "cuda",
                    "device", "gpu_rich", "transformers_cache", "lora_merge_cache",
                    "lora_merge_dtype", "random_seed", "allow_crimes", "allow_pickle"}
+# Of those, the ones about how mergekit runs (threads, devices, caches, logging): the byte copy
+# has no use for them.
+RUNTIME_OPTIONS = NEUTRAL_OPTIONS - {"copy_tokenizer", "clone_tensors", "out_shard_size",
+                                     "write_model_card", "allow_crimes", "allow_pickle"}
 REQUIRED_OPTIONS = {"safe_serialization": True, "trust_remote_code": False,
                     "unsafe_truncate_embeddings": False}
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}

@@ -42,6 +42,8 @@ def test_demo_command_passes_its_options_to_the_demo(monkeypatch, tmp_path):
 
     def fake_run_demo(out_dir, *, quick, overrides):
         calls.append((out_dir, quick, tuple(overrides)))
+        Path(out_dir).mkdir()
+        (Path(out_dir) / "results.md").write_text("| model | ppl ↓ |\n|---|---:|\n| a | **1** |\n")
         return Path(out_dir) / "report.md"
 
     monkeypatch.setattr("solar_merge.demo.run_demo", fake_run_demo)
@@ -50,7 +52,8 @@ def test_demo_command_passes_its_options_to_the_demo(monkeypatch, tmp_path):
                                        "stages.cpt.train.args.max_steps=2"])
     assert result.exit_code == 0, result.output
     assert calls == [(out, True, ("stages.cpt.train.args.max_steps=2",))]
-    assert f"report: {out}/report.md" in result.output
+    # the run's results table (OUT/results.md), then where the report is
+    assert result.output.endswith(f"| a | **1** |\n\nreport: {out}/report.md\n"), result.output
 
 
 def test_demo_dry_run_prints_the_plan_and_runs_nothing(monkeypatch, tmp_path, tiny_model):

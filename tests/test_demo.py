@@ -307,6 +307,39 @@ def _fake_gguf(monkeypatch, tmp_path, tiny_model, calls, fail=False):
     monkeypatch.setattr(embedded, "_load_gguf", load)
 
 
+def test_two_imports_started_together_make_one(monkeypatch, tmp_path, tiny_model):
+    """A second command that needs the model while the first imports it waits for that import
+    (filelock) instead of refusing the busy folder or importing it twice."""
+    import threading
+    import time
+
+    calls = []
+    _fake_gguf(monkeypatch, tmp_path, tiny_model, calls)
+    slow_load = embedded._load_gguf
+
+    def load(path):
+        time.sleep(1.0)  # the second caller arrives while this import runs
+        return slow_load(path)
+
+    monkeypatch.setattr(embedded, "_load_gguf", load)
+    got, errors = [], []
+
+    def call():
+        try:
+            got.append(embedded.embedded_model(tmp_path / "cache"))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    assert errors == [] and len(calls) == 1
+    assert got == [tmp_path / "cache" / embedded.EMBEDDED_NAME] * 2
+
+
 def test_embedded_model_import_is_atomic_and_reused(monkeypatch, tmp_path, tiny_model):
     import torch
     from safetensors import safe_open

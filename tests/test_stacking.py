@@ -277,6 +277,12 @@ def test_yaml_takes_the_fast_path_and_no_fast(tiny_model, tmp_path):
                                        "--out-shard-size", "1K"])  # a mergekit option
     assert result.exit_code == 0 and FAST in result.output, result.output
     assert len(list((tmp_path / "c").glob("model-*-of-*.safetensors"))) > 1
+    assert "does not use" not in result.output  # the copy honours the shard size
+    result = CliRunner().invoke(main, ["dus", str(tiny_model), "--drop", "1", "--run",
+                                       str(tmp_path / "d"), "-j", "2", "--async-write"])
+    assert result.exit_code == 0 and FAST in result.output, result.output
+    assert "the byte copy does not use async_write, num_threads" in result.output
+    assert "--no-fast" in result.output.split("does not use")[1]
 
 
 def test_growth_presets_copy_bytes_and_expand_blocks_compute(tiny_model_factory, tmp_path):

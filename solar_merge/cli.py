@@ -510,9 +510,11 @@ def train_command(stage_config, overrides, out_dir, dry_run, digest, **launch):
     from solar_merge.stages import load_stage_config
     from solar_merge.stages.launch import LaunchFailed, prepare, start
     from solar_merge.stages.launch import dry_run as describe
+    from solar_merge.stages.schema import command_line_overrides
 
     path = Path(stage_config)
     config = load_stage_config(path)
+    overrides = command_line_overrides(overrides)  # paths typed here are relative to here
     if not out_dir and not any(o.startswith("output=") for o in overrides) \
             and not config.get("output"):
         out_dir = Path("out") / path.stem

@@ -131,6 +131,30 @@ def test_overrides_and_relative_paths(tmp_path, tiny_model):
     assert r["args"]["beta"] == 0.3 and r["ref_model"] == r["model"] and "beta" not in r
 
 
+def test_paths_typed_on_the_command_line_are_relative_to_the_current_folder(
+        tmp_path, tiny_model, monkeypatch):
+    """`solar-merge train training/cpt.yaml model=runs/dus datasets.0.path=corpus.txt`: the
+    paths in the YAML are the YAML's, the ones typed after it the shell's."""
+    from solar_merge.stages.schema import command_line_overrides
+
+    here, configs = tmp_path / "here", tmp_path / "configs"
+    shutil.copytree(tiny_model, here / "runs" / "dus")
+    _jsonl(here / "corpus.jsonl", QA)
+    configs.mkdir()
+    monkeypatch.chdir(here)
+    typed = ["model=runs/dus", "datasets.0.path=corpus.jsonl", "output=out/cpt",
+             "ref_model=HuggingFaceTB/SmolLM2-135M", "args.learning_rate=1e-4",
+             "datasets.0.path=later.jsonl"]
+    assert command_line_overrides(typed) == [
+        f"model={here}/runs/dus", f"datasets.0.path={here}/corpus.jsonl",
+        f"output={here}/out/cpt", "ref_model=HuggingFaceTB/SmolLM2-135M",
+        "args.learning_rate=1e-4", f"datasets.0.path={here}/later.jsonl"]
+    config = {"stage": "sft", "model": "m", "datasets": [{"path": "qa.jsonl"}]}
+    r = resolve(config, command_line_overrides(typed[:2]), base_dir=configs)
+    assert r["model"] == str(here / "runs" / "dus")
+    assert r["datasets"][0]["path"] == str(here / "corpus.jsonl")
+
+
 def test_launch_is_checked_and_not_part_of_the_hash(tmp_path, tiny_model):
     from solar_merge.stages import stage_hash
 

@@ -379,6 +379,29 @@ def _local_config(model: str) -> dict | None:
             if isinstance(v := text.get(k), int) and not isinstance(v, bool)}
 
 
+# Override keys whose values are paths: on a command line, they are typed relative to the
+# current folder, not to the stage config's.
+_PATH_KEYS = re.compile(r"(model|ref_model|output|args\.chat_template_path"
+                        r"|(eval_)?datasets\.\d+\.path)")
+
+
+def command_line_overrides(overrides, cwd=None) -> list[str]:
+    """`overrides` with each relative path value (model=, datasets.0.path=, output=, ...) made
+    absolute against `cwd` (default: the current folder), a Hub name left as it is."""
+    cwd = Path(cwd or os.getcwd()).absolute()
+    out = []
+    for o in overrides:
+        key, eq, value = str(o).partition("=")
+        if eq and value and _PATH_KEYS.fullmatch(key.strip()) and value[0] not in "[{'\"":
+            if key.strip() == "output":
+                value = str(Path(os.path.normpath(cwd / os.path.expanduser(value))))
+            else:
+                value = _resolve_path(value, cwd, data="datasets" in key)
+            o = f"{key}={value}"
+        out.append(o)
+    return out
+
+
 def resolve(config: dict, overrides=(), base_dir=None) -> dict:
     """The validated, fully resolved stage config (JSON-able): overrides applied, paths
     absolute, our defaults filled into `args`. Imports neither torch nor TRL."""

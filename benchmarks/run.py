@@ -302,6 +302,7 @@ def section_real(repeats, tuned: bool):
 # -- 3: merge methods ------------------------------------------------------------------------
 
 PAIRS = (("solar_average", "linear"), ("solar_slerp", "slerp"))
+STOCK_LINEAR = "mergekit-yaml linear"
 
 
 def merge_config(method, a, b):
@@ -320,16 +321,20 @@ def section_merge(a, b, repeats):
     rm(work)
     work.mkdir(parents=True)
     samples = {m: [] for pair in PAIRS for m in pair}
+    samples[STOCK_LINEAR] = []  # the front ends: stock mergekit-yaml on the linear config
     for r in range(repeats):
-        for method in list(samples):  # interleaved, so drift hits all four alike
-            cfg = work / f"{method}.yaml"
-            cfg.write_text(yaml.safe_dump(merge_config(method, a, b), sort_keys=False))
-            out = work / f"out-{method}"
+        for method in list(samples):  # interleaved, so drift hits all five alike
+            stock = method == STOCK_LINEAR
+            method_of = "linear" if stock else method
+            cfg = work / f"{method_of}.yaml"
+            cfg.write_text(yaml.safe_dump(merge_config(method_of, a, b), sort_keys=False))
+            out = work / f"out-{method_of}"
             rm(out)
             need_disk(2, f"merge {method}")
             log(f"merge: {method} #{r + 1}")
-            s = run_measured([tool("solar-merge"), "yaml", cfg, out],
-                             log_name=f"merge-{method}-{r}")
+            cmd = ([tool("mergekit-yaml"), cfg, out] if stock
+                   else [tool("solar-merge"), "yaml", cfg, out])
+            s = run_measured(cmd, log_name=f"merge-{method_of}{'-stock' if stock else ''}-{r}")
             s["out_bytes"] = folder_bytes(out)
             log(f"  {s['wall_s']:.1f} s, {s['peak_rss_mb']:.0f} MB")
             samples[method].append(s)
@@ -340,6 +345,7 @@ def section_merge(a, b, repeats):
     for ours, theirs in PAIRS:
         res[f"ratio_{ours}_{theirs}_wall"] = res[ours]["wall_s"] / res[theirs]["wall_s"]
         res[f"ratio_{ours}_{theirs}_rss"] = res[ours]["peak_rss_mb"] / res[theirs]["peak_rss_mb"]
+    res["ratio_front_end_wall"] = res["linear"]["wall_s"] / res[STOCK_LINEAR]["wall_s"]
     return res
 
 
@@ -830,7 +836,16 @@ def render(results) -> str:
             else:
                 row += " — | — | — | |"
             L.append(row)
-        L += ["", "Process: `solar-merge yaml CFG OUT` for all four (same front end), two "
+        if mg and STOCK_LINEAR in mg:
+            rf = mg["ratio_front_end_wall"]
+            L.append(f"| front end: `solar-merge yaml` vs stock `mergekit-yaml` (linear) | "
+                     f"{f2(mg['linear']['wall_s'])} | {f2(mg[STOCK_LINEAR]['wall_s'])} | "
+                     f"{f2(rf)} | {verdict(rf, 1.05)} | {mg['linear']['peak_rss_mb']:.0f} | "
+                     f"{mg[STOCK_LINEAR]['peak_rss_mb']:.0f} | "
+                     f"{f2(mg['linear']['peak_rss_mb'] / mg[STOCK_LINEAR]['peak_rss_mb'])} "
+                     "| — | — | — | |")
+        L += ["", "Process: `solar-merge yaml CFG OUT` for all four (same front "
+              "end; the last row: stock `mergekit-yaml` on the linear config), two "
               "SmolLM2-135M fp32 models (the embedded one and a noisy copy), dtype float32. "
               f"Kernel-only: `mergekit.merge_methods.merge_tensors` over all "
               f"{kn['tensors'] if kn else '?'} tensors "

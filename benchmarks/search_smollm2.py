@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -126,7 +127,15 @@ def main():
         lines.append(f"| {label} | {trial['trial']} | {trial['params'].get('drop')} | "
                      f"{trial['params'].get('weight', 0):.3f} | {m.get(metric, float('nan')):.3f}"
                      f" | {m.get('solar_manual_qa acc_norm,none', float('nan')):.3f} |")
-    lines += ["", f"Every trial: {args.out / 'report.md'}"]
+    # the search's own report (every trial, progress and importance plots) kept beside this
+    kept = args.json.with_suffix("")
+    kept.mkdir(exist_ok=True)
+    for name in ("report.md", "progress.png", "importance.png"):
+        if (args.out / name).is_file():
+            shutil.copy2(args.out / name, kept / name)
+    lines += ["", f"Every trial, the search's progress and each parameter's importance: "
+                  f"[{kept.name}/report.md]({kept.name}/report.md) (the search folder: "
+                  f"{args.out})."]
     args.json.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

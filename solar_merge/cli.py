@@ -786,7 +786,9 @@ def synth_math_command(seed_data, out_dir, model, limit, samples_per_problem, ba
                       batch_size=batch_size, seed=seed, temperature=temperature,
                       max_new_tokens=max_new_tokens, split=split, subset=subset,
                       engine=engine, threads=threads, license=license_)
-    click.echo(synth_math(seed_data, out_dir, options).summary())
+    with _logged(out_dir):
+        result = synth_math(seed_data, out_dir, options)
+    click.echo(result.summary())
 
 
 # -- evaluation through lm-eval: eval, contamination --

@@ -180,7 +180,8 @@ def test_capture_leaves_no_log_when_nothing_ran_and_none_with_verbose(tmp_path, 
     assert path is None and not (tmp_path / "verbose.log").exists()
 
 
-@pytest.mark.parametrize("command", ["eval", "sweep", "seam", "search", "train", "run"])
+@pytest.mark.parametrize("command", ["eval", "sweep", "seam", "search", "train", "run", "demo",
+                                     "synth-math"])
 def test_tool_commands_take_verbose(command):
     from click.testing import CliRunner
 

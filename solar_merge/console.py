@@ -24,6 +24,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from solar_merge.errors import UserError
+
 LOGGER = "solar_merge"
 VERBOSE = "SOLAR_MERGE_VERBOSE"
 LOG = "SOLAR_MERGE_LOG"  # the log file being written, for the processes started meanwhile
@@ -123,7 +125,7 @@ def capture(log, title: str = ""):
     descriptors', so that C libraries and child processes are caught too) into `log`,
     appended under a header line with the time and `title`, until the block ends; our own
     lines (`echo`) still reach the terminal. A run that wrote nothing (a mistake found before
-    any library ran) leaves no log behind. Yields the log's path, or None where nothing is
+    any library ran) or was refused (a UserError: bad input) leaves no log behind. Yields the log's path, or None where nothing is
     captured: --verbose, a log that cannot be written (the tool then says why its output
     folder cannot be), or a capture already active (here or in the process that started
     this one, whose log this process's output already goes to)."""
@@ -157,8 +159,12 @@ def capture(log, title: str = ""):
         sys.stdout = sys.stderr = f
         _state["log"] = f
         os.environ[LOG] = str(log)
+        refused = False
         try:
             yield log
+        except UserError:
+            refused = True  # bad input: its one message says it all, and nothing stays
+            raise
         finally:
             f.flush()
             sys.stdout, sys.stderr = streams
@@ -170,7 +176,7 @@ def capture(log, title: str = ""):
                 _state["terminal"].close()
             _state.update(terminal=None, log=None)
             os.environ.pop(LOG, None)
-            if os.fstat(f.fileno()).st_size == header_end:  # nothing but the header
+            if refused or os.fstat(f.fileno()).st_size == header_end:  # nothing new
                 if before is None:
                     log.unlink(missing_ok=True)
                 else:

@@ -115,7 +115,7 @@ def fit_curve(curve: Curve) -> Fit | None:
 class Forecast:
     """When the treatment curve is expected to drop below the control curve for good."""
     step: float | None           # by the two fitted laws (None: not within the horizon)
-    low: float | None            # 5th-95th percentile over the draws that cross
+    low: float | None            # 5th-95th percentile over all draws; inf: beyond the horizon
     high: float | None
     share: float                 # share of draws that cross within the horizon
     horizon: int
@@ -140,10 +140,15 @@ class Forecast:
                     f"steps 0-{self.last}: {laws}.")
         when = ("from the start of the fitted range" if self.step <= 0
                 else f"for good from step **{self.step:.0f}**")
-        interval = (f"90% interval {self.low:.0f}-{self.high:.0f} over the draws that cross; "
-                    if self.low is not None else "")
+        def at(x):
+            return f"beyond {self.horizon}" if math.isinf(x) else f"{x:.0f}"
+
+        interval = (f"90% interval {at(self.low)} to {at(self.high)} over the parameter "
+                    "draws; " if self.low is not None else "")
+        doubt = (" Fewer than half of the draws cross: these points do not settle whether "
+                 "the curves cross at all." if self.share < 0.5 else "")
         return (f"By the fitted laws, {treatment} drops below {control} {when} ({interval}"
-                f"{share}). Fits on steps 0-{self.last}: {laws}.")
+                f"{share}).{doubt} Fits on steps 0-{self.last}: {laws}.")
 
 
 def _first_for_good(diff, grid):
@@ -180,10 +185,14 @@ def forecast(treatment: Curve, control: Curve, *, horizon: int | None = None,
     pt[:, 2], pc[:, 2] = np.clip(pt[:, 2], 1e-3, None), np.clip(pc[:, 2], 1e-3, None)
     found = [_first_for_good(saturating(grid, *a) - saturating(grid, *b), grid)
              for a, b in zip(pt, pc)]
-    crossed = np.array([x for x in found if x is not None])
-    low, high = ((float(np.percentile(crossed, 5)), float(np.percentile(crossed, 95)))
-                 if len(crossed) else (None, None))
-    return Forecast(step, low, high, len(crossed) / draws, horizon, last, fits, points, draws)
+    # A draw that does not cross within the horizon counts as crossing beyond it (inf), so
+    # the interval is over every draw, not only over those that happen to cross.
+    every = np.array([np.inf if x is None else x for x in found])
+    crossed = int(np.isfinite(every).sum())
+    low, high = ((float(np.percentile(every, 5, method="inverted_cdf")),
+                  float(np.percentile(every, 95, method="inverted_cdf")))
+                 if crossed else (None, None))
+    return Forecast(step, low, high, crossed / draws, horizon, last, fits, points, draws)
 
 
 def forecast_paragraph(treatment: tuple[str, Curve], control: tuple[str, Curve]) -> list[str]:

@@ -109,3 +109,18 @@ def test_forecast_says_when_curves_are_not_expected_to_cross():
     few = forecast_paragraph(("DUS", control[:3]), ("base", control))
     assert "needs at least 4 evaluation points" in few[0] and "(fewest points: 3)" in few[0]
     assert "extrapolation" in forecast_paragraph(("DUS", control), ("base", control))[0]
+
+
+def test_a_crossing_most_draws_do_not_make_is_said_to_be_unsettled():
+    """The interval is over every parameter draw, those that never cross counting as beyond
+    the horizon: it cannot leave out the fitted crossing by looking only at the draws that
+    cross early."""
+    from solar_merge.curves import Fit, Forecast
+
+    fit = Fit(params=(0.0, 3.0, 0.05), cov=[], points=6)
+    result = Forecast(step=681, low=3, high=math.inf, share=0.27, horizon=1000, last=20,
+                      fits={"treatment": fit, "control": fit}, points=6, draws=2000)
+    text = result.sentence("DUS + CPT", "base + CPT")
+    assert "for good from step **681**" in text
+    assert "90% interval 3 to beyond 1000 over the parameter draws" in text
+    assert "Fewer than half of the draws cross" in text

@@ -243,7 +243,8 @@ def reflink_dus(model: Path, drop: int, tag: str, fs: str = "xfs"):
              ["mount", "-o", "loop", image, mount]]
     for step in steps:
         try:
-            proc = subprocess.run([str(c) for c in step], capture_output=True, text=True)
+            proc = subprocess.run([str(c) for c in step], capture_output=True, text=True,
+                                  check=False)
             error = (proc.stderr or proc.stdout).strip() if proc.returncode else None
         except OSError as e:
             error = str(e)
@@ -798,11 +799,11 @@ def render(results) -> str:
                     (("SmolLM2-135M fp32", d or {}), ("Mistral-7B-shape bf16", rs))
                     if r.get("reflink")]
         if reflinks:
-            L += ["On a filesystem with reflinks (the fast path's copies share whole blocks "
-                  "with the input where their offsets allow; disk = `df` used after − before, "
-                  "after `sync`):", "",
-                  "| case | filesystem | fast s | fast disk GB | cp -r s | cp -r disk GB | "
-                  "output GB |", "|---|---|---|---|---|---|---|"]
+            L += [("On a filesystem with reflinks (the fast path's copies share whole blocks "
+                   "with the input where their offsets allow; disk = `df` used after − before, "
+                   "after `sync`):"), "",
+                  ("| case | filesystem | fast s | fast disk GB | cp -r s | cp -r disk GB | "
+                   "output GB |"), "|---|---|---|---|---|---|---|"]
             for label, x in reflinks:
                 if x.get("failed"):
                     L.append(f"| {label} | {x['filesystem']} | not measured: {x['failed']} "

@@ -133,9 +133,9 @@ def main():
     for name in ("report.md", "progress.png", "importance.png"):
         if (args.out / name).is_file():
             shutil.copy2(args.out / name, kept / name)
-    lines += ["", f"Every trial, the search's progress and each parameter's importance: "
-                  f"[{kept.name}/report.md]({kept.name}/report.md) (the search folder: "
-                  f"{args.out})."]
+    lines += ["", (f"Every trial, the search's progress and each parameter's importance: "
+                   f"[{kept.name}/report.md]({kept.name}/report.md) (the search folder: "
+                   f"{args.out}).")]
     args.json.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

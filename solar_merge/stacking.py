@@ -205,7 +205,7 @@ def _definitions() -> dict:
     if spec is None or not spec.submodule_search_locations:
         return {}
     by_name: dict[str, list] = {}
-    folder = Path(list(spec.submodule_search_locations)[0]) / "_data" / "architectures"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "_data" / "architectures"
     for file in sorted(folder.glob("*.json")):
         try:
             data = json.loads(file.read_text())
@@ -457,7 +457,7 @@ def _write_shard(shard: Shard, path: Path, sources: dict, copier, checker) -> No
     try:
         position = 0
         while position < len(shard.header):
-            position += _full(path, lambda: os.pwrite(fd, shard.header[position:], position))
+            position += _full(path, os.pwrite, fd, shard.header[position:], position)
         for p in shard.pieces:
             copier.copy(sources[p.source], p.offset, fd, position, p.size, path)
             checker.check(p)  # read right after the copy, from the page cache
@@ -466,10 +466,11 @@ def _write_shard(shard: Shard, path: Path, sources: dict, copier, checker) -> No
         os.close(fd)
 
 
-def _full(path: Path, write):
-    """Run one write; a full disk names the file (the CLI turns it into exit 2)."""
+def _full(path: Path, write, *args):
+    """Run one write, `write(*args)`; a full disk names the file (the CLI turns it into
+    exit 2)."""
     try:
-        return write()
+        return write(*args)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and not e.filename:
             raise OSError(e.errno, e.strerror, str(path)) from None
@@ -482,7 +483,7 @@ class _Copier:
 
     # The kernel cannot copy between these files (another filesystem, an old kernel, a
     # filesystem without splice): stream instead.
-    FALLBACK = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+    FALLBACK = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
     def __init__(self):
         self.kernel = hasattr(os, "copy_file_range")
@@ -501,8 +502,8 @@ class _Copier:
         while done < size:
             if self.kernel:
                 try:
-                    n = _full(path, lambda: os.copy_file_range(src, dst, size - done,
-                                                               src_at + done, dst_at + done))
+                    n = _full(path, os.copy_file_range, src, dst, size - done,
+                              src_at + done, dst_at + done)
                 except OSError as e:
                     if e.errno not in self.FALLBACK:
                         raise
@@ -523,7 +524,7 @@ class _Copier:
         n = os.preadv(src, [view], src_at)
         written = 0
         while written < n:
-            written += _full(path, lambda: os.pwrite(dst, view[written:n], dst_at + written))
+            written += _full(path, os.pwrite, dst, view[written:n], dst_at + written)
         return n
 
 

@@ -106,34 +106,32 @@ def main(ctx, debug):
     ctx.obj = {"debug": debug}
 
 
-def _force_precision(ctx, param, value):
-    """--precision X is SOLAR_MERGE_PRECISION=X for this command and the processes it starts
-    (stages, accelerate ranks); the variable is restored when the command ends."""
-    if value is None:
-        return
+def _set_for_command(ctx, name: str, value: str) -> None:
+    """Environment variable `name` = `value` for this command and the processes it starts
+    (stages, accelerate ranks); restored when the command ends."""
     import os
 
-    from solar_merge.precision import ENV
+    before = os.environ.get(name)
+    os.environ[name] = value
+    ctx.call_on_close(lambda: os.environ.pop(name, None) if before is None
+                      else os.environ.__setitem__(name, before))
 
-    before = os.environ.get(ENV)
-    os.environ[ENV] = value
-    ctx.call_on_close(lambda: os.environ.pop(ENV, None) if before is None
-                      else os.environ.__setitem__(ENV, before))
+
+def _force_precision(ctx, param, value):
+    """--precision X is SOLAR_MERGE_PRECISION=X for the command."""
+    if value is not None:
+        from solar_merge.precision import ENV
+
+        _set_for_command(ctx, ENV, value)
 
 
 def _show_everything(ctx, param, value):
-    """--verbose is SOLAR_MERGE_VERBOSE=1 for this command and the processes it starts: the
-    libraries' warnings, logs and progress bars stay on the terminal (solar_merge.console)."""
-    if not value:
-        return
-    import os
+    """--verbose is SOLAR_MERGE_VERBOSE=1 for the command: the libraries' warnings, logs and
+    progress bars stay on the terminal (solar_merge.console)."""
+    if value:
+        from solar_merge.console import VERBOSE
 
-    from solar_merge.console import VERBOSE
-
-    before = os.environ.get(VERBOSE)
-    os.environ[VERBOSE] = "1"
-    ctx.call_on_close(lambda: os.environ.pop(VERBOSE, None) if before is None
-                      else os.environ.__setitem__(VERBOSE, before))
+        _set_for_command(ctx, VERBOSE, "1")
 
 
 _VERBOSE = click.option(

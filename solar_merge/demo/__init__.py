@@ -102,11 +102,11 @@ _COLUMNS = {"solar_manual_ppl": [PPL, BPB], "solar_manual_qa": [QA], "solar_arit
 def question_counts(out: Path, eval_stages, labels: dict) -> dict:
     """{row: {column: documents scored}} from lm-eval's n-samples in each eval stage's
     results.json per model (the proportions' denominators; the chunks of a perplexity)."""
+    import json
+
     counts: dict[str, dict] = {}
     for stage in eval_stages:
         for res in sorted((out / stage).glob("*/results.json")):
-            import json
-
             data = json.loads(res.read_text())
             row = labels.get(res.parent.name, res.parent.name)
             for task, n in data.get("n-samples", {}).items():
@@ -119,38 +119,27 @@ def training_facts(out: Path, counts: dict, base_label: str) -> dict:
     """What the claims quote from the training logs: CPT's steps and tokens, the held-out
     chunks, DPO's and sDPO's optimizer steps, loss and (where logged) reward margin, first and
     last, on their training pairs."""
-    import json
-
-    def rows(stage):
-        log = out / stage / "loss.jsonl"
-        found = []
-        for line in log.read_text().splitlines() if log.is_file() else ():
-            try:
-                found.append(json.loads(line))
-            except ValueError:
-                continue
-        return found
+    from solar_merge.stages.logs import LOSS_LOG, read_loss
 
     facts: dict = {}
-    cpt = [r for r in rows("cpt") if "loss" in r and "step" in r]
+    cpt = read_loss(out / "cpt" / LOSS_LOG)
     if cpt:
-        facts["cpt_steps"] = max(int(r["step"]) for r in cpt)
-        tokens = [r["num_tokens"] for r in cpt if "num_tokens" in r]
+        facts["cpt_steps"] = cpt[-1][0]
+        tokens = read_loss(out / "cpt" / LOSS_LOG, "num_tokens")
         if tokens:
-            facts["cpt_tokens"] = int(float(tokens[-1]))
+            facts["cpt_tokens"] = int(tokens[-1][1])
     chunks = counts.get(base_label, {}).get(PPL)
     if chunks:
         facts["eval_chunks"] = chunks
     for stage in ("dpo_avg", "sdpo_slerp"):
-        logged = [r for r in rows(stage) if "loss" in r and "step" in r]
+        logged = read_loss(out / stage / LOSS_LOG)
         if logged:
             d = facts.setdefault("dpo", {})[stage] = {
-                "steps": len(logged),
-                "loss": (float(logged[0]["loss"]), float(logged[-1]["loss"]))}
-            margins = [r for r in logged if "rewards/margins" in r]
-            if margins:  # dpo logs them; stepwise_dpo's log keeps each step's loss
-                d["margin"] = (float(margins[0]["rewards/margins"]),
-                               float(margins[-1]["rewards/margins"]))
+                "steps": len(logged), "loss": (logged[0][1], logged[-1][1])}
+            # dpo logs reward margins; stepwise_dpo's log keeps each step's loss
+            margins = read_loss(out / stage / LOSS_LOG, "rewards/margins")
+            if margins:
+                d["margin"] = (margins[0][1], margins[-1][1])
     return facts
 
 

@@ -45,9 +45,22 @@ def tool(name):
 
 # -- measuring whole processes ---------------------------------------------------------------
 
-def run_measured(cmd, *, cwd=None, env=None, log_name="cmd"):
-    """Run cmd as a fresh process; return {wall_s, peak_rss_mb}. `sync` runs first (outside the
-    timing) so that no run pays for the previous run's dirty pages; nothing is synced inside."""
+def drop_caches() -> bool:
+    """Empty the page cache (root only), so that a timed copy reads its input from the disk
+    whatever ran before it; False where it cannot."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_measured(cmd, *, cwd=None, env=None, log_name="cmd", cold=False):
+    """Run cmd as a fresh process; return {wall_s, peak_rss_mb, cache}. `sync` runs first
+    (outside the timing) so that no run pays for the previous run's dirty pages, and with
+    `cold` the page cache is dropped too where root may; nothing is synced inside."""
+    cache = "cold" if cold and drop_caches() else "as left"
     subprocess.run(["sync"], check=False)
     logfile = SCRATCH / f"{log_name}.log"
     if TIME:
@@ -69,7 +82,7 @@ def run_measured(cmd, *, cwd=None, env=None, log_name="cmd"):
                            f"{logfile}:\n{text[-3000:]}")
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     return {"wall_s": wall, "peak_rss_mb": int(m.group(1)) / 1024 if m else None,
-            "load_1m_before": load}
+            "load_1m_before": load, "cache": cache}
 
 
 def folder_bytes(folder) -> int:
@@ -154,12 +167,12 @@ def filesystem(path) -> str:
     return f"{best[0]} ({best[1]} on {best[2]})"
 
 
-def dus_pair(model: Path, drop: int, repeats: int, tag: str, extra_opts=()):
+def dus_pair(model: Path, drop: int, repeats: int, tag: str, extra_opts=(), cold=False):
     """Three ways to the same DUS, side by side: *fast* (`solar-merge dus --run OUT`, which
     copies tensor bytes for this pure slice config), *ours* (the mergekit path: the same
     command with `--no-fast`) and *stock* `mergekit-yaml --clone-tensors --copy-tokenizer` on
     the config `solar-merge dus -o` writes; then the floor: `cp -r` of the output folder
-    (same bytes, same disk, no sync)."""
+    (same bytes, same disk, no sync). `cold`: the page cache emptied before each command."""
     work = SCRATCH / tag
     rm(work)
     work.mkdir(parents=True)
@@ -184,7 +197,7 @@ def dus_pair(model: Path, drop: int, repeats: int, tag: str, extra_opts=()):
             need_disk(input_bytes * 1.6 / 1e9 + 1, f"{tag} {side} #{r + 1}")
             rm(out)
             log(f"{tag}: {side} #{r + 1}: {' '.join(map(str, cmd))}")
-            s = run_measured(cmd, log_name=f"{tag}-{side}-{r}")
+            s = run_measured(cmd, log_name=f"{tag}-{side}-{r}", cold=cold)
             s["out_bytes"] = folder_bytes(out)
             out_bytes = s["out_bytes"]
             log(f"  {s['wall_s']:.1f} s, {s['peak_rss_mb']:.0f} MB RSS, "
@@ -194,7 +207,7 @@ def dus_pair(model: Path, drop: int, repeats: int, tag: str, extra_opts=()):
         need_disk(out_bytes / 1e9 + 1, f"{tag} floor")
         dst = work / "floor_copy"
         rm(dst)
-        f = run_measured(["cp", "-r", out, dst], log_name=f"{tag}-floor-{r}")
+        f = run_measured(["cp", "-r", out, dst], log_name=f"{tag}-floor-{r}", cold=cold)
         f["out_bytes"] = folder_bytes(dst)
         log(f"  floor cp: {f['wall_s']:.1f} s")
         rows["floor_cp"].append(f)
@@ -220,7 +233,7 @@ def dus_pair(model: Path, drop: int, repeats: int, tag: str, extra_opts=()):
     return res
 
 
-def reflink_dus(model: Path, drop: int, tag: str, fs: str = "xfs"):
+def reflink_dus(model: Path, drop: int, tag: str, fs: str = "xfs", cold=False):
     """The fast path on a filesystem with reflinks: a loop-mounted image (XFS with
     reflink=1, or btrfs) in the scratch folder, the model copied in (not timed), then
     `solar-merge dus --run` and the floor `cp -r` of its output, each timed, with the disk
@@ -259,12 +272,12 @@ def reflink_dus(model: Path, drop: int, tag: str, fs: str = "xfs"):
         cmd = [tool("solar-merge"), "dus", src, "--drop", drop, "--run", out]
         log(f"{tag}: {' '.join(map(str, cmd))}")
         before = used()
-        res["fast"] = run_measured(cmd, log_name=f"{tag}-fast")
+        res["fast"] = run_measured(cmd, log_name=f"{tag}-fast", cold=cold)
         res["fast"]["out_bytes"] = folder_bytes(out)
         res["fast"]["disk_bytes"] = used() - before
         before = used()
         res["floor_cp"] = run_measured(["cp", "-r", out, mount / "copy"],
-                                       log_name=f"{tag}-floor")
+                                       log_name=f"{tag}-floor", cold=cold)
         res["floor_cp"]["disk_bytes"] = used() - before
         log(f"  fast {res['fast']['wall_s']:.1f} s, {res['fast']['disk_bytes'] / 1e9:.2f} GB "
             f"of disk for {res['fast']['out_bytes'] / 1e9:.2f} GB; cp -r "
@@ -291,11 +304,13 @@ def section_real(repeats, tuned: bool):
     model = fixtures.mistral_7b_shape()
     build_s = time.perf_counter() - t0
     res = {"model": str(model), "build_or_reuse_s": build_s}
-    res["default"] = dus_pair(model, 8, repeats, "dus-mistral")
-    res["reflink"] = reflink_dus(model, 8, "dus-mistral-xfs")
+    # Cold: 14.5 GB in and 21.5 GB out against the RAM of a small machine, so what the page
+    # cache keeps from one command to the next would decide the ratios.
+    res["default"] = dus_pair(model, 8, repeats, "dus-mistral", cold=True)
+    res["reflink"] = reflink_dus(model, 8, "dus-mistral-xfs", cold=True)
     if tuned:
         opts = ["--out-shard-size", "1B", "-j", "2", "--async-write", "--write-threads", "2"]
-        res["tuned"] = dus_pair(model, 8, repeats, "dus-mistral-tuned", opts)
+        res["tuned"] = dus_pair(model, 8, repeats, "dus-mistral-tuned", opts, cold=True)
         res["tuned"]["options"] = " ".join(opts)
     return res
 
@@ -746,6 +761,14 @@ def _loads(case: dict) -> str:
     return f"{min(loads):.1f}–{max(loads):.1f}" if loads else "—"
 
 
+def _cache(case: dict) -> str:
+    """The page cache each timed run of a case started with."""
+    states = {s.get("cache", "as left") for k in ("fast", "ours", "stock", "floor_cp")
+              for s in (case.get(k) or {}).get("samples", [case.get(k) or {}])
+              if "wall_s" in s}
+    return "cold" if states == {"cold"} else "as left by the run before"
+
+
 def render(results) -> str:
     m = results["machine"]
     L = ["# solar-merge benchmarks", "",
@@ -758,7 +781,9 @@ def render(results) -> str:
          f"{m['solar-merge']} (git {m['git_commit']}). Peak RSS via {m['rss_tool']}."),
          (f"Command: `{results['command']}`. Medians of the runs shown in `n`; ratios are "
          "ours / theirs from the same run. `sync` before every timed process (not timed); "
-         "no sync inside any timed command (merges and `cp` alike)."), ""]
+         "no sync inside any timed command (merges and `cp` alike). Where a table says the "
+         "page cache was cold, it was emptied before each timed process (`sync; echo 3 > "
+         "/proc/sys/vm/drop_caches`)."), ""]
     d = results.get("dus")
     rs = results.get("real", {})
     if d or rs:
@@ -770,8 +795,8 @@ def render(results) -> str:
                "≤ 1 GB peak RSS."), "",
               ("| case | n | fast s | mergekit path s | stock s | cp floor s | fast/stock | "
                "fast/floor | fast RSS MB | mergekit path RSS MB | stock RSS MB | output GB | "
-               "filesystem | load (1 min) |"),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+               "filesystem | page cache | load (1 min) |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         cases = []
         if d:
             cases.append(("SmolLM2-135M fp32, 30→44 layers (m=8)", d))
@@ -788,7 +813,7 @@ def render(results) -> str:
                      f"{f2(r.get('ratio_fast_floor'))} | {f1(fast.get('peak_rss_mb'))} | "
                      f"{r['ours']['peak_rss_mb']:.0f} | {r['stock']['peak_rss_mb']:.0f} | "
                      f"{r['out_bytes'] / 1e9:.2f} | {r.get('filesystem', '—')} | "
-                     f"{_loads(r)} |")
+                     f"{_cache(r)} | {_loads(r)} |")
         L += ["", ("Commands: fast `solar-merge dus MODEL --drop 8 --run OUT [OPTIONS]`; "
               "mergekit path: the same with `--no-fast`; stock `mergekit-yaml dus.yaml OUT "
               "--clone-tensors --copy-tokenizer [OPTIONS]` on the config from "
@@ -803,16 +828,17 @@ def render(results) -> str:
                    "with the input where their offsets allow; disk = `df` used after − before, "
                    "after `sync`):"), "",
                   ("| case | filesystem | fast s | fast disk GB | cp -r s | cp -r disk GB | "
-                   "output GB |"), "|---|---|---|---|---|---|---|"]
+                   "output GB | page cache |"), "|---|---|---|---|---|---|---|---|"]
             for label, x in reflinks:
                 if x.get("failed"):
                     L.append(f"| {label} | {x['filesystem']} | not measured: {x['failed']} "
-                             "| | | | |")
+                             "| | | | | |")
                     continue
                 fa, cp = x["fast"], x["floor_cp"]
                 L.append(f"| {label} | {x['filesystem']} | {f1(fa['wall_s'])} | "
                          f"{fa['disk_bytes'] / 1e9:.2f} | {f1(cp['wall_s'])} | "
-                         f"{cp['disk_bytes'] / 1e9:.2f} | {fa['out_bytes'] / 1e9:.2f} |")
+                         f"{cp['disk_bytes'] / 1e9:.2f} | {fa['out_bytes'] / 1e9:.2f} | "
+                         f"{_cache(x)} |")
             L.append("")
     mg, kn = results.get("merge"), results.get("kernel")
     if mg or kn:

@@ -24,6 +24,7 @@ import errno
 import functools
 import importlib.util
 import json
+import mmap
 import os
 import queue
 import shutil
@@ -428,23 +429,13 @@ def _tokenizer_files(folder: Path) -> list:
 # -- writing ---------------------------------------------------------------------------------
 
 def write(stack: Stack, work: Path) -> None:
-    """Write the planned output into the (empty, owned) folder `work`."""
+    """Write the planned output into the (empty, owned) folder `work`: by reflinks where the
+    filesystem shares blocks between the input and the output, else streamed."""
     work = Path(work)
-    checker = _FiniteCheck()
-    checker.start()
-    sources: dict[Path, int] = {}
-    try:
-        for source in stack.sources:
-            sources[source] = os.open(source, os.O_RDONLY)
-        copier = _Copier()
-        for shard in stack.shards:
-            _write_shard(shard, work / shard.name, sources, copier, checker)
-            crash_point("shard-written")
-        checker.result()
-    finally:
-        checker.stop()
-        for fd in sources.values():
-            os.close(fd)
+    if shares_blocks(next(iter(sorted(stack.sources))), work):
+        _write_shared(stack, work)
+    else:
+        _write_streamed(stack, work)
     if stack.index is not None:
         (work / INDEX_FILE).write_text(stack.index)
     (work / "config.json").write_text(stack.config_json)
@@ -452,18 +443,227 @@ def write(stack: Stack, work: Path) -> None:
         shutil.copy(stack.model / name, work / name)
 
 
-def _write_shard(shard: Shard, path: Path, sources: dict, copier, checker) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+FICLONERANGE = 0x4020940D  # linux/fs.h: _IOW(0x94, 13, struct file_clone_range)
+
+
+def shares_blocks(source: Path, folder: Path) -> bool:
+    """Whether a file in `folder` can share blocks with `source` (reflinks: XFS, btrfs),
+    found by cloning one block of it into a probe file."""
     try:
-        position = 0
-        while position < len(shard.header):
-            position += _full(path, os.pwrite, fd, shard.header[position:], position)
-        for p in shard.pieces:
-            copier.copy(sources[p.source], p.offset, fd, position, p.size, path)
-            checker.check(p)  # read right after the copy, from the page cache
-            position += p.size
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return False
+    probe = folder / ".reflink-probe"
+    try:
+        src = os.open(source, os.O_RDONLY)
+        try:
+            if os.fstat(src).st_size < BLOCK:
+                return False
+            dst = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                fcntl.ioctl(dst, FICLONERANGE, struct.pack("qQQQ", src, 0, BLOCK, 0))
+                return True
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+    except OSError:  # EOPNOTSUPP (ext4, tmpfs), EXDEV (another filesystem), ENOTTY, ...
+        return False
     finally:
-        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+def _positions(stack: Stack, work: Path) -> list:
+    """(output file, its header, [(piece, position of its bytes in the file)]) per shard."""
+    out = []
+    for shard in stack.shards:
+        position, placed = len(shard.header), []
+        for p in shard.pieces:
+            placed.append((p, position))
+            position += p.size
+        out.append((work / shard.name, shard.header, placed))
+    return out
+
+
+# -- streamed: read into memory once, write it where it goes --------------------------------
+
+CHUNK = 16 * 2**20  # one read, one write; a multiple of ALIGN
+ALIGN = 4096  # O_DIRECT offsets and lengths: the logical block of every disk we expect
+
+
+def _write_streamed(stack: Stack, work: Path) -> None:
+    """Each output shard written in order, CHUNK bytes at a time by a second thread while the
+    next CHUNK is read, with O_DIRECT where the filesystem allows it: the output goes from
+    three buffers to the disk, not through the page cache (which would cost a copy of every
+    byte, a page for each, and evict what the machine had cached)."""
+    writer = _Writer([_aligned(CHUNK) for _ in range(3)])
+    reader, finite = _Reader(bytearray(CHUNK)), _Finite()
+    writer.start()
+    outputs: list[int] = []
+    try:
+        for path, header, placed in _positions(stack, work):
+            fd = _open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            outputs.append(fd)
+            out = _Output(path, fd, writer)
+            out.add(memoryview(header))
+            for piece, _ in placed:
+                first = finite.first(piece)
+                for view in reader.read(piece, path):
+                    if first:
+                        finite.check(piece, view)
+                    out.add(view)
+                crash_point("tensor-copied")
+            out.close()
+        writer.finish()
+    finally:
+        writer.abandon()
+        reader.close()
+        for fd in outputs:
+            os.close(fd)
+
+
+def _aligned(size: int) -> mmap.mmap:
+    return mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
+
+
+def _open_direct(path, flags: int) -> int:
+    """Open with O_DIRECT, or without it where the filesystem refuses it."""
+    direct = getattr(os, "O_DIRECT", 0)
+    try:
+        return os.open(path, flags | direct, 0o644)
+    except OSError as e:
+        if not direct or e.errno != errno.EINVAL:
+            raise
+        return os.open(path, flags, 0o644)
+
+
+def _buffered_after_einval(fd: int, e: OSError) -> bool:
+    """After EINVAL from a write: if `fd` was opened with O_DIRECT, drop it (this filesystem
+    wants another alignment) and say so, so the write is retried buffered."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if e.errno != errno.EINVAL or not direct or not _flags(fd) & direct:
+        return False
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_SETFL, _flags(fd) & ~direct)
+    return True
+
+
+def _flags(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+
+class _Reader:
+    """Reads a piece's bytes CHUNK at a time into one buffer, through the page cache: a DUS
+    reads its middle layers twice, and the next layout of the same model reads it all again."""
+
+    def __init__(self, buffer):
+        self.buffer, self.files = buffer, {}
+
+    def read(self, piece: Piece, path: Path):
+        """Views of the piece's bytes, in order, each valid until the next."""
+        if piece.source not in self.files:
+            self.files[piece.source] = os.open(piece.source, os.O_RDONLY)
+        fd, at, end = self.files[piece.source], piece.offset, piece.offset + piece.size
+        while at < end:
+            view = memoryview(self.buffer)[:min(end - at, CHUNK)]
+            n = os.preadv(fd, [view], at)
+            if n < len(view):
+                raise UserError(f"an input file ended while {path.name} was being written "
+                                "(was the model changed during the copy?)",
+                                fix="re-run when the input model is no longer being written")
+            yield view
+            at += n
+
+    def close(self):
+        for fd in self.files.values():
+            os.close(fd)
+
+
+class _Output:
+    """One output file's bytes, gathered into CHUNK-sized buffers that the writer writes."""
+
+    def __init__(self, path: Path, fd: int, writer):
+        self.path, self.fd, self.writer = path, fd, writer
+        self.at, self.fill, self.buffer = 0, 0, writer.buffer()
+
+    def add(self, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            n = min(CHUNK - self.fill, len(data) - done)
+            self.buffer[self.fill:self.fill + n] = data[done:done + n]
+            self.fill, done = self.fill + n, done + n
+            if self.fill == CHUNK:
+                self.writer.put(self.path, self.fd, self.at, self.buffer, CHUNK)
+                self.at, self.fill, self.buffer = self.at + CHUNK, 0, self.writer.buffer()
+
+    def close(self) -> None:
+        """Write the last buffer padded to ALIGN (O_DIRECT writes whole blocks), then cut the
+        file to its size."""
+        pad = -self.fill % ALIGN
+        self.buffer[self.fill:self.fill + pad] = bytes(pad)
+        self.writer.put(self.path, self.fd, self.at, self.buffer, self.fill + pad,
+                        size=self.at + self.fill)
+
+
+class _Writer(threading.Thread):
+    """Writes buffers in the order they come, on its own thread (file writes release the
+    GIL), and hands each back for the next chunk; the first error stops the writing and is
+    raised in the reading thread."""
+
+    def __init__(self, buffers):
+        super().__init__(name="solar-merge writer", daemon=True)
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        for b in buffers:
+            self.free.put(b)
+        self.error: BaseException | None = None
+
+    def buffer(self):
+        b = self.free.get()
+        if self.error is not None:
+            raise self.error
+        return b
+
+    def put(self, path, fd, at, buffer, n, size=None) -> None:
+        self.todo.put((path, fd, at, buffer, n, size))
+
+    def run(self):
+        while (job := self.todo.get()) is not None:
+            path, fd, at, buffer, n, size = job
+            if self.error is None:
+                try:
+                    _write_all(path, fd, memoryview(buffer)[:n], at)
+                    if size is not None:
+                        _full(path, os.ftruncate, fd, size)
+                except BaseException as e:  # noqa: BLE001 - raised in the reading thread
+                    self.error = e
+            self.free.put(buffer)
+
+    def finish(self) -> None:
+        """Wait for every queued write; raise the first error."""
+        self.todo.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+    def abandon(self) -> None:
+        if self.is_alive():
+            self.error = self.error or RuntimeError("abandoned")
+            self.todo.put(None)
+            self.join()
+
+
+def _write_all(path: Path, fd: int, data, position: int) -> None:
+    done = 0
+    while done < len(data):
+        try:
+            done += _full(path, os.pwrite, fd, data[done:], position + done)
+        except OSError as e:
+            if not _buffered_after_einval(fd, e):
+                raise
 
 
 def _full(path: Path, write, *args):
@@ -477,55 +677,51 @@ def _full(path: Path, write, *args):
         raise
 
 
-class _Copier:
-    """Copies byte ranges between files: os.copy_file_range (in the kernel; whole aligned
-    blocks shared where the filesystem has reflinks), else through one bounded buffer."""
+# -- shared: reflinks by the kernel ------------------------------------------------------------
 
-    # The kernel cannot copy between these files (another filesystem, an old kernel, a
-    # filesystem without splice): stream instead.
-    FALLBACK = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+def _write_shared(stack: Stack, work: Path) -> None:
+    """Each input tensor copied by `os.copy_file_range` to every place the output holds it
+    (whole aligned blocks shared, not copied: the header padding lines most of them up); the
+    inputs are then read once, in order, by the NaN/Inf check beside the copy."""
+    checker = _FiniteCheck()
+    checker.start()
+    files: dict[Path, int] = {}
+    try:
+        places: dict = {}  # (input file, offset) -> (piece, [(output path, position)])
+        for path, header, placed in _positions(stack, work):
+            files[path] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            _write_all(path, files[path], header, 0)
+            for piece, position in placed:
+                places.setdefault((piece.source, piece.offset), (piece, []))[1].append(
+                    (path, position))
+        for (source, offset), (piece, outputs) in sorted(places.items()):
+            if source not in files:
+                files[source] = os.open(source, os.O_RDONLY)
+            for path, position in outputs:
+                _clone(files[source], offset, files[path], position, piece.size, path)
+            checker.check(piece)
+            crash_point("tensor-copied")
+        checker.result()
+    finally:
+        checker.stop()
+        for fd in files.values():
+            os.close(fd)
 
-    def __init__(self):
-        self.kernel = hasattr(os, "copy_file_range")
-        self.buffer = None
 
-    def copy(self, src: int, src_at: int, dst: int, dst_at: int, size: int, path: Path):
-        head = 0
-        if (dst_at - src_at) % BLOCK == 0:  # congruent: copy up to the block boundary, then
-            head = min(size, -src_at % BLOCK)  # the rest starts aligned on both sides
-        for start, length in ((0, head), (head, size - head)):
-            if length:
-                self._range(src, src_at + start, dst, dst_at + start, length, path)
-
-    def _range(self, src, src_at, dst, dst_at, size, path):
+def _clone(src: int, src_at: int, dst: int, dst_at: int, size: int, path: Path) -> None:
+    """Copy a byte range in the kernel: up to the next block boundary first when the two
+    offsets line up, so that the rest starts on a block on both sides and can be shared."""
+    head = min(size, -src_at % BLOCK) if (dst_at - src_at) % BLOCK == 0 else 0
+    for start, length in ((0, head), (head, size - head)):
         done = 0
-        while done < size:
-            if self.kernel:
-                try:
-                    n = _full(path, os.copy_file_range, src, dst, size - done,
-                              src_at + done, dst_at + done)
-                except OSError as e:
-                    if e.errno not in self.FALLBACK:
-                        raise
-                    self.kernel = False
-                    continue
-            else:
-                n = self._stream(src, src_at + done, dst, dst_at + done, size - done, path)
+        while done < length:
+            n = _full(path, os.copy_file_range, src, dst, length - done, src_at + start + done,
+                      dst_at + start + done)
             if n == 0:
                 raise UserError(f"an input file ended while {path.name} was being written "
                                 "(was the model changed during the copy?)",
                                 fix="re-run when the input model is no longer being written")
             done += n
-
-    def _stream(self, src, src_at, dst, dst_at, size, path) -> int:
-        if self.buffer is None:
-            self.buffer = bytearray(BUFFER)
-        view = memoryview(self.buffer)[:min(size, BUFFER)]
-        n = os.preadv(src, [view], src_at)
-        written = 0
-        while written < n:
-            written += _full(path, os.pwrite, dst, view[written:n], dst_at + written)
-        return n
 
 
 # -- NaN/Inf in what is copied ---------------------------------------------------------------
@@ -536,59 +732,72 @@ _NON_FINITE = {"BF16": ("<u2", 0xFF00), "F16": ("<u2", 0xF800),
                "F32": ("<u4", 0xFF000000), "F64": ("<u8", 0xFFE0000000000000)}
 
 
+class _Finite:
+    """Checks input tensors for NaN/Inf, each once (a DUS copies some twice), through one
+    scratch array (a fresh one per chunk would cost new pages each time)."""
+
+    def __init__(self):
+        self.seen: set = set()
+        self.scratch = None
+
+    def first(self, piece: Piece) -> bool:
+        """Whether `piece`'s input tensor is to be checked now (a float not yet checked)."""
+        key = (piece.source, piece.offset)
+        if piece.dtype not in _NON_FINITE or not piece.size or key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+    def check(self, piece: Piece, data) -> None:
+        """Raise if `data` (some of `piece`'s bytes, whole values) holds NaN or Inf."""
+        import numpy as np
+
+        kind, limit = _NON_FINITE[piece.dtype]
+        values = np.frombuffer(data, dtype=kind)
+        if self.scratch is None or self.scratch.nbytes < values.nbytes:
+            self.scratch = np.empty(max(values.nbytes, BUFFER), dtype=np.uint8)
+        shifted = self.scratch[:values.nbytes].view(kind)
+        np.left_shift(values, 1, out=shifted)
+        if shifted.size and shifted.max() >= limit:
+            raise UserError(f"input model {piece.source.parent} has NaN or Inf in tensor "
+                            f"`{piece.input_name}`, so the copy `{piece.name}` would too",
+                            fix="fix or replace that model (re-save or re-train it); "
+                                "up-scaling cannot repair non-finite weights")
+
+
 class _FiniteCheck(threading.Thread):
-    """Reads each copied input tensor once, BUFFER bytes at a time, right after the kernel
-    copied it (so from the page cache), and finds the first that holds NaN or Inf; runs
-    beside the copy (numpy and file reads release the GIL)."""
+    """`_Finite` on another thread, reading each input tensor BUFFER bytes at a time right
+    after the kernel copied it (so from the page cache)."""
 
     def __init__(self):
         super().__init__(name="solar-merge finite check", daemon=True)
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.seen: set = set()
-        self.bad: Piece | None = None
+        self.finite = _Finite()
         self.error: BaseException | None = None
         self.stopped = threading.Event()
 
     def check(self, piece: Piece) -> None:
-        """Queue `piece` for the check (once per input tensor)."""
-        key = (piece.source, piece.offset)
-        if piece.dtype in _NON_FINITE and piece.size and key not in self.seen:
-            self.seen.add(key)
+        if self.finite.first(piece):
             self.queue.put(piece)
 
     def run(self):
-        try:
-            self._scan()
-        except BaseException as e:  # noqa: BLE001 - handed to the writing thread
-            self.error = e
-
-    def _scan(self) -> None:
-        import numpy as np
-
-        buffer, shifted = bytearray(BUFFER), None
-        handles: dict[Path, object] = {}
+        buffer, handles = bytearray(BUFFER), {}
         try:
             while (p := self.queue.get()) is not None:
-                if self.bad is not None or self.stopped.is_set():
+                if self.error is not None or self.stopped.is_set():
                     continue  # drain the queue; the writer stops at result()
-                kind, limit = _NON_FINITE[p.dtype]
                 if p.source not in handles:
                     handles[p.source] = open(p.source, "rb")  # noqa: SIM115 - closed below
-                f = handles[p.source]
+                f, left = handles[p.source], p.size
                 f.seek(p.offset)
-                left = p.size
-                while left and self.bad is None:
+                while left:
                     n = f.readinto(memoryview(buffer)[:min(left, BUFFER)])
                     if not n:
-                        break  # cut short: the copy named it
-                    values = np.frombuffer(buffer, dtype=kind, count=n // np.dtype(kind).itemsize)
-                    if shifted is None or shifted.dtype != values.dtype:
-                        shifted = np.empty(BUFFER // values.itemsize, dtype=values.dtype)
-                    out = shifted[:values.size]
-                    np.left_shift(values, 1, out=out)
-                    if out.size and out.max() >= limit:
-                        self.bad = p
+                        break  # cut short: the copy names it
+                    self.finite.check(p, memoryview(buffer)[:n])
                     left -= n
+        except BaseException as e:  # noqa: BLE001 - handed to the writing thread
+            self.error = e
         finally:
             for f in handles.values():
                 f.close()
@@ -599,11 +808,6 @@ class _FiniteCheck(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
-        if self.bad is not None:
-            raise UserError(f"input model {self.bad.source.parent} has NaN or Inf in tensor "
-                            f"`{self.bad.input_name}`, so the copy `{self.bad.name}` would too",
-                            fix="fix or replace that model (re-save or re-train it); "
-                                "up-scaling cannot repair non-finite weights")
 
     def stop(self) -> None:
         self.stopped.set()

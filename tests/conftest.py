@@ -56,14 +56,15 @@ def make_tokenizer(out: Path):
 
 
 def make_model(out: Path, arch: str = "llama", layers: int = 4, tied: bool = True,
-               tokenizer_dir: Path | None = None, seed: int = 0, vocab: int = 384) -> Path:
+               tokenizer_dir: Path | None = None, seed: int = 0, vocab: int = 384,
+               hidden: int = 32) -> Path:
     """Save a tiny random causal LM (+ tokenizer) to `out` as safetensors; return `out`."""
     import shutil
 
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-    common = {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
+    common = {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden,
                   "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
                   "max_position_embeddings": 256, "tie_word_embeddings": tied,
                   "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
@@ -86,17 +87,18 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory, tiny_tokenizer_dir):
-    """factory(arch='llama', layers=4, tied=True, seed=0, vocab=384) -> path, cached per
+    """factory(arch='llama', layers=4, tied=True, seed=0, vocab=384, hidden=32) -> path, cached per
     argument set. A vocab other than the tokenizer's makes a model no merge accepts with the
     others."""
     cache = {}
 
-    def factory(arch="llama", layers=4, tied=True, seed=0, vocab=384):
-        key = (arch, layers, tied, seed, vocab)
+    def factory(arch="llama", layers=4, tied=True, seed=0, vocab=384, hidden=32):
+        key = (arch, layers, tied, seed, vocab, hidden)
         if key not in cache:
             out = tmp_path_factory.mktemp(f"{arch}-{layers}-{'tied' if tied else 'untied'}-{seed}"
-                                          f"-v{vocab}")
-            cache[key] = make_model(out, arch, layers, tied, tiny_tokenizer_dir, seed, vocab)
+                                          f"-v{vocab}-h{hidden}")
+            cache[key] = make_model(out, arch, layers, tied, tiny_tokenizer_dir, seed, vocab,
+                                    hidden)
         return cache[key]
 
     return factory

@@ -368,24 +368,65 @@ def test_nan_or_inf_in_a_copied_tensor_stops_it(dtype, value, tiny_model, tmp_pa
     assert result.exit_code == 0, result.output
 
 
-def test_the_streamed_copy_gives_the_same_files(tiny_model, tmp_path, caplog, monkeypatch):
+@pytest.mark.parametrize("chunk", [stacking.ALIGN, 3 * stacking.ALIGN, stacking.CHUNK])
+def test_streamed_and_shared_copies_give_the_same_files(chunk, tiny_model, tmp_path, caplog,
+                                                        monkeypatch):
+    """The streamed copy with chunks smaller than a tensor (pieces across buffers, reads from
+    unaligned offsets) and the kernel's copy (forced here: this filesystem has no reflinks)
+    give the same bytes."""
     config = _config(tiny_model, [(0, 3), (1, 4)])
-    kernel = _fast(config, tmp_path / "kernel", caplog)
-
-    def cross_device(*args, **kwargs):
-        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
-
-    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    monkeypatch.setattr(stacking, "CHUNK", chunk)
+    assert not stacking.shares_blocks(next(tiny_model.glob("*.safetensors")), tmp_path)
     streamed = _fast(config, tmp_path / "streamed", caplog)
-    for f in kernel.glob("*.safetensors"):
-        assert f.read_bytes() == (streamed / f.name).read_bytes()
+    monkeypatch.setattr(stacking, "shares_blocks", lambda *a: True)
+    shared = _fast(config, tmp_path / "shared", caplog)
+    files = sorted(f.name for f in streamed.glob("*.safetensors"))
+    assert files and files == sorted(f.name for f in shared.glob("*.safetensors"))
+    for name in files:
+        assert (streamed / name).read_bytes() == (shared / name).read_bytes()
 
 
-def test_full_disk_is_exit_2_and_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+def test_a_filesystem_refusing_direct_io_gets_buffered_io(tiny_model, tmp_path, caplog,
+                                                         monkeypatch):
+    """O_DIRECT refused at open (EINVAL) or at the first write (another alignment): the same
+    bytes, through the page cache."""
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError:
+        pytest.skip("this filesystem has no O_DIRECT")
+    config = _config(tiny_model, [(0, 3), (1, 4)])
+    reference = _fast(config, tmp_path / "reference", caplog)
+    direct, refused = os.O_DIRECT, Counter()
+    real = {name: getattr(os, name) for name in ("open", "pwrite")}
+
+    def refusing(name):
+        def call(*args, **kwargs):
+            flags = args[1] if name == "open" else stacking._flags(args[0])
+            if flags & direct and not (name == "open" and refused[name]):
+                refused[name] += 1
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            return real[name](*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "pwrite", refusing("pwrite"))
+    out = _fast(config, tmp_path / "io", caplog)  # opened direct, then refused per file
+    monkeypatch.setattr(os, "open", refusing("open"))
+    opened = _fast(config, tmp_path / "open", caplog)  # refused at the first open only
+    assert refused["pwrite"] and refused["open"] == 1
+    for f in reference.glob("*.safetensors"):
+        assert f.read_bytes() == (out / f.name).read_bytes() == (opened / f.name).read_bytes()
+
+
+@pytest.mark.parametrize("way", ["streamed", "shared"])
+def test_full_disk_is_exit_2_and_leaves_nothing(way, tiny_model, tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "copy_file_range", full)
+    if way == "shared":
+        monkeypatch.setattr(stacking, "shares_blocks", lambda *a: True)
+        monkeypatch.setattr(os, "copy_file_range", full)
+    else:
+        monkeypatch.setattr(os, "pwrite", full)
     result = CliRunner().invoke(main, ["dus", str(tiny_model), "--drop", "1", "--run",
                                        str(tmp_path / "out")])
     assert result.exit_code == 2 and "disk is full" in result.output, result.output
@@ -394,9 +435,46 @@ def test_full_disk_is_exit_2_and_leaves_nothing(tiny_model, tmp_path, monkeypatc
 
 
 @pytest.fixture
+def xfs(tmp_path):
+    """A loop-mounted XFS image with reflinks (root, mkfs.xfs): a filesystem whose files can
+    share blocks."""
+    image, mount = tmp_path / "xfs.img", tmp_path / "xfs"
+    mount.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(320 * 2**20)  # XFS's smallest
+    if os.geteuid() != 0 or not shutil.which("mkfs.xfs") or any(
+            subprocess.run(cmd, capture_output=True, check=False).returncode for cmd in (
+                ["mkfs.xfs", "-q", "-m", "reflink=1", str(image)],
+                ["mount", "-o", "loop", str(image), str(mount)])):
+        pytest.skip("cannot mount an XFS image here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_on_a_filesystem_with_reflinks_the_output_shares_the_input_blocks(
+        tiny_model_factory, xfs, tmp_path, caplog):
+    model = tiny_model_factory(arch="llama", tied=False, layers=6, hidden=256)
+    inside = xfs / "model"
+    shutil.copytree(model, inside)
+    assert stacking.shares_blocks(next(inside.glob("*.safetensors")), xfs)
+    assert not list(xfs.glob(".reflink-probe"))
+    config = _config(inside, [(0, 4), (2, 6)])
+    subprocess.run(["sync"], check=True)
+    before = shutil.disk_usage(xfs).used
+    out = _fast(config, xfs / "out", caplog)
+    subprocess.run(["sync"], check=True)
+    used = shutil.disk_usage(xfs).used - before
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert used < size / 2, (used, size)  # the copied layers' blocks are shared
+    reference = _fast(_config(model, [(0, 4), (2, 6)]), tmp_path / "ext", caplog)
+    for f in reference.glob("*.safetensors"):
+        assert f.read_bytes() == (out / f.name).read_bytes()
+
+
+@pytest.fixture
 def small_tmpfs(tmp_path):
     """A 400 kB tmpfs (root only): a real full disk, and another filesystem than the input's
-    (os.copy_file_range says EXDEV: the streamed copy runs)."""
+    (no reflinks: the streamed copy runs)."""
     mount = tmp_path / "small"
     mount.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs",
@@ -425,7 +503,7 @@ def _files(folder: Path) -> dict:
             if p.suffix in (".safetensors", ".json") and p.name != MARKER}
 
 
-@pytest.mark.parametrize("point", ["work-created", "shard-written", "merged", "before-marker",
+@pytest.mark.parametrize("point", ["work-created", "tensor-copied", "merged", "before-marker",
                                    "between-renames", "timed"])
 def test_sigkill_then_rerun_gives_the_uninterrupted_result(point, tiny_model, tmp_path):
     config = _write(tmp_path / "dus.yaml", _config(tiny_model, [(0, 3), (1, 4)]))

@@ -81,8 +81,10 @@ def run_measured(cmd, *, cwd=None, env=None, log_name="cmd", cold=False):
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}); tail of "
                            f"{logfile}:\n{text[-3000:]}")
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    cpu = {key: float(x.group(1)) for key, label in (("user_s", "User"), ("sys_s", "System"))
+           if (x := re.search(rf"{label} time \(seconds\): ([\d.]+)", text))}
     return {"wall_s": wall, "peak_rss_mb": int(m.group(1)) / 1024 if m else None,
-            "load_1m_before": load, "cache": cache}
+            "load_1m_before": load, "cache": cache, **cpu}
 
 
 def folder_bytes(folder) -> int:

@@ -6,15 +6,16 @@ byte-for-byte copy of an input tensor under a new name. For such a config (`why_
 `plan` say which qualify) this module plans what stock mergekit 0.1.5 writes, from mergekit's
 own architecture definitions (its `_data/architectures/*.json`, read as data): the same tensor
 names, the same shards (mergekit's save order and `out_shard_size`), shard names and index.
-Then it copies each tensor's bytes with `os.copy_file_range`: inside the kernel, sharing
-blocks on filesystems with reflinks (XFS, btrfs), a streamed copy through one bounded buffer
-where the kernel cannot (another filesystem). No tensor is ever materialised.
+Then it copies the bytes, never materialising a tensor: where the output's filesystem can
+share blocks with the input's (reflinks: XFS, btrfs; `shares_blocks` tries one),
+`os.copy_file_range` shares them; elsewhere each output shard is streamed in order through a
+few 16 MB buffers, written with O_DIRECT so that the output's bytes skip the page cache.
 
 The rest of the output is the mergekit path's (merging.merge): config.json with the new layer
 count and `layer_types` re-sliced (`sliced_layer_types`, shared by both paths), the tokenizer
 files `--copy-tokenizer` copies, the card, the completion marker. Every copied input tensor is
-checked for NaN/Inf (as the mergekit path checks what it writes) on another thread, right
-after the kernel copied it: its pages are then read from the page cache, not the disk.
+checked for NaN/Inf (as the mergekit path checks what it writes): in the buffer it was read
+into, or after the kernel's copy, from the page cache.
 
 Imports neither torch, mergekit nor transformers: a DUS costs the disk's time, not seconds of
 imports.
@@ -485,7 +486,7 @@ def _positions(stack: Stack, work: Path) -> list:
     return out
 
 
-# -- streamed: read into memory once, write it where it goes --------------------------------
+# -- streamed: each output file written in order, around the page cache ---------------------
 
 CHUNK = 16 * 2**20  # one read, one write; a multiple of ALIGN
 ALIGN = 4096  # O_DIRECT offsets and lengths: the logical block of every disk we expect

@@ -432,11 +432,18 @@ def _tokenizer_files(folder: Path) -> list:
 def write(stack: Stack, work: Path) -> None:
     """Write the planned output into the (empty, owned) folder `work`: by reflinks where the
     filesystem shares blocks between the input and the output, else streamed."""
+    from tqdm import tqdm
+
+    from solar_merge.console import terminal
+
     work = Path(work)
-    if shares_blocks(next(iter(sorted(stack.sources))), work):
-        _write_shared(stack, work)
-    else:
-        _write_streamed(stack, work)
+    size = sum(p.size for shard in stack.shards for p in shard.pieces)
+    with tqdm(total=size, desc="copying", unit="B", unit_scale=True, file=terminal(),
+              disable=None) as bar:  # None: drawn on a terminal only
+        if shares_blocks(next(iter(sorted(stack.sources))), work):
+            _write_shared(stack, work, bar.update)
+        else:
+            _write_streamed(stack, work, bar.update)
     if stack.index is not None:
         (work / INDEX_FILE).write_text(stack.index)
     (work / "config.json").write_text(stack.config_json)
@@ -492,7 +499,7 @@ CHUNK = 16 * 2**20  # one read, one write; a multiple of ALIGN
 ALIGN = 4096  # O_DIRECT offsets and lengths: the logical block of every disk we expect
 
 
-def _write_streamed(stack: Stack, work: Path) -> None:
+def _write_streamed(stack: Stack, work: Path, progress) -> None:
     """Each output shard written in order, CHUNK bytes at a time by a second thread while the
     next CHUNK is read, with O_DIRECT where the filesystem allows it: the output goes from
     three buffers to the disk, not through the page cache (which would cost a copy of every
@@ -513,6 +520,7 @@ def _write_streamed(stack: Stack, work: Path) -> None:
                     if first:
                         finite.check(piece, view)
                     out.add(view)
+                    progress(len(view))
                 crash_point("tensor-copied")
             out.close()
         writer.finish()
@@ -680,7 +688,7 @@ def _full(path: Path, write, *args):
 
 # -- shared: reflinks by the kernel ------------------------------------------------------------
 
-def _write_shared(stack: Stack, work: Path) -> None:
+def _write_shared(stack: Stack, work: Path, progress) -> None:
     """Each input tensor copied by `os.copy_file_range` to every place the output holds it
     (whole aligned blocks shared, not copied: the header padding lines most of them up); the
     inputs are then read once, in order, by the NaN/Inf check beside the copy."""
@@ -700,6 +708,7 @@ def _write_shared(stack: Stack, work: Path) -> None:
                 files[source] = os.open(source, os.O_RDONLY)
             for path, position in outputs:
                 _clone(files[source], offset, files[path], position, piece.size, path)
+                progress(piece.size)
             checker.check(piece)
             crash_point("tensor-copied")
         checker.result()

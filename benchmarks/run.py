@@ -944,7 +944,7 @@ def render_demo(dm: dict) -> list[str]:
                f"**{c['step_s']} s** ({c['step_cpu_s']} CPU s over {c['threads']} threads; "
                f"median of {c['steps_timed']}) on {c['cpu']} ({flags}); load average "
                f"{c['loadavg_1m_before_after'][0]}-{c['loadavg_1m_before_after'][1]}. The "
-               f"reference AVX2 EPYC takes {c['reference_step_s']:.0f} s: the fp32 targets "
+               f"reference AVX2 EPYC takes {c['reference_step_s']:.1f} s: the fp32 targets "
                f"below are scaled by {c['budget_scale']}. Precision the demo's stages chose: "
                f"**{dm.get('precision', '?')}**."), ""]
     L += [("Peak memory of the command's whole process tree, sampled every 0.2 s: PSS (each "

@@ -76,7 +76,6 @@ TOKENIZER_SOURCES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model
 # `layer_types` (Qwen2 derives one that is all "full_attention" without sliding windows).
 NO_DERIVED_LAYER_TYPES = {"llama", "mistral"}
 BLOCK = 4096  # filesystem block: reflinks share whole, aligned blocks
-BUFFER = 8 * 2**20  # the streamed copy's and the NaN/Inf check's buffer
 
 
 class Unstackable(Exception):
@@ -440,7 +439,7 @@ def write(stack: Stack, work: Path) -> None:
     size = sum(p.size for shard in stack.shards for p in shard.pieces)
     with tqdm(total=size, desc="copying", unit="B", unit_scale=True, file=terminal(),
               disable=None) as bar:  # None: drawn on a terminal only
-        if shares_blocks(next(iter(sorted(stack.sources))), work):
+        if shares_blocks(min(stack.sources), work):
             _write_shared(stack, work, bar.update)
         else:
             _write_streamed(stack, work, bar.update)
@@ -571,18 +570,19 @@ class _Reader:
     def __init__(self, buffer):
         self.buffer, self.files = buffer, {}
 
+    def fd(self, source: Path) -> int:
+        if source not in self.files:
+            self.files[source] = os.open(source, os.O_RDONLY)
+        return self.files[source]
+
     def read(self, piece: Piece, path: Path):
         """Views of the piece's bytes, in order, each valid until the next."""
-        if piece.source not in self.files:
-            self.files[piece.source] = os.open(piece.source, os.O_RDONLY)
-        fd, at, end = self.files[piece.source], piece.offset, piece.offset + piece.size
+        fd, at, end = self.fd(piece.source), piece.offset, piece.offset + piece.size
         while at < end:
             view = memoryview(self.buffer)[:min(end - at, CHUNK)]
             n = os.preadv(fd, [view], at)
             if n < len(view):
-                raise UserError(f"an input file ended while {path.name} was being written "
-                                "(was the model changed during the copy?)",
-                                fix="re-run when the input model is no longer being written")
+                raise _ended(path)
             yield view
             at += n
 
@@ -675,6 +675,12 @@ def _write_all(path: Path, fd: int, data, position: int) -> None:
                 raise
 
 
+def _ended(path: Path) -> UserError:
+    return UserError(f"an input file ended while {path.name} was being written (was the model "
+                     "changed during the copy?)",
+                     fix="re-run when the input model is no longer being written")
+
+
 def _full(path: Path, write, *args):
     """Run one write, `write(*args)`; a full disk names the file (the CLI turns it into
     exit 2)."""
@@ -690,31 +696,28 @@ def _full(path: Path, write, *args):
 
 def _write_shared(stack: Stack, work: Path, progress) -> None:
     """Each input tensor copied by `os.copy_file_range` to every place the output holds it
-    (whole aligned blocks shared, not copied: the header padding lines most of them up); the
-    inputs are then read once, in order, by the NaN/Inf check beside the copy."""
-    checker = _FiniteCheck()
-    checker.start()
-    files: dict[Path, int] = {}
+    (whole aligned blocks shared, not copied: the header padding lines most of them up), then
+    read once for the NaN/Inf check."""
+    reader, finite, outputs = _Reader(bytearray(CHUNK)), _Finite(), {}
     try:
         places: dict = {}  # (input file, offset) -> (piece, [(output path, position)])
         for path, header, placed in _positions(stack, work):
-            files[path] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            _write_all(path, files[path], header, 0)
+            outputs[path] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            _write_all(path, outputs[path], header, 0)
             for piece, position in placed:
                 places.setdefault((piece.source, piece.offset), (piece, []))[1].append(
                     (path, position))
-        for (source, offset), (piece, outputs) in sorted(places.items()):
-            if source not in files:
-                files[source] = os.open(source, os.O_RDONLY)
-            for path, position in outputs:
-                _clone(files[source], offset, files[path], position, piece.size, path)
+        for (source, offset), (piece, targets) in sorted(places.items()):
+            for path, position in targets:
+                _clone(reader.fd(source), offset, outputs[path], position, piece.size, path)
                 progress(piece.size)
-            checker.check(piece)
+            if finite.first(piece):
+                for view in reader.read(piece, targets[0][0]):
+                    finite.check(piece, view)
             crash_point("tensor-copied")
-        checker.result()
     finally:
-        checker.stop()
-        for fd in files.values():
+        reader.close()
+        for fd in outputs.values():
             os.close(fd)
 
 
@@ -728,9 +731,7 @@ def _clone(src: int, src_at: int, dst: int, dst_at: int, size: int, path: Path) 
             n = _full(path, os.copy_file_range, src, dst, length - done, src_at + start + done,
                       dst_at + start + done)
             if n == 0:
-                raise UserError(f"an input file ended while {path.name} was being written "
-                                "(was the model changed during the copy?)",
-                                fix="re-run when the input model is no longer being written")
+                raise _ended(path)
             done += n
 
 
@@ -765,7 +766,7 @@ class _Finite:
         kind, limit = _NON_FINITE[piece.dtype]
         values = np.frombuffer(data, dtype=kind)
         if self.scratch is None or self.scratch.nbytes < values.nbytes:
-            self.scratch = np.empty(max(values.nbytes, BUFFER), dtype=np.uint8)
+            self.scratch = np.empty(max(values.nbytes, CHUNK), dtype=np.uint8)
         shifted = self.scratch[:values.nbytes].view(kind)
         np.left_shift(values, 1, out=shifted)
         if shifted.size and shifted.max() >= limit:
@@ -773,54 +774,3 @@ class _Finite:
                             f"`{piece.input_name}`, so the copy `{piece.name}` would too",
                             fix="fix or replace that model (re-save or re-train it); "
                                 "up-scaling cannot repair non-finite weights")
-
-
-class _FiniteCheck(threading.Thread):
-    """`_Finite` on another thread, reading each input tensor BUFFER bytes at a time right
-    after the kernel copied it (so from the page cache)."""
-
-    def __init__(self):
-        super().__init__(name="solar-merge finite check", daemon=True)
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.finite = _Finite()
-        self.error: BaseException | None = None
-        self.stopped = threading.Event()
-
-    def check(self, piece: Piece) -> None:
-        if self.finite.first(piece):
-            self.queue.put(piece)
-
-    def run(self):
-        buffer, handles = bytearray(BUFFER), {}
-        try:
-            while (p := self.queue.get()) is not None:
-                if self.error is not None or self.stopped.is_set():
-                    continue  # drain the queue; the writer stops at result()
-                if p.source not in handles:
-                    handles[p.source] = open(p.source, "rb")  # noqa: SIM115 - closed below
-                f, left = handles[p.source], p.size
-                f.seek(p.offset)
-                while left:
-                    n = f.readinto(memoryview(buffer)[:min(left, BUFFER)])
-                    if not n:
-                        break  # cut short: the copy names it
-                    self.finite.check(p, memoryview(buffer)[:n])
-                    left -= n
-        except BaseException as e:  # noqa: BLE001 - handed to the writing thread
-            self.error = e
-        finally:
-            for f in handles.values():
-                f.close()
-
-    def result(self) -> None:
-        """Wait for the check of everything queued; raise if an input holds NaN or Inf."""
-        self.queue.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-    def stop(self) -> None:
-        self.stopped.set()
-        if self.is_alive():
-            self.queue.put(None)
-            self.join()

@@ -354,7 +354,11 @@ def _with_bad_value(model: Path, out: Path, tensor: str, dtype: str, value: floa
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-def test_nan_or_inf_in_a_copied_tensor_stops_it(dtype, value, tiny_model, tmp_path):
+@pytest.mark.parametrize("way", ["streamed", "shared"])
+def test_nan_or_inf_in_a_copied_tensor_stops_it(way, dtype, value, tiny_model, tmp_path,
+                                                monkeypatch):
+    if way == "shared":  # the kernel's copy, forced: this filesystem has no reflinks
+        monkeypatch.setattr(stacking, "shares_blocks", lambda *a: True)
     tensor = "model.layers.2.mlp.down_proj.weight"
     bad = _with_bad_value(tiny_model, tmp_path / "bad", tensor, dtype, value)
     config = _write(tmp_path / "c.yaml", _config(bad, [(0, 3), (1, 4)]))

@@ -756,18 +756,22 @@ def verdict(ratio, target, higher_is_better=False):
     return "meets" if ok else "**misses**"
 
 
+def _timed(case: dict):
+    """Every timed run of a DUS case: the samples of its sides, or the one run of each."""
+    for k in ("fast", "ours", "stock", "floor_cp"):
+        side = case.get(k) or {}
+        yield from side.get("samples", [side] if "wall_s" in side else [])
+
+
 def _loads(case: dict) -> str:
     """The range of the 1-minute load average before the timed runs of a case."""
-    loads = [s["load_1m_before"] for k in ("fast", "ours", "stock", "floor_cp")
-             for s in (case.get(k) or {}).get("samples", []) if "load_1m_before" in s]
+    loads = [s["load_1m_before"] for s in _timed(case) if "load_1m_before" in s]
     return f"{min(loads):.1f}–{max(loads):.1f}" if loads else "—"
 
 
 def _cache(case: dict) -> str:
     """The page cache each timed run of a case started with."""
-    states = {s.get("cache", "as left") for k in ("fast", "ours", "stock", "floor_cp")
-              for s in (case.get(k) or {}).get("samples", [case.get(k) or {}])
-              if "wall_s" in s}
+    states = {s.get("cache", "as left") for s in _timed(case)}
     return "cold" if states == {"cold"} else "as left by the run before"
 
 

@@ -125,10 +125,11 @@ def capture(log, title: str = ""):
     descriptors', so that C libraries and child processes are caught too) into `log`,
     appended under a header line with the time and `title`, until the block ends; our own
     lines (`echo`) still reach the terminal. A run that wrote nothing (a mistake found before
-    any library ran) or was refused (a UserError: bad input) leaves no log behind. Yields the log's path, or None where nothing is
-    captured: --verbose, a log that cannot be written (the tool then says why its output
-    folder cannot be), or a capture already active (here or in the process that started
-    this one, whose log this process's output already goes to)."""
+    any library ran) or was refused (a UserError: bad input) leaves no log behind. Yields the
+    log's path, or None where nothing is captured: --verbose, a log that cannot be written
+    (the tool then says why its output folder cannot be), or a capture already active (here
+    or in the process that started this one, whose log this process's output already goes
+    to)."""
     if log is None or verbose() or _state["log"] is not None or os.environ.get(LOG):
         yield current_log()
         return

@@ -87,9 +87,9 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory, tiny_tokenizer_dir):
-    """factory(arch='llama', layers=4, tied=True, seed=0, vocab=384, hidden=32) -> path, cached per
-    argument set. A vocab other than the tokenizer's makes a model no merge accepts with the
-    others."""
+    """factory(arch='llama', layers=4, tied=True, seed=0, vocab=384, hidden=32) -> path,
+    cached per argument set. A vocab other than the tokenizer's makes a model no merge accepts
+    with the others."""
     cache = {}
 
     def factory(arch="llama", layers=4, tied=True, seed=0, vocab=384, hidden=32):

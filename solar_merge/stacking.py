@@ -570,14 +570,11 @@ class _Reader:
     def __init__(self, buffer):
         self.buffer, self.files = buffer, {}
 
-    def fd(self, source: Path) -> int:
-        if source not in self.files:
-            self.files[source] = os.open(source, os.O_RDONLY)
-        return self.files[source]
-
     def read(self, piece: Piece, path: Path):
         """Views of the piece's bytes, in order, each valid until the next."""
-        fd, at, end = self.fd(piece.source), piece.offset, piece.offset + piece.size
+        if piece.source not in self.files:
+            self.files[piece.source] = os.open(piece.source, os.O_RDONLY)
+        fd, at, end = self.files[piece.source], piece.offset, piece.offset + piece.size
         while at < end:
             view = memoryview(self.buffer)[:min(end - at, CHUNK)]
             n = os.preadv(fd, [view], at)
@@ -696,28 +693,31 @@ def _full(path: Path, write, *args):
 
 def _write_shared(stack: Stack, work: Path, progress) -> None:
     """Each input tensor copied by `os.copy_file_range` to every place the output holds it
-    (whole aligned blocks shared, not copied: the header padding lines most of them up), then
-    read once for the NaN/Inf check."""
-    reader, finite, outputs = _Reader(bytearray(CHUNK)), _Finite(), {}
+    (whole aligned blocks shared, not copied: the header padding lines most of them up); the
+    inputs are then read once, in order, by the NaN/Inf check on another thread, while the
+    kernel copies what it cannot share."""
+    checker, files = _FiniteCheck(), {}  # path -> descriptor, inputs and outputs
+    checker.start()
     try:
         places: dict = {}  # (input file, offset) -> (piece, [(output path, position)])
         for path, header, placed in _positions(stack, work):
-            outputs[path] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            _write_all(path, outputs[path], header, 0)
+            files[path] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            _write_all(path, files[path], header, 0)
             for piece, position in placed:
                 places.setdefault((piece.source, piece.offset), (piece, []))[1].append(
                     (path, position))
         for (source, offset), (piece, targets) in sorted(places.items()):
+            if source not in files:
+                files[source] = os.open(source, os.O_RDONLY)
             for path, position in targets:
-                _clone(reader.fd(source), offset, outputs[path], position, piece.size, path)
+                _clone(files[source], offset, files[path], position, piece.size, path)
                 progress(piece.size)
-            if finite.first(piece):
-                for view in reader.read(piece, targets[0][0]):
-                    finite.check(piece, view)
+            checker.check(piece, targets[0][0])
             crash_point("tensor-copied")
+        checker.result()
     finally:
-        reader.close()
-        for fd in outputs.values():
+        checker.stop()
+        for fd in files.values():
             os.close(fd)
 
 
@@ -774,3 +774,46 @@ class _Finite:
                             f"`{piece.input_name}`, so the copy `{piece.name}` would too",
                             fix="fix or replace that model (re-save or re-train it); "
                                 "up-scaling cannot repair non-finite weights")
+
+
+class _FiniteCheck(threading.Thread):
+    """`_Finite` on another thread, reading each input tensor through its own `_Reader` right
+    after the kernel copied it (so from the page cache)."""
+
+    def __init__(self):
+        super().__init__(name="solar-merge finite check", daemon=True)
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.finite = _Finite()
+        self.error: BaseException | None = None
+        self.stopped = threading.Event()
+
+    def check(self, piece: Piece, path: Path) -> None:
+        """Queue `piece` (copied into the output file `path`) for the check."""
+        if self.finite.first(piece):
+            self.queue.put((piece, path))
+
+    def run(self):
+        reader = _Reader(bytearray(CHUNK))
+        try:
+            while (job := self.queue.get()) is not None:
+                if self.error is not None or self.stopped.is_set():
+                    continue  # drain the queue; the writer stops at result()
+                for view in reader.read(*job):
+                    self.finite.check(job[0], view)
+        except BaseException as e:  # noqa: BLE001 - handed to the writing thread
+            self.error = e
+        finally:
+            reader.close()
+
+    def result(self) -> None:
+        """Wait for the check of everything queued; raise if an input holds NaN or Inf."""
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.is_alive():
+            self.queue.put(None)
+            self.join()
